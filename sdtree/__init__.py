@@ -1,0 +1,26 @@
+"""sdtree: PyTorch state dicts as immutable pytrees moved by small, composable transforms."""
+
+from sdtree import errors, transforms
+from sdtree.transforms import Transform, pipeline
+from sdtree.transforms.nested import flatten_state_dict, unflatten_state_dict
+from sdtree.transforms.tensors import (
+    check_state_dict_similarity,
+    copy_state_dict,
+    create_cpu_state_dict,
+    offload_state_dict_to_cpu,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "errors",
+    "transforms",
+    "Transform",
+    "pipeline",
+    "flatten_state_dict",
+    "unflatten_state_dict",
+    "create_cpu_state_dict",
+    "copy_state_dict",
+    "check_state_dict_similarity",
+    "offload_state_dict_to_cpu",
+]

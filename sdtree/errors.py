@@ -1,0 +1,81 @@
+"""Errors raised by sdtree.
+
+Every error derives from :class:`SdtreeError` and from the built-in exception
+that fits it, so ``except ValueError`` keeps working for callers that do not
+know sdtree. Messages name the function, the offending keys (first five and a
+count), what was expected and what was found, and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "SdtreeError",
+    "KeyCollisionError",
+    "MissingPrefixError",
+    "NonStringKeyError",
+    "NotAMappingError",
+    "UnsupportedLeafError",
+    "LayoutMismatchError",
+    "MissingParamIdError",
+    "NotInvertibleError",
+    "StructureMismatchError",
+]
+
+
+class SdtreeError(Exception):
+    """Base class for sdtree errors."""
+
+
+class KeyCollisionError(SdtreeError, ValueError):
+    """Two source keys map to one target key."""
+
+
+class MissingPrefixError(SdtreeError, ValueError):
+    """A key lacks a required prefix."""
+
+
+class NonStringKeyError(SdtreeError, TypeError):
+    """A key is not a string where FQN strings are required."""
+
+
+class NotAMappingError(SdtreeError, TypeError):
+    """A state dict (or part of one) is not a mapping."""
+
+
+class UnsupportedLeafError(SdtreeError, TypeError, ValueError):
+    """A leaf has a type the operation cannot handle.
+
+    Also a ``ValueError`` because torch raises ``ValueError`` in the same place.
+    """
+
+
+class LayoutMismatchError(SdtreeError, ValueError):
+    """An optimizer layout does not match the state dict it is applied to."""
+
+
+class MissingParamIdError(SdtreeError, ValueError):
+    """An optimizer state dict refers to a parameter the mapping lacks."""
+
+
+class NotInvertibleError(SdtreeError, TypeError):
+    """``inverse()`` was asked of a transform that has no exact inverse."""
+
+
+class StructureMismatchError(SdtreeError, ValueError):
+    """Two state dicts that must share a structure do not."""
+
+
+def _preview(items: Iterable[Any], limit: int = 5, *, quote: bool = True) -> str:
+    """Render the first ``limit`` items as ``'a', 'b', ... (N more)``.
+
+    ``quote=False`` shows strings as they are (for paths already rendered).
+    """
+    items = list(items)
+    render = repr if quote else str
+    shown = ", ".join(render(item) for item in items[:limit])
+    if len(items) > limit:
+        shown += f", ... ({len(items) - limit} more)"
+    return shown

@@ -1,0 +1,112 @@
+"""Transforms and their composition.
+
+A transform is a frozen, callable object mapping a state dict to a new state
+dict. It never mutates its input (neither containers nor tensor data), returns
+new containers, shares the leaves it does not change, and is deterministic.
+Transforms compose with ``>>`` (left to right) or :func:`pipeline`, print as
+the calls that built them, and expose ``inverse()`` where the mapping is
+exactly invertible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from sdtree.errors import NotInvertibleError
+
+__all__ = ["Transform", "pipeline", "identity"]
+
+
+class Transform:
+    """Base class of every transform.
+
+    Subclasses are ``attrs`` frozen classes whose fields are their
+    configuration. ``repr`` shows the public factory call: the class names it
+    in ``_factory`` and the fields without defaults are positional.
+    """
+
+    _factory: str = ""
+
+    def __call__(self, state_dict: Any, /) -> Any:
+        raise NotImplementedError
+
+    def inverse(self) -> Transform:
+        """Return the transform that undoes this one exactly.
+
+        Raises:
+            NotInvertibleError: the mapping loses information.
+        """
+        raise NotInvertibleError(
+            f"{self!r}.inverse(): this transform has no exact inverse (it drops or "
+            "merges information). Build the reverse pipeline by hand."
+        )
+
+    def __rshift__(self, other: Transform) -> Transform:
+        if not isinstance(other, Transform):
+            return NotImplemented
+        return pipeline(self, other)
+
+    def __repr__(self) -> str:
+        parts = []
+        for field in attrs.fields(type(self)):
+            if not field.repr:
+                continue
+            value = getattr(self, field.name)
+            if field.default is attrs.NOTHING:
+                parts.append(repr(value))
+            elif value != field.default:
+                parts.append(f"{field.name}={value!r}")
+        return f"{self._factory or type(self).__name__}({', '.join(parts)})"
+
+
+@attrs.frozen(repr=False)
+class _Pipeline(Transform):
+    transforms: tuple[Transform, ...]
+
+    def __call__(self, state_dict: Any, /) -> Any:
+        for transform in self.transforms:
+            state_dict = transform(state_dict)
+        return state_dict
+
+    def inverse(self) -> Transform:
+        return pipeline(*(t.inverse() for t in reversed(self.transforms)))
+
+    def __repr__(self) -> str:
+        if not self.transforms:
+            return "pipeline()"
+        return " >> ".join(repr(t) for t in self.transforms)
+
+
+def pipeline(*transforms: Transform) -> Transform:
+    """Compose ``transforms`` left to right: ``pipeline(a, b)(x) == b(a(x))``.
+
+    Nested pipelines are flattened, so ``a >> b >> c`` holds three steps.
+
+    >>> from sdtree.transforms import strip_prefix, add_prefix
+    >>> t = pipeline(strip_prefix("module."), add_prefix("model."))
+    >>> t({"module.w": 1})
+    {'model.w': 1}
+    >>> t
+    strip_prefix('module.') >> add_prefix('model.')
+    """
+    steps: list[Transform] = []
+    for transform in transforms:
+        if not isinstance(transform, Transform):
+            raise TypeError(
+                f"pipeline: expected Transform objects, got {type(transform).__name__} "
+                f"({transform!r}). Build steps with the factories in sdtree.transforms."
+            )
+        if isinstance(transform, _Pipeline):
+            steps.extend(transform.transforms)
+        else:
+            steps.append(transform)
+    if len(steps) == 1:
+        return steps[0]
+    return _Pipeline(tuple(steps))
+
+
+def identity() -> Transform:
+    """Return the transform that returns its input unchanged (an empty pipeline)."""
+    return _Pipeline(())

@@ -1,0 +1,357 @@
+"""Tensor transforms: offload to CPU, move to a device, allocate CPU copies,
+copy into a preallocated state dict, compare structures.
+
+Transforms here map every tensor leaf of a state dict (model or optimizer,
+nested or flat) and keep everything else: containers are rebuilt, non-tensor
+leaves and tensors that need no change are shared, inputs are never mutated.
+When copies are needed, CPU memory comes as one allocation per dtype (a
+pinned or shared allocation is costly per call), unless ``bulk=False``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Optional, Union
+
+import attrs
+import torch
+
+from sdtree._tree import (
+    codify,
+    tree_flatten,
+    tree_flatten_keyed,
+    tree_flatten_with_path,
+    tree_map,
+    tree_unflatten,
+)
+from sdtree.errors import StructureMismatchError, UnsupportedLeafError, _preview
+from sdtree.transforms.compose import Transform
+
+__all__ = [
+    "offload_to_cpu",
+    "to_device",
+    "create_cpu_state_dict",
+    "copy_state_dict",
+    "check_state_dict_similarity",
+    "offload_state_dict_to_cpu",
+]
+
+_CPU = torch.device("cpu")
+
+
+def _pinning_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _bulk_ok(tensor: torch.Tensor) -> bool:
+    return (
+        type(tensor) in (torch.Tensor, torch.nn.Parameter)
+        and tensor.layout == torch.strided
+        and not tensor.is_quantized
+        and not tensor.is_meta
+    )
+
+
+def _allocate_cpu(
+    tensors: list[torch.Tensor], *, pin_memory: bool, share_memory: bool, bulk: bool
+) -> list[torch.Tensor]:
+    """Return new uninitialised CPU tensors with the shapes and dtypes of ``tensors``."""
+    out: list[Optional[torch.Tensor]] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        if bulk and _bulk_ok(tensor):
+            by_dtype.setdefault(tensor.dtype, []).append(i)
+        else:
+            out[i] = _one_cpu(tensor.shape, tensor.dtype, pin_memory, share_memory)
+    for dtype, indices in by_dtype.items():
+        total = sum(tensors[i].numel() for i in indices)
+        buffer = _one_cpu((total,), dtype, pin_memory, share_memory)
+        offset = 0
+        for i in indices:
+            n = tensors[i].numel()
+            out[i] = buffer[offset : offset + n].view(tensors[i].shape)
+            offset += n
+    return out  # type: ignore[return-value]
+
+
+def _one_cpu(shape: Any, dtype: torch.dtype, pin_memory: bool, share_memory: bool) -> torch.Tensor:
+    tensor = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+    if share_memory:
+        tensor.share_memory_()  # our own fresh tensor
+    return tensor
+
+
+def _meta_error(fn: str, state_dict: Any) -> UnsupportedLeafError:
+    paths, leaves, _ = tree_flatten_with_path(state_dict)
+    metas = [codify(p) for p, leaf in zip(paths, leaves) if isinstance(leaf, torch.Tensor) and leaf.is_meta]
+    return UnsupportedLeafError(
+        f"{fn}: {len(metas)} meta tensor(s) hold no data to copy: {_preview(metas, quote=False)}. "
+        "Materialise the model first, or apply drop_meta_tensors() before."
+    )
+
+
+@attrs.frozen(repr=False)
+class _OffloadToCpu(Transform):
+    _factory = "offload_to_cpu"
+    pin_memory: bool = False
+    share_memory: bool = False
+    bulk: bool = True
+
+    def __call__(self, state_dict: Any, /) -> Any:
+        pin = self.pin_memory and _pinning_available()
+        share = self.share_memory
+        leaves, spec = tree_flatten(state_dict)
+        todo = [
+            i
+            for i, leaf in enumerate(leaves)
+            if isinstance(leaf, torch.Tensor)
+            and (
+                leaf.device.type != "cpu"
+                or (pin and not leaf.is_pinned())
+                or (share and not leaf.is_shared())
+            )
+        ]
+        if not todo:
+            return tree_unflatten(spec, leaves)
+        sources = [leaves[i] for i in todo]
+        if any(t.is_meta for t in sources):
+            raise _meta_error("offload_to_cpu", state_dict)
+        plain = [t for t in sources if _bulk_ok(t)]
+        buffers = iter(_allocate_cpu(plain, pin_memory=pin, share_memory=share, bulk=self.bulk))
+        non_blocking = pin
+        for i, source in zip(todo, sources):
+            if _bulk_ok(source):
+                leaves[i] = next(buffers).copy_(source.detach(), non_blocking=non_blocking)
+            else:
+                moved = source.to(_CPU)
+                if pin and not moved.is_pinned():
+                    moved = moved.pin_memory()
+                if share and not moved.is_shared():
+                    moved = moved.clone().share_memory_()
+                leaves[i] = moved
+        if non_blocking:
+            torch.cuda.synchronize()
+        return tree_unflatten(spec, leaves)
+
+
+def offload_to_cpu(*, pin_memory: bool = False, share_memory: bool = False, bulk: bool = True) -> Transform:
+    """Return a transform that moves every tensor to CPU memory.
+
+    CPU tensors that already satisfy the request are shared, not copied.
+    Copies are made into one allocation per dtype (``bulk=True``); the
+    results are then views of that allocation, which ``torch.save`` stores
+    once but safetensors rejects: pass ``bulk=False`` for separate tensors.
+    ``pin_memory`` takes effect only where CUDA is available.
+
+    >>> import torch
+    >>> sd = {"w": torch.ones(2)}
+    >>> offload_to_cpu()(sd)["w"] is sd["w"]
+    True
+
+    Raises (when applied):
+        UnsupportedLeafError: a meta tensor (no data to copy).
+    """
+    return _OffloadToCpu(pin_memory=pin_memory, share_memory=share_memory, bulk=bulk)
+
+
+@attrs.frozen(repr=False)
+class _ToDevice(Transform):
+    _factory = "to_device"
+    device: torch.device = attrs.field(converter=torch.device)
+
+    def __call__(self, state_dict: Any, /) -> Any:
+        device = self.device
+        if device.type == "cpu":
+            return offload_to_cpu()(state_dict)
+        return tree_map(
+            lambda leaf: leaf.to(device) if isinstance(leaf, torch.Tensor) else leaf,
+            state_dict,
+        )
+
+    def __repr__(self) -> str:
+        return f"to_device({str(self.device)!r})"
+
+
+def to_device(device: Union[str, torch.device]) -> Transform:
+    """Return a transform that moves every tensor to ``device``.
+
+    Tensors already there are shared, not copied.
+
+    >>> import torch
+    >>> to_device("cpu")({"w": torch.ones(1)})
+    {'w': tensor([1.])}
+    """
+    return _ToDevice(device)
+
+
+# -- the utilities with torch's signatures -------------------------------------
+
+_SUPPORTED_LEAVES = (torch.Tensor, int, float, str, bytes, io.BytesIO, type(None))
+
+
+def _type_check(fn: str, state_dict: Any) -> None:
+    leaves, _ = tree_flatten(state_dict)
+    if all(isinstance(leaf, _SUPPORTED_LEAVES) for leaf in leaves):
+        return
+    paths, leaves, _ = tree_flatten_with_path(state_dict)
+    bad = [
+        f"{codify(p)} ({type(leaf).__name__})"
+        for p, leaf in zip(paths, leaves)
+        if not isinstance(leaf, _SUPPORTED_LEAVES)
+    ]
+    raise UnsupportedLeafError(
+        f"{fn}: {len(bad)} value(s) of unsupported type: {_preview(bad, quote=False)}. Supported: "
+        "tensors, int, float, str, bytes, io.BytesIO and None, in dicts, lists and "
+        "tuples. Pass type_check=False to pass other values through."
+    )
+
+
+def offload_state_dict_to_cpu(
+    state_dict: dict[str, Any],
+    *,
+    ranks_only: tuple[int, ...] = (),
+    type_check: bool = True,
+) -> dict[str, Any]:
+    """Return ``state_dict`` with every tensor on CPU (torch's
+    ``_offload_state_dict_to_cpu``).
+
+    Args:
+        state_dict: the state dict; it is not changed.
+        ranks_only: when not empty, only these ranks of the default process
+            group get the result; the others get ``{}``.
+        type_check: raise on values DCP cannot save.
+
+    Raises:
+        UnsupportedLeafError: ``type_check`` and an unsupported value.
+    """
+    if type_check:
+        _type_check("offload_state_dict_to_cpu", state_dict)
+    if ranks_only:
+        import torch.distributed as dist
+
+        if dist.get_rank() not in ranks_only:
+            return {}
+    result: dict[str, Any] = offload_to_cpu(bulk=False)(state_dict)
+    return result
+
+
+@torch.no_grad()
+def create_cpu_state_dict(
+    state_dict: dict[str, Any], pin_memory: bool = False, share_memory: bool = False
+) -> dict[str, Any]:
+    """Return a state dict of the same structure with new, uninitialised CPU
+    tensors in place of every tensor (torch's ``_create_cpu_state_dict``).
+
+    0-dim tensors become ``tensor(0)``; tensors without elements become
+    zeros; other leaves are shared. The new tensors come from one allocation
+    per dtype, pinned (where CUDA is available) and/or in shared memory as
+    asked. Pair it with :func:`copy_state_dict` to fill the copy each step.
+    """
+    pin = pin_memory and _pinning_available()
+    leaves, spec = tree_flatten(state_dict)
+    todo = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    sources = [leaves[i] for i in todo]
+    allocated = _allocate_cpu(sources, pin_memory=pin, share_memory=share_memory, bulk=True)
+    for i, source, new in zip(todo, sources, allocated):
+        if source.dim() == 0:
+            new.zero_()
+        elif source.numel() == 0:
+            new = new.zero_()
+        leaves[i] = new
+    result: dict[str, Any] = tree_unflatten(spec, leaves)
+    return result
+
+
+def _pair_leaves(fn: str, a: Any, b: Any) -> tuple[list[Any], list[Any], list[Any], Any]:
+    """Flatten ``a`` and ``b``, pairing leaves by dict key (not order), or raise
+    with the paths that differ."""
+    paths, a_leaves, a_spec = tree_flatten_keyed(a)
+    _, b_leaves, b_spec = tree_flatten_keyed(b)
+    if a_spec != b_spec:
+        raise StructureMismatchError(f"{fn}: {_structure_diff(a, b)}")
+    return paths, a_leaves, b_leaves, a_spec
+
+
+def _structure_diff(a: Any, b: Any) -> str:
+    a_paths = {codify(p): None for p in tree_flatten_with_path(a)[0]}
+    b_paths = {codify(p): None for p in tree_flatten_with_path(b)[0]}
+    missing = [p for p in a_paths if p not in b_paths]
+    extra = [p for p in b_paths if p not in a_paths]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} path(s) missing from the second: {_preview(missing, quote=False)}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected path(s) in the second: {_preview(extra, quote=False)}")
+    if not parts:
+        parts.append("the containers differ in type (dict vs list vs tuple)")
+    return "the state dicts differ in structure; " + "; ".join(parts) + "."
+
+
+@torch.no_grad()
+def copy_state_dict(
+    state_dict: dict[str, Any],
+    copy_state_dict: dict[str, Any],
+    non_blocking: bool = False,
+    type_check: bool = True,
+) -> dict[str, Any]:
+    """Copy every tensor of ``state_dict`` into the matching tensor of
+    ``copy_state_dict`` (torch's ``_copy_state_dict``), and return a state
+    dict of the same structure holding ``copy_state_dict``'s tensors.
+
+    Writes only ``copy_state_dict``'s tensors, and only after checking the
+    whole structure and every shape, so a mismatch leaves it untouched.
+
+    Raises:
+        StructureMismatchError: the structures or a pair of shapes differ.
+        UnsupportedLeafError: ``type_check`` and an unsupported value.
+    """
+    fn = "copy_state_dict"
+    if type_check:
+        _type_check(fn, state_dict)
+    paths, src, dst, spec = _pair_leaves(fn, state_dict, copy_state_dict)
+    bad = [
+        f"{codify(path)}: {_describe(s)} vs {_describe(d)}"
+        for path, s, d in zip(paths, src, dst)
+        if isinstance(s, torch.Tensor) != isinstance(d, torch.Tensor)
+        or (isinstance(s, torch.Tensor) and s.shape != d.shape)
+    ]
+    if bad:
+        raise StructureMismatchError(
+            f"{fn}: {len(bad)} value(s) cannot be copied: {_preview(bad, quote=False)}. "
+            "Allocate the copy with create_cpu_state_dict(state_dict)."
+        )
+    out = []
+    for s, d in zip(src, dst):
+        if isinstance(s, torch.Tensor):
+            d.copy_(s, non_blocking=non_blocking)
+            out.append(d)
+        else:
+            out.append(s)
+    result: dict[str, Any] = tree_unflatten(spec, out)
+    return result
+
+
+def _describe(leaf: Any) -> str:
+    if isinstance(leaf, torch.Tensor):
+        return f"tensor{tuple(leaf.shape)} {leaf.dtype}"
+    return type(leaf).__name__
+
+
+def check_state_dict_similarity(
+    state_dict: dict[str, Any],
+    compared_state_dict: dict[str, Any],
+) -> bool:
+    """Return whether two state dicts have the same structure, and the same
+    shape and dtype at every tensor (torch's ``_check_state_dict_similarity``).
+
+    Non-tensor leaves are not compared.
+    """
+    try:
+        _, a, b, _ = _pair_leaves("check_state_dict_similarity", state_dict, compared_state_dict)
+    except StructureMismatchError:
+        return False
+    return all(
+        not isinstance(x, torch.Tensor)
+        or (isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape)
+        for x, y in zip(a, b)
+    )
