@@ -1,6 +1,17 @@
 """sdtree: PyTorch state dicts as immutable pytrees moved by small, composable transforms."""
 
 from sdtree import errors, transforms
+from sdtree.adapters import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    patch_model_state_dict,
+    patch_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
+from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, pipeline
 from sdtree.transforms.nested import flatten_state_dict, unflatten_state_dict
 from sdtree.transforms.tensors import (
@@ -13,6 +24,15 @@ from sdtree.transforms.tensors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "StateDictOptions",
+    "get_model_state_dict",
+    "get_optimizer_state_dict",
+    "get_state_dict",
+    "set_model_state_dict",
+    "set_optimizer_state_dict",
+    "set_state_dict",
+    "patch_model_state_dict",
+    "patch_optimizer_state_dict",
     "errors",
     "transforms",
     "Transform",

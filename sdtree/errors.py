@@ -22,6 +22,7 @@ __all__ = [
     "MissingParamIdError",
     "NotInvertibleError",
     "StructureMismatchError",
+    "IncompatibleStateDictError",
 ]
 
 
@@ -79,3 +80,11 @@ def _preview(items: Iterable[Any], limit: int = 5, *, quote: bool = True) -> str
     if len(items) > limit:
         shown += f", ... ({len(items) - limit} more)"
     return shown
+
+
+class IncompatibleStateDictError(SdtreeError, RuntimeError):
+    """A state dict does not fit the model or optimizer it is loaded into.
+
+    Also a ``RuntimeError``, as torch's ``load_state_dict`` raises; its message
+    says "Missing key" / "Unexpected key" where those are the problem.
+    """

@@ -1,0 +1,70 @@
+"""What the module and optimizer adapters share: option handling, the
+deprecation of ``submodules=``, the last full/offload step, and the checks
+torch's ``_verify_state_dict`` makes."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from sdtree.options import StateDictOptions
+from sdtree.transforms import Transform, identity, offload_to_cpu
+from sdtree.transforms.distributed import gather_dtensors, keep_on_ranks
+
+
+def as_optimizers(optimizers: Any) -> tuple[torch.optim.Optimizer, ...]:
+    if isinstance(optimizers, torch.optim.Optimizer):
+        return (optimizers,)
+    return tuple(optimizers)
+
+
+def warn_submodules(submodules: Optional[Iterable[Any]]) -> None:
+    if submodules:
+        warnings.warn(
+            "Getting submodules only model/optim state_dict is deprecated and "
+            "will be removed in 2.5. This feature can be achieved by manually "
+            "filtering out the state_dict returned from get_state_dict.",
+            FutureWarning,
+            stacklevel=3,
+        )
+
+
+def finish(options: StateDictOptions) -> Transform:
+    """The last step of every ``get_*``: gather and/or offload, as the options say."""
+    if options.full_state_dict:
+        t = gather_dtensors()
+        if options.cpu_offload:
+            t = t >> offload_to_cpu(bulk=False)
+            if dist.is_available() and dist.is_initialized():
+                t = t >> keep_on_ranks((0,))
+        return t
+    if options.cpu_offload:
+        return offload_to_cpu(bulk=False)
+    return identity()
+
+
+def check_model_not_empty(state_dict: Any, options: StateDictOptions, *, loading: bool) -> None:
+    if (
+        not state_dict
+        and not options.ignore_frozen_params
+        and not (options.cpu_offload and options.full_state_dict)
+        and options.strict
+        and not options.broadcast_from_rank0
+    ):
+        raise RuntimeError(
+            "The option indicates that model state_dict is required to save "
+            f"or load, but model state_dict is empty. ({'loading' if loading else 'saving'}; "
+            "pass StateDictOptions(strict=False) to allow an empty model state dict.)"
+        )
+
+
+def check_optim_not_empty(state_dict: Any, options: StateDictOptions) -> None:
+    if not state_dict and not (options.cpu_offload and options.full_state_dict) and not options.broadcast_from_rank0:
+        raise RuntimeError(
+            "The option indicates that model state_dict is required to save, "
+            "or load but optim state_dict is empty."
+        )

@@ -1,0 +1,173 @@
+"""The one walk over a model: an immutable index of its state-dict entries.
+
+For every entry ``model.state_dict()`` yields (parameters, persistent
+buffers, ``_extra_state``) the index records its canonical FQN, the module
+that owns it and the path through which that module's own
+``_load_from_state_dict`` expects it. Wrapper segments are removed at any
+depth and in any nesting order: DDP's ``module.``, ``torch.compile``'s
+``_orig_mod.``, activation checkpointing's ``_checkpoint_wrapped_module.``,
+FSDP's ``_fsdp_wrapped_module.``, and the hidden children a module names in
+its ``_fqn_modifiers()`` (the ``dsd_fqn_modifiers`` option).
+
+The walk is linear in the number of modules, parameters and buffers, reads
+the model without changing it, and is built per call: nothing caches a model.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
+
+import attrs
+import torch
+from torch import nn
+
+__all__ = ["Entry", "ModelIndex", "index_model"]
+
+_EXTRA_STATE = "_extra_state"
+_AC_CHILD = "_checkpoint_wrapped_module"
+
+
+class Entry(NamedTuple):
+    """One state-dict entry of a model."""
+
+    fqn: str  # canonical
+    module: nn.Module  # owner
+    name: str  # the owner's local name ("weight", "_extra_state")
+    prefix: str  # the owner's prefix for _load_from_state_dict (attribute path)
+    kind: Literal["param", "buffer", "extra"]
+    value: Any  # the parameter or buffer (None for extra state)
+
+
+@attrs.frozen(eq=False)
+class ModelIndex:
+    """Immutable facts about a model's state-dict entries.
+
+    Attributes:
+        entries: canonical FQN -> :class:`Entry`, in ``model.state_dict()`` order
+            (the first path of a shared parameter or module owns the entry only
+            once per path; each path is its own FQN).
+        key_to_fqn: key as ``model.state_dict()`` spells it -> canonical FQN.
+        attr_to_fqn: name as ``model.named_parameters()`` spells it -> FQN.
+        param_fqns: parameter -> every canonical FQN it has, first first.
+        frozen: FQNs of parameters with ``requires_grad=False``.
+        modules: ``(attribute prefix, FQN prefix, module)`` for every module path, in
+            load order (a shared module appears once per path).
+        plain_save: no module customises saving (hooks or overrides), so the
+            state dict can be read off the entries without ``state_dict()``.
+        plain_load: the root does not override ``load_state_dict``, so each
+            module's ``_load_from_state_dict`` can be called with its own keys.
+    """
+
+    entries: Mapping[str, Entry]
+    key_to_fqn: Mapping[str, str]
+    attr_to_fqn: Mapping[str, str]
+    param_fqns: Mapping[torch.Tensor, tuple[str, ...]]
+    frozen: frozenset[str]
+    modules: tuple[tuple[str, str, nn.Module], ...]
+    plain_save: bool
+    plain_load: bool
+
+    def fqn_of_param(self, param: torch.Tensor) -> str | None:
+        fqns = self.param_fqns.get(param)
+        return fqns[0] if fqns else None
+
+
+def _hidden_children(module: nn.Module, modifiers: str) -> tuple[set[str], set[str]]:
+    """Return (children dropped from FQNs, children dropped from state-dict keys)."""
+    hidden: set[str] = set()
+    unkeyed: set[str] = set()
+    ddp = sys.modules.get("torch.nn.parallel.distributed")
+    if ddp is not None and isinstance(module, ddp.DistributedDataParallel):
+        hidden.add("module")
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    if dynamo is not None and isinstance(module, dynamo.OptimizedModule):
+        hidden.add("_orig_mod")
+    ac = sys.modules.get("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
+    if ac is not None and isinstance(module, ac.ActivationWrapper):
+        hidden.add(_AC_CHILD)
+        unkeyed.add(_AC_CHILD)
+    fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    if fsdp is not None and isinstance(module, fsdp.FullyShardedDataParallel):
+        hidden.add("_fsdp_wrapped_module")
+    modifier = getattr(module, modifiers, None)
+    if modifier is not None and callable(modifier):
+        hidden.update(modifier().values())
+    return hidden, unkeyed
+
+
+def _overrides_extra_state(module: nn.Module) -> bool:
+    return getattr(type(module), "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_type(cls: type) -> tuple[bool, bool]:
+    """Whether ``cls`` saves / loads its state exactly as ``nn.Module`` does."""
+    save = cls.state_dict is nn.Module.state_dict and cls._save_to_state_dict is nn.Module._save_to_state_dict
+    load = cls.load_state_dict is nn.Module.load_state_dict
+    return save, load
+
+
+def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> ModelIndex:
+    """Walk ``model`` once and return its :class:`ModelIndex`."""
+    entries: dict[str, Entry] = {}
+    key_to_fqn: dict[str, str] = {}
+    attr_to_fqn: dict[str, str] = {}
+    param_fqns: dict[torch.Tensor, list[str]] = {}
+    frozen: set[str] = set()
+    modules: list[tuple[str, str, nn.Module]] = []
+    plain_save = True
+
+    # Iterative preorder walk, children in registration order (as state_dict()).
+    stack: list[tuple[nn.Module, str, str, str]] = [(model, "", "", "")]
+    while stack:
+        module, attr, key, fqn = stack.pop()
+        modules.append((attr, fqn, module))
+        if not _plain_type(type(module))[0] or module._state_dict_hooks or module._state_dict_pre_hooks:
+            plain_save = False
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            canonical = fqn + name
+            entries[canonical] = Entry(canonical, module, name, attr, "param", param)
+            key_to_fqn[key + name] = canonical
+            attr_to_fqn.setdefault(attr + name, canonical)
+            param_fqns.setdefault(param, []).append(canonical)
+            if not param.requires_grad:
+                frozen.add(canonical)
+        non_persistent = module._non_persistent_buffers_set
+        for name, buffer in module._buffers.items():
+            if buffer is None or name in non_persistent:
+                continue
+            canonical = fqn + name
+            entries[canonical] = Entry(canonical, module, name, attr, "buffer", buffer)
+            key_to_fqn[key + name] = canonical
+        if _overrides_extra_state(module):
+            canonical = fqn + _EXTRA_STATE
+            entries[canonical] = Entry(canonical, module, _EXTRA_STATE, attr, "extra", None)
+            key_to_fqn[key + _EXTRA_STATE] = canonical
+        children = [(n, c) for n, c in module._modules.items() if c is not None]
+        if not children:
+            continue
+        hidden, unkeyed = _hidden_children(module, dsd_fqn_modifiers)
+        for name, child in reversed(children):
+            stack.append(
+                (
+                    child,
+                    f"{attr}{name}.",
+                    key if name in unkeyed else f"{key}{name}.",
+                    fqn if name in hidden else f"{fqn}{name}.",
+                )
+            )
+    return ModelIndex(
+        entries=entries,
+        key_to_fqn=key_to_fqn,
+        attr_to_fqn=attr_to_fqn,
+        param_fqns={p: tuple(f) for p, f in param_fqns.items()},
+        frozen=frozenset(frozen),
+        modules=tuple(modules),
+        plain_save=plain_save,
+        plain_load=_plain_type(type(model))[1],
+    )

@@ -1,0 +1,273 @@
+"""Read and write a model's state dict: ``get_model_state_dict`` and
+``set_model_state_dict`` (torch's signatures and results).
+
+``get``: read (one walk, then the entries or ``model.state_dict()``) ->
+pipeline (canonical FQNs, submodule selection, frozen parameters,
+gather/offload). ``set``: canonical state dict -> plan (every check, no
+write) -> one write, module by module through each module's own
+``_load_from_state_dict``, so the cost stays linear in the number of keys.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from sdtree.adapters._common import check_model_not_empty, finish, warn_submodules
+from sdtree.adapters.index import Entry, ModelIndex, index_model
+from sdtree.errors import IncompatibleStateDictError, _preview
+from sdtree.options import StateDictOptions, as_options
+from sdtree.transforms import Transform, drop_keys, identity, rename, select_keys
+
+__all__ = ["get_model_state_dict", "set_model_state_dict", "patch_model_state_dict"]
+
+
+def read_model(model: nn.Module, index: ModelIndex) -> dict[str, Any]:
+    """Return the model's state dict keyed by canonical FQNs (the one read)."""
+    if index.plain_save:
+        return {
+            fqn: entry.value.detach() if entry.kind != "extra" else entry.module.get_extra_state()
+            for fqn, entry in index.entries.items()
+        }
+    raw = type(model).state_dict(model)
+    return rename(dict(index.key_to_fqn))(raw)
+
+
+def _submodule_prefixes(index: ModelIndex, submodules: Any) -> list[str]:
+    wanted = {id(m) for m in submodules}
+    return list(dict.fromkeys(fqn for _, fqn, module in index.modules if id(module) in wanted))
+
+
+def model_pipeline(index: ModelIndex, options: StateDictOptions, submodules: Any = None) -> Transform:
+    """The pure steps from the canonical state dict to what ``get`` returns."""
+    t = identity()
+    if submodules:
+        prefixes = _submodule_prefixes(index, submodules)
+        t = t >> select_keys(*prefixes) if prefixes else t >> select_keys(where=lambda _: False)
+        if prefixes and not options.keep_submodule_prefixes:
+            t = t >> rename([("^(?:" + "|".join(map(re.escape, prefixes)) + ")", "")])
+    if options.ignore_frozen_params and index.frozen:
+        t = t >> drop_keys(where=index.frozen.__contains__)
+    return t >> finish(options)
+
+
+@torch.no_grad()
+def get_model_state_dict(
+    model: nn.Module,
+    *,
+    submodules: Optional[set[nn.Module]] = None,
+    options: Optional[StateDictOptions] = None,
+) -> dict[str, Any]:
+    """Return the model state dict of ``model``, keyed by canonical FQNs.
+
+    Same signature and results as torch's ``get_model_state_dict``; the model
+    is only read.
+
+    Args:
+        model: the model, possibly wrapped (DDP, ``torch.compile``,
+            activation checkpointing).
+        submodules: deprecated; keep only these submodules' entries.
+        options: a :class:`StateDictOptions` (sdtree's or torch's).
+    """
+    opts = as_options(options)
+    warn_submodules(submodules)
+    index = index_model(model, opts.dsd_fqn_modifiers)
+    state_dict: dict[str, Any] = model_pipeline(index, opts, submodules)(read_model(model, index))
+    check_model_not_empty(state_dict, opts, loading=False)
+    return state_dict
+
+
+# -- loading ------------------------------------------------------------------
+
+
+class ModelPlan(NamedTuple):
+    """What a validated model load will write."""
+
+    values: dict[str, Any]  # canonical FQN -> value, only keys of the model
+    missing: list[str]
+    unexpected: list[str]
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "int"
+
+
+def value_problem(target: torch.Tensor, value: Any) -> Optional[str]:
+    """Why ``value`` cannot be copied into ``target`` (None when it can)."""
+    if not isinstance(value, torch.Tensor):
+        return f"expected a tensor, found {type(value).__name__}"
+    if value.shape != target.shape:
+        return f"expected shape {tuple(target.shape)}, found {tuple(value.shape)}"
+    if _kind(value.dtype) != _kind(target.dtype):
+        return f"expected dtype {target.dtype} (or another {_kind(target.dtype)} dtype), found {value.dtype}"
+    return None
+
+
+def plan_model_load(
+    index: ModelIndex, state_dict: Mapping[str, Any], options: StateDictOptions, fn: str
+) -> ModelPlan:
+    """Check ``state_dict`` against the model; raise before anything is written."""
+    entries = index.entries
+    aliases = index.param_fqns
+    missing = []
+    for fqn, entry in entries.items():
+        if fqn in state_dict:
+            continue
+        if options.ignore_frozen_params and fqn in index.frozen:
+            continue
+        if entry.kind == "param" and any(alias in state_dict for alias in aliases[entry.value]):
+            continue  # a tied parameter, present under another of its FQNs
+        missing.append(fqn)
+    unexpected = [key for key in state_dict if key not in entries]
+    bad = []
+    values = {}
+    for key, value in state_dict.items():
+        entry = entries.get(key)
+        if entry is None:
+            continue
+        if entry.kind != "extra":
+            problem = value_problem(entry.value, value)
+            if problem:
+                bad.append(f"{key!r}: {problem}")
+                continue
+        values[key] = value
+    for fqn in missing:  # fill tied parameters from their present alias
+        entry = entries[fqn]
+        if entry.kind == "param":
+            for alias in aliases[entry.value]:
+                if alias in values:
+                    values[fqn] = values[alias]
+                    break
+    missing = [fqn for fqn in missing if fqn not in values]
+    problems = []
+    if options.strict and missing:
+        problems.append(f"Missing key(s) in state_dict: {_preview(missing)}")
+    if options.strict and unexpected:
+        problems.append(f"Unexpected key(s) in state_dict: {_preview(unexpected)}")
+    if bad:
+        problems.append(f"{len(bad)} value(s) do not fit: {_preview(bad, quote=False)}")
+    if problems:
+        hint = (
+            " Pass options=StateDictOptions(strict=False) to load the keys that match and get "
+            "the others back as missing_keys/unexpected_keys."
+            if options.strict and (missing or unexpected)
+            else ""
+        )
+        raise IncompatibleStateDictError(
+            f"{fn}: cannot load into {type(index.modules[0][2]).__name__}: "
+            + "; ".join(problems)
+            + f". Nothing was written.{hint}"
+        )
+    return ModelPlan(values, missing, unexpected)
+
+
+def write_model(model: nn.Module, index: ModelIndex, plan: ModelPlan, *, assign: bool = False) -> None:
+    """The one side effect: load ``plan.values`` into the model."""
+    entries = index.entries
+    if not index.plain_load:
+        raw = {entries[fqn].prefix + entries[fqn].name: value for fqn, value in plan.values.items()}
+        type(model).load_state_dict(model, raw, strict=False, assign=assign)
+        return
+    by_module: dict[int, dict[str, Any]] = {}
+    for fqn, value in plan.values.items():
+        entry: Entry = entries[fqn]
+        by_module.setdefault(id(entry.module), {})[entry.prefix + entry.name] = value
+    missing: list[str] = []
+    unexpected: list[str] = []
+    errors: list[str] = []
+    with torch.no_grad():
+        for attr, _, module in index.modules:
+            local = by_module.get(id(module), {})
+            own = {k: v for k, v in local.items() if k.startswith(attr) and "." not in k[len(attr):]}
+            metadata: dict[str, Any] = {"version": getattr(module, "_version", None)}
+            if assign:
+                metadata["assign_to_params_buffers"] = True
+            module._load_from_state_dict(own, attr, metadata, False, missing, unexpected, errors)
+    if errors:
+        raise RuntimeError(f"set_model_state_dict: error(s) while loading: {'; '.join(errors)}")
+    incompatible = _IncompatibleKeys(list(plan.missing), list(plan.unexpected))
+    for _, _, module in reversed(index.modules):
+        for hook in module._load_state_dict_post_hooks.values():
+            hook(module, incompatible)
+
+
+def module_keyed_to_fqns(model: nn.Module, state_dict: Mapping[Any, Any], index: ModelIndex) -> Mapping[str, Any]:
+    """Accept the deprecated ``{submodule: its state dict}`` input."""
+    if not state_dict or not isinstance(next(iter(state_dict)), nn.Module):
+        return state_dict
+    warnings.warn(
+        "Passing model_state_dict as a ``Dict[nn.Module, Dict[str, Any]]``"
+        "is deprecated and will be removed in 2.5. If you need this "
+        "feature, please preprocess the model_state_dict to achieve the "
+        "same functionality.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    prefix_of = {}
+    for _, fqn, module in index.modules:
+        prefix_of.setdefault(id(module), fqn)
+    out: dict[str, Any] = {}
+    for submodule, sub_state_dict in state_dict.items():
+        prefix = prefix_of.get(id(submodule))
+        if prefix is None:
+            raise ValueError(
+                f"set_model_state_dict: {type(submodule).__name__} is a key of the state dict "
+                "but not a submodule of the model. Key the state dict by FQNs instead."
+            )
+        out.update({prefix + key: value for key, value in sub_state_dict.items()})
+    return out
+
+
+def set_model_state_dict(
+    model: nn.Module,
+    model_state_dict: dict[str, Any],
+    *,
+    options: Optional[StateDictOptions] = None,
+) -> _IncompatibleKeys:
+    """Load ``model_state_dict`` (keyed by canonical FQNs) into ``model``.
+
+    Same signature and results as torch's ``set_model_state_dict``, but the
+    given dict is never changed, and every key, shape and dtype is checked
+    before the first write: a failing call leaves the model as it was.
+
+    Returns:
+        ``missing_keys`` and ``unexpected_keys`` (canonical FQNs).
+
+    Raises:
+        IncompatibleStateDictError (a RuntimeError): under ``strict``, a
+            missing or unexpected key; always, a value of the wrong shape,
+            kind of dtype, or type.
+    """
+    opts = as_options(options)
+    index = index_model(model, opts.dsd_fqn_modifiers)
+    state_dict = module_keyed_to_fqns(model, model_state_dict, index)
+    check_model_not_empty(state_dict, opts, loading=True)
+    if not state_dict and not opts.broadcast_from_rank0:
+        return _IncompatibleKeys([], [])
+    plan = plan_model_load(index, state_dict, opts, "set_model_state_dict")
+    write_model(model, index, plan)
+    return _IncompatibleKeys(plan.missing, plan.unexpected)
+
+
+def patch_model_state_dict(model: nn.Module, *, options: Optional[StateDictOptions] = None) -> None:
+    """Make ``model.state_dict()`` / ``model.load_state_dict(sd)`` call
+    :func:`get_model_state_dict` / :func:`set_model_state_dict` with ``options``."""
+
+    def state_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return get_model_state_dict(model, options=options)
+
+    def load_state_dict(state_dict: dict[str, Any], *args: Any, **kwargs: Any) -> _IncompatibleKeys:
+        return set_model_state_dict(model, state_dict, options=options)
+
+    model.state_dict = state_dict  # type: ignore[method-assign]
+    model.load_state_dict = load_state_dict  # type: ignore[method-assign]

@@ -1,0 +1,448 @@
+"""Read and write optimizers' state dicts: ``get_optimizer_state_dict`` and
+``set_optimizer_state_dict`` (torch's signatures and results).
+
+``get``: read each optimizer (its own ``state_dict()``; for an optimizer with
+no state yet, the state one zero-lr step on zero grads would create, computed
+on a shadow copy so the optimizer, its parameters and their grads stay
+untouched) -> pipeline (parameter ids to canonical FQNs, merge, flatten,
+gather/offload). ``set``: unflatten and split per optimizer -> plan (group
+layout, keys, shapes and leaf types, for every optimizer, no write) -> one
+write per optimizer.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from sdtree.adapters._common import as_optimizers, check_optim_not_empty, finish, warn_submodules
+from sdtree.adapters.index import ModelIndex, index_model
+from sdtree.errors import IncompatibleStateDictError, LayoutMismatchError, MissingParamIdError, _preview
+from sdtree.options import StateDictOptions, as_options
+from sdtree.transforms import (
+    OptimizerLayout,
+    flatten_optimizer,
+    merge_optimizers,
+    param_ids_to_fqns,
+    select_keys,
+    unflatten_optimizer,
+)
+from sdtree.transforms._forms import PARAMS, PG, STATE, is_optim_state_dict
+
+__all__ = [
+    "get_optimizer_state_dict",
+    "set_optimizer_state_dict",
+    "patch_optimizer_state_dict",
+    "optimizer_fqns",
+]
+
+Optimizers = Union[torch.optim.Optimizer, "list[torch.optim.Optimizer]", "tuple[torch.optim.Optimizer, ...]"]
+
+
+def optimizer_fqns(index: ModelIndex, optim: torch.optim.Optimizer) -> list[list[str]]:
+    """The canonical FQN of every parameter of each of ``optim``'s groups.
+
+    Groups that carry ``param_names`` (optimizers built from
+    ``named_parameters()``) are named by them; otherwise by the model.
+    """
+    groups = []
+    unknown = []
+    for g, group in enumerate(optim.param_groups):
+        names = group.get("param_names")
+        fqns = []
+        for i, param in enumerate(group[PARAMS]):
+            fqn = index.attr_to_fqn.get(names[i]) if names else None
+            fqn = fqn or index.fqn_of_param(param) or (names[i] if names else None)
+            if fqn is None:
+                unknown.append(f"param_groups[{g}]['params'][{i}] (shape {tuple(param.shape)})")
+            fqns.append(fqn)
+        groups.append(fqns)
+    if unknown:
+        raise MissingParamIdError(
+            f"{type(optim).__name__}: {len(unknown)} parameter(s) of the optimizer are not "
+            f"parameters of the model: {_preview(unknown, quote=False)}. Pass the model the "
+            "optimizer was built for, or build the optimizer from model.named_parameters()."
+        )
+    return groups
+
+
+# -- reading ------------------------------------------------------------------
+
+
+def _shadow_initial_state(optim: torch.optim.Optimizer) -> dict[int, Any]:
+    """The state one zero-lr step on zero grads creates, keyed by parameter
+    position, computed on copies: ``optim`` and its parameters are not touched."""
+    params = [p for group in optim.param_groups for p in group[PARAMS]]
+    clones = {}
+    for p in params:
+        if id(p) not in clones:
+            clone = p.detach().clone().requires_grad_(p.requires_grad)
+            if p.requires_grad:
+                clone.grad = torch.zeros_like(clone)
+            clones[id(p)] = clone
+    shadow = copy.copy(optim)
+    shadow.param_groups = []
+    for group in optim.param_groups:
+        new = dict(group)
+        new[PARAMS] = [clones[id(p)] for p in group[PARAMS]]
+        if "lr" in new:
+            new["lr"] = torch.tensor(0.0) if isinstance(new["lr"], torch.Tensor) else 0.0
+        shadow.param_groups.append(new)
+    shadow.state = defaultdict(dict)
+    shadow._optimizer_step_pre_hooks = OrderedDict()
+    shadow._optimizer_step_post_hooks = OrderedDict()
+    type(optim).step(shadow)
+    position = {}
+    for p in params:
+        position.setdefault(id(clones[id(p)]), len(position))
+    return {position[id(k)]: v for k, v in shadow.state.items() if id(k) in position}
+
+
+def read_optimizer(optim: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optim.state_dict()``, with the state torch's ``_init_optim_state`` would
+    create when the optimizer has none and no parameter has a grad."""
+    osd = type(optim).state_dict(optim)
+    if optim.state or any(p.grad is not None for g in optim.param_groups for p in g[PARAMS]):
+        return osd
+    return {STATE: _shadow_initial_state(optim), PG: osd[PG]}
+
+
+def get_optimizer_state_dict(
+    model: nn.Module,
+    optimizers: Optimizers,
+    *,
+    submodules: Optional[set[nn.Module]] = None,
+    options: Optional[StateDictOptions] = None,
+) -> dict[str, Any]:
+    """Return the state dict of ``optimizers``, keyed by canonical FQNs.
+
+    Same signature and results as torch's ``get_optimizer_state_dict``, but
+    neither the optimizers nor the parameters (values, grads) change: an
+    optimizer with no state yet reports the state one zero-lr step on zero
+    grads would create, computed on a shadow copy.
+    """
+    opts = as_options(options)
+    warn_submodules(submodules)
+    optims = as_optimizers(optimizers)
+    index = index_model(model, opts.dsd_fqn_modifiers)
+    parts = []
+    for optim in optims:
+        fqns = optimizer_fqns(index, optim)
+        table = dict(enumerate(f for group in fqns for f in group))
+        parts.append(param_ids_to_fqns(table)(read_optimizer(optim)))
+    osd: dict[str, Any] = merge_optimizers()(parts)
+    if opts.flatten_optimizer_state_dict:
+        osd = flatten_optimizer()(osd)
+    osd = finish(opts)(osd)
+    check_optim_not_empty(osd, opts)
+    return osd
+
+
+# -- loading ------------------------------------------------------------------
+
+# Built-in optimizers whose every non-scalar state tensor has its parameter's shape.
+_PARAM_SHAPED_STATE = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop")
+    if hasattr(torch.optim, name)
+)
+
+
+class OptimPlan(NamedTuple):
+    """What a validated optimizer load will write."""
+
+    groups: list[dict[str, Any]]  # hyper-parameters for each group (no "params")
+    state: dict[int, tuple[torch.Tensor, int, Mapping[str, Any]]]  # id(param) -> (param, group, entry)
+    fqn_osd: dict[str, Any]  # the same, as an FQN-keyed state dict for Optimizer.load_state_dict
+
+
+def _split_for(
+    index: ModelIndex, optim: torch.optim.Optimizer, fqns: list[list[str]], osd: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """Bring ``osd`` to the unflattened FQN-keyed form for ``optim``."""
+    if is_optim_state_dict(osd):
+        keys = list(osd[STATE]) + [k for g in osd[PG] for k in g[PARAMS]]
+        if keys and all(isinstance(k, int) for k in keys):
+            # Parameter ids, as from optim.state_dict(): positional, as torch loads them.
+            table = dict(enumerate(f for group in fqns for f in group))
+            return param_ids_to_fqns(table)(osd)
+        return osd
+    mine = {f for group in fqns for f in group}
+    aliases = {a for f in mine for a in _aliases(index, f)}
+    flat_mine = select_keys(where=aliases.__contains__)(osd)
+    present = {k for k in _flat_fqns(flat_mine)}
+    groups = [[_pick(index, f, present) for f in group] for group in fqns]
+    layout = OptimizerLayout(
+        groups,
+        empty_group_hyperparams={
+            i: {k: v for k, v in g.items() if k != PARAMS} for i, g in enumerate(optim.param_groups) if not g[PARAMS]
+        },
+    )
+    return unflatten_optimizer(layout)(flat_mine)
+
+
+def _flat_fqns(flat: Mapping[str, Any]) -> list[str]:
+    from sdtree.transforms.keys import split_flat_keys
+
+    return [fqn for _, fqn, _ in split_flat_keys(flat, "set_optimizer_state_dict")] if flat else []
+
+
+def _aliases(index: ModelIndex, fqn: str) -> tuple[str, ...]:
+    entry = index.entries.get(fqn)
+    if entry is not None and entry.kind == "param":
+        return index.param_fqns[entry.value]
+    return (fqn,)
+
+
+def _pick(index: ModelIndex, fqn: str, present: Any) -> str:
+    """The FQN under which a (possibly tied) parameter appears in the loaded state dict."""
+    for alias in _aliases(index, fqn):
+        if alias in present:
+            return alias
+    return fqn
+
+
+def _leaf_problem(value: Any) -> Optional[str]:
+    if isinstance(value, (torch.Tensor, int, float, bool, type(None))):
+        return None
+    if isinstance(value, Mapping):
+        for v in value.values():
+            problem = _leaf_problem(v)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            problem = _leaf_problem(v)
+            if problem:
+                return problem
+        return None
+    return f"unsupported value of type {type(value).__name__}"
+
+
+def _state_problem(optim: torch.optim.Optimizer, param: torch.Tensor, entry: Any) -> Optional[str]:
+    if not isinstance(entry, Mapping):
+        return f"expected a dict of state values, found {type(entry).__name__}"
+    reference = optim.state.get(param)
+    for name, value in entry.items():
+        problem = _leaf_problem(value)
+        if problem:
+            return f"{name!r}: {problem}"
+        if not isinstance(value, torch.Tensor) or name == "step":
+            continue
+        expected = reference.get(name) if reference else None
+        if isinstance(expected, torch.Tensor):
+            shape = expected.shape
+        elif type(optim) in _PARAM_SHAPED_STATE and value.dim() > 0:
+            shape = param.shape
+        else:
+            continue
+        if value.shape != shape:
+            return f"{name!r}: expected shape {tuple(shape)}, found {tuple(value.shape)}"
+        if param.is_floating_point() and not (value.is_floating_point() or value.is_complex()):
+            return f"{name!r}: expected a floating dtype like the parameter's {param.dtype}, found {value.dtype}"
+    return None
+
+
+def plan_optim_load(
+    index: ModelIndex,
+    optim: torch.optim.Optimizer,
+    osd: Mapping[str, Any],
+    options: StateDictOptions,
+    problems: list[str],
+) -> Optional[OptimPlan]:
+    """Check ``osd`` against ``optim``; append problems instead of writing."""
+    fqns = optimizer_fqns(index, optim)
+    try:
+        mine = _split_for(index, optim, fqns, osd)
+    except (LayoutMismatchError, MissingParamIdError) as err:
+        problems.append(str(err))
+        return None
+    loaded_groups = mine[PG]
+    group_of = {}
+    for gi, group in enumerate(loaded_groups):
+        for key in group[PARAMS]:
+            group_of[key] = gi
+    state = mine[STATE]
+    present = set(group_of) | set(state)
+    empty_loaded = [gi for gi, g in enumerate(loaded_groups) if not g[PARAMS]]
+    name = type(optim).__name__
+    plan_groups: list[dict[str, Any]] = []
+    plan_state: dict[int, tuple[torch.Tensor, int, Mapping[str, Any]]] = {}
+    osd_groups = []
+    osd_state = {}
+    missing = []
+    for j, (group, group_fqns) in enumerate(zip(optim.param_groups, fqns)):
+        chosen = [_pick(index, f, present) for f in group_fqns]
+        sources = sorted({group_of[f] for f in chosen if f in group_of})
+        if len(sources) > 1:
+            problems.append(
+                f"{name}: the parameters of param group {j} are spread over loaded param groups "
+                f"{sources}; a group must be loaded from one group."
+            )
+            continue
+        if sources:
+            source = loaded_groups[sources[0]]
+        elif not group[PARAMS] and empty_loaded:
+            source = loaded_groups[empty_loaded.pop(0)]
+        else:
+            source = None  # keep the current hyper-parameters
+            if group[PARAMS] or options.strict:
+                missing.extend(chosen or [f"<empty param group {j}>"])
+        hypers = {k: v for k, v in (source or group).items() if k != PARAMS}
+        if "param_names" in group and "param_names" not in hypers:
+            hypers["param_names"] = group["param_names"]
+        plan_groups.append(hypers)
+        osd_groups.append({**hypers, PARAMS: chosen})
+        for param, fqn in zip(group[PARAMS], chosen):
+            entry = state.get(fqn)
+            if entry is None:
+                if param.requires_grad and options.strict and source is not None:
+                    missing.append(fqn)
+                continue
+            problem = _state_problem(optim, param, entry)
+            if problem:
+                problems.append(f"{name}: state of {fqn!r}: {problem}")
+                continue
+            plan_state[id(param)] = (param, j, entry)
+            osd_state[fqn] = entry
+    if missing and options.strict:
+        problems.append(
+            f"{name}: Missing key(s) (parameters with no optimizer state or param group in the "
+            f"state dict): {_preview(list(dict.fromkeys(missing)))}"
+        )
+    return OptimPlan(plan_groups, plan_state, {STATE: osd_state, PG: osd_groups})
+
+
+def _cast(param: torch.Tensor, value: Any, key: Any, group: Mapping[str, Any], current: Any) -> Any:
+    """torch's load-time policy (floating state follows the parameter's dtype,
+    everything its device, ``step`` stays as is unless fused/capturable), but
+    never aliasing the caller's tensors: values are copied into the current
+    state tensor when it fits, or cloned."""
+    if isinstance(value, torch.Tensor):
+        if key == "step":
+            if group.get("fused") or group.get("capturable"):
+                cast = value.to(dtype=torch.float32, device=param.device)
+            else:
+                cast = value
+        elif param.is_floating_point():
+            cast = value.to(dtype=param.dtype, device=param.device)
+        else:
+            cast = value.to(device=param.device)
+        if cast is not value:
+            return cast
+        if (
+            isinstance(current, torch.Tensor)
+            and current.shape == value.shape
+            and current.dtype == value.dtype
+            and current.device == value.device
+        ):
+            return current.copy_(value)
+        return value.clone()
+    if isinstance(value, Mapping):
+        sub = current if isinstance(current, Mapping) else {}
+        return {k: _cast(param, v, k, group, sub.get(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(param, v, None, group, None) for v in value)
+    return value
+
+
+def write_optimizer(optim: torch.optim.Optimizer, plan: OptimPlan) -> None:
+    """The one side effect: load ``plan`` into ``optim``."""
+    fast = (
+        type(optim).load_state_dict is torch.optim.Optimizer.load_state_dict
+        and not optim._optimizer_load_state_dict_pre_hooks
+    )
+    if not fast:
+        type(optim).load_state_dict(optim, copy.deepcopy(plan.fqn_osd))
+        return
+    groups = []
+    for group, hypers in zip(optim.param_groups, plan.groups):
+        groups.append({**copy.deepcopy(hypers), PARAMS: group[PARAMS]})
+    state: defaultdict[torch.Tensor, Any] = defaultdict(dict)
+    with torch.no_grad():
+        for param, j, entry in plan.state.values():
+            state[param] = _cast(param, entry, None, groups[j], optim.state.get(param))
+    optim.__setstate__({"state": state, "param_groups": groups})
+    for hook in optim._optimizer_load_state_dict_post_hooks.values():
+        hook(optim)
+
+
+def plan_optimizers_load(
+    index: ModelIndex, optims: tuple[torch.optim.Optimizer, ...], osd: Mapping[str, Any], options: StateDictOptions
+) -> list[OptimPlan]:
+    """Plan every optimizer's load, or raise with every problem found."""
+    fn = "set_optimizer_state_dict"
+    if not isinstance(osd, Mapping):
+        raise TypeError(f"{fn}: expected an optimizer state dict (a Mapping), got {type(osd).__name__}.")
+    problems: list[str] = []
+    plans = [plan_optim_load(index, optim, osd, options, problems) for optim in optims]
+    if options.strict and is_optim_state_dict(osd) and not problems:
+        known = {a for optim in optims for g in optimizer_fqns(index, optim) for f in g for a in _aliases(index, f)}
+        keys = list(osd[STATE]) + [k for g in osd[PG] for k in g[PARAMS]]
+        if not all(isinstance(k, int) for k in keys):
+            unexpected = [k for k in dict.fromkeys(keys) if k not in known]
+            if unexpected:
+                problems.append(
+                    f"Unexpected key(s) (parameters the optimizers do not hold): {_preview(unexpected)}"
+                )
+    if problems:
+        hint = " Pass options=StateDictOptions(strict=False) to skip missing and unexpected keys."
+        raise IncompatibleStateDictError(
+            f"{fn}: cannot load: " + "; ".join(problems) + f". Nothing was written.{hint if options.strict else ''}"
+        )
+    return [plan for plan in plans if plan is not None]
+
+
+def set_optimizer_state_dict(
+    model: nn.Module,
+    optimizers: Optimizers,
+    optim_state_dict: dict[str, Any],
+    *,
+    options: Optional[StateDictOptions] = None,
+) -> None:
+    """Load ``optim_state_dict`` (keyed by canonical FQNs, nested or flat, or
+    by parameter ids) into ``optimizers``.
+
+    Same signature and results as torch's ``set_optimizer_state_dict``, but no
+    step is taken, the given dict is never changed (values are copied, not
+    aliased), and all optimizers are checked before the first write: a
+    failing call leaves every optimizer as it was.
+
+    Raises:
+        IncompatibleStateDictError (a RuntimeError): missing state under
+            ``strict``, state of the wrong shape, groups that do not match.
+    """
+    opts = as_options(options)
+    optims = as_optimizers(optimizers)
+    check_optim_not_empty(optim_state_dict, opts)
+    index = index_model(model, opts.dsd_fqn_modifiers)
+    plans = plan_optimizers_load(index, optims, optim_state_dict, opts)
+    for optim, plan in zip(optims, plans):
+        write_optimizer(optim, plan)
+
+
+def patch_optimizer_state_dict(
+    model: nn.Module,
+    *,
+    optimizers: tuple[torch.optim.Optimizer, ...],
+    options: Optional[StateDictOptions] = None,
+) -> None:
+    """Make each optimizer's ``state_dict()`` / ``load_state_dict(sd)`` call
+    :func:`get_optimizer_state_dict` / :func:`set_optimizer_state_dict`."""
+    optims = as_optimizers(optimizers)
+
+    def state_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return get_optimizer_state_dict(model, optims, options=options)
+
+    def load_state_dict(state_dict: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        set_optimizer_state_dict(model, optims, state_dict, options=options)
+
+    for optim in optims:
+        optim.state_dict = state_dict  # type: ignore[method-assign]
+        optim.load_state_dict = load_state_dict  # type: ignore[method-assign]

@@ -1,0 +1,71 @@
+"""``get_state_dict`` / ``set_state_dict``: model and optimizers together."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from sdtree.adapters._common import as_optimizers, check_model_not_empty, check_optim_not_empty
+from sdtree.adapters.index import index_model
+from sdtree.adapters.module import get_model_state_dict, module_keyed_to_fqns, plan_model_load, write_model
+from sdtree.adapters.optimizer import (
+    Optimizers,
+    get_optimizer_state_dict,
+    plan_optimizers_load,
+    write_optimizer,
+)
+from sdtree.options import StateDictOptions, as_options
+
+__all__ = ["get_state_dict", "set_state_dict"]
+
+
+def get_state_dict(
+    model: nn.Module,
+    optimizers: Optimizers,
+    *,
+    submodules: Optional[set[nn.Module]] = None,
+    options: Optional[StateDictOptions] = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return ``(model state dict, optimizers' state dict)``, keyed by canonical FQNs.
+
+    Same signature and results as torch's ``get_state_dict``; nothing is
+    changed. See :func:`get_model_state_dict` and :func:`get_optimizer_state_dict`.
+    """
+    model_state_dict = get_model_state_dict(model, submodules=submodules, options=options)
+    optim_state_dict = get_optimizer_state_dict(model, optimizers, options=options)
+    return model_state_dict, optim_state_dict
+
+
+def set_state_dict(
+    model: nn.Module,
+    optimizers: Optimizers,
+    *,
+    model_state_dict: dict[str, Any],
+    optim_state_dict: dict[str, Any],
+    options: Optional[StateDictOptions] = None,
+) -> _IncompatibleKeys:
+    """Load a model state dict and an optimizers' state dict.
+
+    Same signature and results as torch's ``set_state_dict``. Both are
+    checked before either is written: a failing call changes nothing.
+
+    Returns:
+        The model's ``missing_keys`` and ``unexpected_keys``.
+    """
+    opts = as_options(options)
+    optims = as_optimizers(optimizers)
+    index = index_model(model, opts.dsd_fqn_modifiers)
+    state_dict = module_keyed_to_fqns(model, model_state_dict, index)
+    if state_dict:
+        check_model_not_empty(state_dict, opts, loading=True)
+    check_optim_not_empty(optim_state_dict, opts)
+    model_plan = plan_model_load(index, state_dict, opts, "set_state_dict") if state_dict else None
+    optim_plans = plan_optimizers_load(index, optims, optim_state_dict, opts)
+    for optim, plan in zip(optims, optim_plans):
+        write_optimizer(optim, plan)
+    if model_plan is None:
+        return _IncompatibleKeys([], [])
+    write_model(model, index, model_plan)
+    return _IncompatibleKeys(model_plan.missing, model_plan.unexpected)
