@@ -4,9 +4,11 @@ torch's ``_verify_state_dict`` makes."""
 
 from __future__ import annotations
 
+import functools
+import gc
 import warnings
-from collections.abc import Iterable
-from typing import Any, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,8 @@ import torch.distributed as dist
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, identity, offload_to_cpu
 from sdtree.transforms.distributed import gather_dtensors, keep_on_ranks
+
+T = TypeVar("T")
 
 
 def as_optimizers(optimizers: Any) -> tuple[torch.optim.Optimizer, ...]:
@@ -68,3 +72,21 @@ def check_optim_not_empty(state_dict: Any, options: StateDictOptions) -> None:
             "The option indicates that model state_dict is required to save, "
             "or load but optim state_dict is empty."
         )
+
+
+def without_gc(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run ``fn`` with the cyclic garbage collector paused (as torch's DSD does):
+    the many small objects of a state dict otherwise trigger full collections
+    that walk every live tensor."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return wrapper

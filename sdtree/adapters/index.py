@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
 import attrs
 import torch
 from torch import nn
 
-__all__ = ["Entry", "ModelIndex", "index_model"]
+__all__ = ["Entry", "ModelIndex", "ParamIndex", "index_model", "index_params", "iter_modules"]
 
 _EXTRA_STATE = "_extra_state"
 _AC_CHILD = "_checkpoint_wrapped_module"
@@ -42,6 +42,36 @@ class Entry(NamedTuple):
 
 
 @attrs.frozen(eq=False)
+class ParamIndex:
+    """The light view of a model that optimizers need: parameter names only.
+
+    Parameters are keyed by ``id``: a tensor's own hash is a Python call.
+
+    Attributes:
+        first_fqn: ``id(parameter)`` -> its first canonical FQN (the one
+            ``named_parameters()`` reaches first).
+        attr_to_fqn: name as ``model.named_parameters()`` spells it -> FQN.
+        tied: FQN -> every FQN of its parameter, for tied parameters only.
+    """
+
+    first_fqn: Mapping[int, str]
+    attr_to_fqn: Mapping[str, str]
+    tied: Mapping[str, tuple[str, ...]]
+
+    def fqn_of_param(self, param: torch.Tensor) -> str | None:
+        return self.first_fqn.get(id(param))
+
+    def fqns_of_param(self, param: torch.Tensor) -> tuple[str, ...]:
+        """Every canonical FQN of ``param`` (empty if it is not in the model)."""
+        first = self.first_fqn.get(id(param))
+        return () if first is None else self.aliases(first)
+
+    def aliases(self, fqn: str) -> tuple[str, ...]:
+        """Every FQN of the parameter named ``fqn`` (one, unless tied)."""
+        return self.tied.get(fqn, (fqn,))
+
+
+@attrs.frozen(eq=False)
 class ModelIndex:
     """Immutable facts about a model's state-dict entries.
 
@@ -50,8 +80,7 @@ class ModelIndex:
             (the first path of a shared parameter or module owns the entry only
             once per path; each path is its own FQN).
         key_to_fqn: key as ``model.state_dict()`` spells it -> canonical FQN.
-        attr_to_fqn: name as ``model.named_parameters()`` spells it -> FQN.
-        param_fqns: parameter -> every canonical FQN it has, first first.
+        params: the parameters' names (:class:`ParamIndex`).
         frozen: FQNs of parameters with ``requires_grad=False``.
         modules: ``(attribute prefix, FQN prefix, module)`` for every module path, in
             load order (a shared module appears once per path).
@@ -63,16 +92,11 @@ class ModelIndex:
 
     entries: Mapping[str, Entry]
     key_to_fqn: Mapping[str, str]
-    attr_to_fqn: Mapping[str, str]
-    param_fqns: Mapping[torch.Tensor, tuple[str, ...]]
+    params: ParamIndex
     frozen: frozenset[str]
     modules: tuple[tuple[str, str, nn.Module], ...]
     plain_save: bool
     plain_load: bool
-
-    def fqn_of_param(self, param: torch.Tensor) -> str | None:
-        fqns = self.param_fqns.get(param)
-        return fqns[0] if fqns else None
 
 
 def _hidden_children(module: nn.Module, modifiers: str) -> tuple[set[str], set[str]]:
@@ -98,16 +122,37 @@ def _hidden_children(module: nn.Module, modifiers: str) -> tuple[set[str], set[s
     return hidden, unkeyed
 
 
-def _overrides_extra_state(module: nn.Module) -> bool:
-    return getattr(type(module), "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state
-
-
 @functools.lru_cache(maxsize=None)
-def _plain_type(cls: type) -> tuple[bool, bool]:
-    """Whether ``cls`` saves / loads its state exactly as ``nn.Module`` does."""
+def type_traits(cls: type) -> tuple[bool, bool, bool]:
+    """(saves as nn.Module does, loads as nn.Module does, has extra state) for ``cls``."""
     save = cls.state_dict is nn.Module.state_dict and cls._save_to_state_dict is nn.Module._save_to_state_dict
     load = cls.load_state_dict is nn.Module.load_state_dict
-    return save, load
+    extra = getattr(cls, "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state
+    return save, load, extra
+
+
+def iter_modules(model: nn.Module, dsd_fqn_modifiers: str) -> Iterator[tuple[nn.Module, str, str, str]]:
+    """Yield ``(module, attribute prefix, state-dict key prefix, FQN prefix)`` for
+    every module path, in ``state_dict()`` order (preorder, registration order)."""
+    stack: list[tuple[nn.Module, str, str, str]] = [(model, "", "", "")]
+    while stack:
+        item = stack.pop()
+        yield item
+        module, attr, key, fqn = item
+        if not module._modules:
+            continue
+        hidden, unkeyed = _hidden_children(module, dsd_fqn_modifiers)
+        for name, child in reversed(module._modules.items()):
+            if child is None:
+                continue
+            stack.append(
+                (
+                    child,
+                    f"{attr}{name}.",
+                    key if name in unkeyed else f"{key}{name}.",
+                    fqn if name in hidden else f"{fqn}{name}.",
+                )
+            )
 
 
 def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> ModelIndex:
@@ -115,17 +160,15 @@ def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> 
     entries: dict[str, Entry] = {}
     key_to_fqn: dict[str, str] = {}
     attr_to_fqn: dict[str, str] = {}
-    param_fqns: dict[torch.Tensor, list[str]] = {}
+    first_fqn: dict[int, str] = {}
+    tied: dict[int, list[str]] = {}
     frozen: set[str] = set()
     modules: list[tuple[str, str, nn.Module]] = []
     plain_save = True
-
-    # Iterative preorder walk, children in registration order (as state_dict()).
-    stack: list[tuple[nn.Module, str, str, str]] = [(model, "", "", "")]
-    while stack:
-        module, attr, key, fqn = stack.pop()
+    for module, attr, key, fqn in iter_modules(model, dsd_fqn_modifiers):
         modules.append((attr, fqn, module))
-        if not _plain_type(type(module))[0] or module._state_dict_hooks or module._state_dict_pre_hooks:
+        plain, _, extra = type_traits(type(module))
+        if not plain or module._state_dict_hooks or module._state_dict_pre_hooks:
             plain_save = False
         for name, param in module._parameters.items():
             if param is None:
@@ -134,7 +177,7 @@ def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> 
             entries[canonical] = Entry(canonical, module, name, attr, "param", param)
             key_to_fqn[key + name] = canonical
             attr_to_fqn.setdefault(attr + name, canonical)
-            param_fqns.setdefault(param, []).append(canonical)
+            _add_param(first_fqn, tied, id(param), canonical)
             if not param.requires_grad:
                 frozen.add(canonical)
         non_persistent = module._non_persistent_buffers_set
@@ -144,30 +187,45 @@ def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> 
             canonical = fqn + name
             entries[canonical] = Entry(canonical, module, name, attr, "buffer", buffer)
             key_to_fqn[key + name] = canonical
-        if _overrides_extra_state(module):
+        if extra:
             canonical = fqn + _EXTRA_STATE
             entries[canonical] = Entry(canonical, module, _EXTRA_STATE, attr, "extra", None)
             key_to_fqn[key + _EXTRA_STATE] = canonical
-        children = [(n, c) for n, c in module._modules.items() if c is not None]
-        if not children:
-            continue
-        hidden, unkeyed = _hidden_children(module, dsd_fqn_modifiers)
-        for name, child in reversed(children):
-            stack.append(
-                (
-                    child,
-                    f"{attr}{name}.",
-                    key if name in unkeyed else f"{key}{name}.",
-                    fqn if name in hidden else f"{fqn}{name}.",
-                )
-            )
     return ModelIndex(
         entries=entries,
         key_to_fqn=key_to_fqn,
-        attr_to_fqn=attr_to_fqn,
-        param_fqns={p: tuple(f) for p, f in param_fqns.items()},
+        params=_param_index(first_fqn, tied, attr_to_fqn),
         frozen=frozenset(frozen),
         modules=tuple(modules),
         plain_save=plain_save,
-        plain_load=_plain_type(type(model))[1],
+        plain_load=type_traits(type(model))[1],
     )
+
+
+def index_params(
+    model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers", *, attr_names: bool = True
+) -> ParamIndex:
+    """Walk ``model`` once for its parameters' canonical FQNs only (and, with
+    ``attr_names``, the ``named_parameters()`` spelling of each)."""
+    first_fqn: dict[int, str] = {}
+    tied: dict[int, list[str]] = {}
+    attr_to_fqn: dict[str, str] = {}
+    for module, attr, _, fqn in iter_modules(model, dsd_fqn_modifiers):
+        for name, param in module._parameters.items():
+            if param is not None:
+                canonical = fqn + name
+                _add_param(first_fqn, tied, id(param), canonical)
+                if attr_names:
+                    attr_to_fqn.setdefault(attr + name, canonical)
+    return _param_index(first_fqn, tied, attr_to_fqn)
+
+
+def _add_param(first_fqn: dict[int, str], tied: dict[int, list[str]], key: int, fqn: str) -> None:
+    first = first_fqn.setdefault(key, fqn)
+    if first is not fqn:
+        tied.setdefault(key, [first]).append(fqn)
+
+
+def _param_index(first_fqn: dict[int, str], tied: dict[int, list[str]], attr_to_fqn: dict[str, str]) -> ParamIndex:
+    aliases = {f: tuple(fqns) for fqns in tied.values() for f in fqns}
+    return ParamIndex(first_fqn, attr_to_fqn, aliases)

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdtree.adapters._common import check_model_not_empty, finish, warn_submodules
-from sdtree.adapters.index import Entry, ModelIndex, index_model
+from sdtree.adapters._common import check_model_not_empty, finish, warn_submodules, without_gc
+from sdtree.adapters.index import Entry, ModelIndex, index_model, iter_modules, type_traits
 from sdtree.errors import IncompatibleStateDictError, _preview
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import Transform, drop_keys, identity, rename, select_keys
@@ -28,15 +28,34 @@ from sdtree.transforms import Transform, drop_keys, identity, rename, select_key
 __all__ = ["get_model_state_dict", "set_model_state_dict", "patch_model_state_dict"]
 
 
-def read_model(model: nn.Module, index: ModelIndex) -> dict[str, Any]:
-    """Return the model's state dict keyed by canonical FQNs (the one read)."""
-    if index.plain_save:
-        return {
-            fqn: entry.value.detach() if entry.kind != "extra" else entry.module.get_extra_state()
-            for fqn, entry in index.entries.items()
-        }
-    raw = type(model).state_dict(model)
-    return rename(dict(index.key_to_fqn))(raw)
+def read_model(model: nn.Module, dsd_fqn_modifiers: str) -> Optional[tuple[dict[str, Any], frozenset[str]]]:
+    """Read the state dict, keyed by canonical FQNs, and the frozen FQNs, in one
+    walk, as ``nn.Module.state_dict()`` would produce it; ``None`` when a module
+    customises saving (then ``state_dict()`` itself must be called)."""
+    out: dict[str, Any] = {}
+    frozen = []
+    for module, _, _, fqn in iter_modules(model, dsd_fqn_modifiers):
+        plain, _, extra = type_traits(type(module))
+        if not plain or module._state_dict_hooks or module._state_dict_pre_hooks:
+            return None
+        for name, param in module._parameters.items():
+            if param is not None:
+                out[fqn + name] = param.detach()
+                if not param.requires_grad:
+                    frozen.append(fqn + name)
+        if module._buffers:
+            non_persistent = module._non_persistent_buffers_set
+            for name, buffer in module._buffers.items():
+                if buffer is not None and name not in non_persistent:
+                    out[fqn + name] = buffer.detach()
+        if extra:
+            out[fqn + "_extra_state"] = module.get_extra_state()
+    return out, frozenset(frozen)
+
+
+def read_model_through_state_dict(model: nn.Module, index: ModelIndex) -> dict[str, Any]:
+    """``model.state_dict()`` (hooks and overrides honoured), keyed by canonical FQNs."""
+    return rename(dict(index.key_to_fqn))(type(model).state_dict(model))
 
 
 def _submodule_prefixes(index: ModelIndex, submodules: Any) -> list[str]:
@@ -44,20 +63,22 @@ def _submodule_prefixes(index: ModelIndex, submodules: Any) -> list[str]:
     return list(dict.fromkeys(fqn for _, fqn, module in index.modules if id(module) in wanted))
 
 
-def model_pipeline(index: ModelIndex, options: StateDictOptions, submodules: Any = None) -> Transform:
+def model_pipeline(
+    options: StateDictOptions, frozen: frozenset[str], submodule_prefixes: Optional[list[str]] = None
+) -> Transform:
     """The pure steps from the canonical state dict to what ``get`` returns."""
     t = identity()
-    if submodules:
-        prefixes = _submodule_prefixes(index, submodules)
+    if submodule_prefixes is not None:
+        prefixes = submodule_prefixes
         t = t >> select_keys(*prefixes) if prefixes else t >> select_keys(where=lambda _: False)
         if prefixes and not options.keep_submodule_prefixes:
             t = t >> rename([("^(?:" + "|".join(map(re.escape, prefixes)) + ")", "")])
-    if options.ignore_frozen_params and index.frozen:
-        t = t >> drop_keys(where=index.frozen.__contains__)
+    if options.ignore_frozen_params and frozen:
+        t = t >> drop_keys(where=frozen.__contains__)
     return t >> finish(options)
 
 
-@torch.no_grad()
+@without_gc
 def get_model_state_dict(
     model: nn.Module,
     *,
@@ -77,8 +98,15 @@ def get_model_state_dict(
     """
     opts = as_options(options)
     warn_submodules(submodules)
-    index = index_model(model, opts.dsd_fqn_modifiers)
-    state_dict: dict[str, Any] = model_pipeline(index, opts, submodules)(read_model(model, index))
+    fast = None if submodules else read_model(model, opts.dsd_fqn_modifiers)
+    if fast is not None:
+        raw, frozen = fast
+        prefixes = None
+    else:
+        index = index_model(model, opts.dsd_fqn_modifiers)
+        raw, frozen = read_model_through_state_dict(model, index), index.frozen
+        prefixes = _submodule_prefixes(index, submodules) if submodules else None
+    state_dict: dict[str, Any] = model_pipeline(opts, frozen, prefixes)(raw)
     check_model_not_empty(state_dict, opts, loading=False)
     return state_dict
 
@@ -118,14 +146,14 @@ def plan_model_load(
 ) -> ModelPlan:
     """Check ``state_dict`` against the model; raise before anything is written."""
     entries = index.entries
-    aliases = index.param_fqns
+    params = index.params
     missing = []
     for fqn, entry in entries.items():
         if fqn in state_dict:
             continue
         if options.ignore_frozen_params and fqn in index.frozen:
             continue
-        if entry.kind == "param" and any(alias in state_dict for alias in aliases[entry.value]):
+        if entry.kind == "param" and any(alias in state_dict for alias in params.aliases(fqn)):
             continue  # a tied parameter, present under another of its FQNs
         missing.append(fqn)
     unexpected = [key for key in state_dict if key not in entries]
@@ -144,7 +172,7 @@ def plan_model_load(
     for fqn in missing:  # fill tied parameters from their present alias
         entry = entries[fqn]
         if entry.kind == "param":
-            for alias in aliases[entry.value]:
+            for alias in params.aliases(fqn):
                 if alias in values:
                     values[fqn] = values[alias]
                     break
@@ -228,6 +256,7 @@ def module_keyed_to_fqns(model: nn.Module, state_dict: Mapping[Any, Any], index:
     return out
 
 
+@without_gc
 def set_model_state_dict(
     model: nn.Module,
     model_state_dict: dict[str, Any],

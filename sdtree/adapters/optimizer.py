@@ -20,8 +20,8 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from sdtree.adapters._common import as_optimizers, check_optim_not_empty, finish, warn_submodules
-from sdtree.adapters.index import ModelIndex, index_model
+from sdtree.adapters._common import as_optimizers, check_optim_not_empty, finish, warn_submodules, without_gc
+from sdtree.adapters.index import ParamIndex, index_params
 from sdtree.errors import IncompatibleStateDictError, LayoutMismatchError, MissingParamIdError, _preview
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import (
@@ -33,6 +33,7 @@ from sdtree.transforms import (
     unflatten_optimizer,
 )
 from sdtree.transforms._forms import PARAMS, PG, STATE, is_optim_state_dict
+from sdtree.transforms.tensors import allocate
 
 __all__ = [
     "get_optimizer_state_dict",
@@ -44,7 +45,7 @@ __all__ = [
 Optimizers = Union[torch.optim.Optimizer, "list[torch.optim.Optimizer]", "tuple[torch.optim.Optimizer, ...]"]
 
 
-def optimizer_fqns(index: ModelIndex, optim: torch.optim.Optimizer) -> list[list[str]]:
+def optimizer_fqns(index: ParamIndex, optim: torch.optim.Optimizer) -> list[list[str]]:
     """The canonical FQN of every parameter of each of ``optim``'s groups.
 
     Groups that carry ``param_names`` (optimizers built from
@@ -69,6 +70,10 @@ def optimizer_fqns(index: ModelIndex, optim: torch.optim.Optimizer) -> list[list
             "optimizer was built for, or build the optimizer from model.named_parameters()."
         )
     return groups
+
+
+def _has_param_names(optims: tuple[torch.optim.Optimizer, ...]) -> bool:
+    return any("param_names" in group for optim in optims for group in optim.param_groups)
 
 
 # -- reading ------------------------------------------------------------------
@@ -112,6 +117,7 @@ def read_optimizer(optim: torch.optim.Optimizer) -> dict[str, Any]:
     return {STATE: _shadow_initial_state(optim), PG: osd[PG]}
 
 
+@without_gc
 def get_optimizer_state_dict(
     model: nn.Module,
     optimizers: Optimizers,
@@ -129,13 +135,13 @@ def get_optimizer_state_dict(
     opts = as_options(options)
     warn_submodules(submodules)
     optims = as_optimizers(optimizers)
-    index = index_model(model, opts.dsd_fqn_modifiers)
+    index = index_params(model, opts.dsd_fqn_modifiers, attr_names=_has_param_names(optims))
     parts = []
     for optim in optims:
         fqns = optimizer_fqns(index, optim)
         table = dict(enumerate(f for group in fqns for f in group))
         parts.append(param_ids_to_fqns(table)(read_optimizer(optim)))
-    osd: dict[str, Any] = merge_optimizers()(parts)
+    osd: dict[str, Any] = parts[0] if len(parts) == 1 else merge_optimizers()(parts)
     if opts.flatten_optimizer_state_dict:
         osd = flatten_optimizer()(osd)
     osd = finish(opts)(osd)
@@ -159,10 +165,11 @@ class OptimPlan(NamedTuple):
     groups: list[dict[str, Any]]  # hyper-parameters for each group (no "params")
     state: dict[int, tuple[torch.Tensor, int, Mapping[str, Any]]]  # id(param) -> (param, group, entry)
     fqn_osd: dict[str, Any]  # the same, as an FQN-keyed state dict for Optimizer.load_state_dict
+    fqns: list[list[str]]  # the optimizer's parameters' FQNs, by group
 
 
 def _split_for(
-    index: ModelIndex, optim: torch.optim.Optimizer, fqns: list[list[str]], osd: Mapping[str, Any]
+    index: ParamIndex, optim: torch.optim.Optimizer, fqns: list[list[str]], osd: Mapping[str, Any]
 ) -> Mapping[str, Any]:
     """Bring ``osd`` to the unflattened FQN-keyed form for ``optim``."""
     if is_optim_state_dict(osd):
@@ -173,7 +180,7 @@ def _split_for(
             return param_ids_to_fqns(table)(osd)
         return osd
     mine = {f for group in fqns for f in group}
-    aliases = {a for f in mine for a in _aliases(index, f)}
+    aliases = {a for f in mine for a in index.aliases(f)}
     flat_mine = select_keys(where=aliases.__contains__)(osd)
     present = {k for k in _flat_fqns(flat_mine)}
     groups = [[_pick(index, f, present) for f in group] for group in fqns]
@@ -192,32 +199,19 @@ def _flat_fqns(flat: Mapping[str, Any]) -> list[str]:
     return [fqn for _, fqn, _ in split_flat_keys(flat, "set_optimizer_state_dict")] if flat else []
 
 
-def _aliases(index: ModelIndex, fqn: str) -> tuple[str, ...]:
-    entry = index.entries.get(fqn)
-    if entry is not None and entry.kind == "param":
-        return index.param_fqns[entry.value]
-    return (fqn,)
-
-
-def _pick(index: ModelIndex, fqn: str, present: Any) -> str:
+def _pick(index: ParamIndex, fqn: str, present: Any) -> str:
     """The FQN under which a (possibly tied) parameter appears in the loaded state dict."""
-    for alias in _aliases(index, fqn):
+    for alias in index.aliases(fqn):
         if alias in present:
             return alias
     return fqn
 
 
 def _leaf_problem(value: Any) -> Optional[str]:
-    if isinstance(value, (torch.Tensor, int, float, bool, type(None))):
+    if isinstance(value, (torch.Tensor, int, float, type(None))):
         return None
-    if isinstance(value, Mapping):
-        for v in value.values():
-            problem = _leaf_problem(v)
-            if problem:
-                return problem
-        return None
-    if isinstance(value, (list, tuple)):
-        for v in value:
+    if isinstance(value, (Mapping, list, tuple)):
+        for v in value.values() if isinstance(value, Mapping) else value:
             problem = _leaf_problem(v)
             if problem:
                 return problem
@@ -225,32 +219,38 @@ def _leaf_problem(value: Any) -> Optional[str]:
     return f"unsupported value of type {type(value).__name__}"
 
 
-def _state_problem(optim: torch.optim.Optimizer, param: torch.Tensor, entry: Any) -> Optional[str]:
+def _state_problem(param: torch.Tensor, entry: Any, reference: Any, param_shaped: bool) -> Optional[str]:
+    """Why ``entry`` cannot be ``param``'s state (None when it can).
+
+    Shapes are checked against the optimizer's current state when it has
+    some, else for torch's optimizers whose state tensors are parameter-shaped.
+    """
     if not isinstance(entry, Mapping):
         return f"expected a dict of state values, found {type(entry).__name__}"
-    reference = optim.state.get(param)
     for name, value in entry.items():
-        problem = _leaf_problem(value)
-        if problem:
-            return f"{name!r}: {problem}"
-        if not isinstance(value, torch.Tensor) or name == "step":
+        if not isinstance(value, torch.Tensor):
+            problem = _leaf_problem(value)
+            if problem:
+                return f"{name!r}: {problem}"
+            continue
+        if name == "step":
             continue
         expected = reference.get(name) if reference else None
         if isinstance(expected, torch.Tensor):
             shape = expected.shape
-        elif type(optim) in _PARAM_SHAPED_STATE and value.dim() > 0:
+        elif param_shaped and value.dim() > 0:
             shape = param.shape
         else:
             continue
         if value.shape != shape:
             return f"{name!r}: expected shape {tuple(shape)}, found {tuple(value.shape)}"
-        if param.is_floating_point() and not (value.is_floating_point() or value.is_complex()):
+        if not (value.is_floating_point() or value.is_complex()) and param.is_floating_point():
             return f"{name!r}: expected a floating dtype like the parameter's {param.dtype}, found {value.dtype}"
     return None
 
 
 def plan_optim_load(
-    index: ModelIndex,
+    index: ParamIndex,
     optim: torch.optim.Optimizer,
     osd: Mapping[str, Any],
     options: StateDictOptions,
@@ -272,13 +272,14 @@ def plan_optim_load(
     present = set(group_of) | set(state)
     empty_loaded = [gi for gi, g in enumerate(loaded_groups) if not g[PARAMS]]
     name = type(optim).__name__
+    param_shaped = type(optim) in _PARAM_SHAPED_STATE
     plan_groups: list[dict[str, Any]] = []
     plan_state: dict[int, tuple[torch.Tensor, int, Mapping[str, Any]]] = {}
     osd_groups = []
     osd_state = {}
     missing = []
     for j, (group, group_fqns) in enumerate(zip(optim.param_groups, fqns)):
-        chosen = [_pick(index, f, present) for f in group_fqns]
+        chosen = [f if f not in index.tied else _pick(index, f, present) for f in group_fqns]
         sources = sorted({group_of[f] for f in chosen if f in group_of})
         if len(sources) > 1:
             problems.append(
@@ -305,7 +306,7 @@ def plan_optim_load(
                 if param.requires_grad and options.strict and source is not None:
                     missing.append(fqn)
                 continue
-            problem = _state_problem(optim, param, entry)
+            problem = _state_problem(param, entry, optim.state.get(param), param_shaped)
             if problem:
                 problems.append(f"{name}: state of {fqn!r}: {problem}")
                 continue
@@ -316,44 +317,39 @@ def plan_optim_load(
             f"{name}: Missing key(s) (parameters with no optimizer state or param group in the "
             f"state dict): {_preview(list(dict.fromkeys(missing)))}"
         )
-    return OptimPlan(plan_groups, plan_state, {STATE: osd_state, PG: osd_groups})
+    return OptimPlan(plan_groups, plan_state, {STATE: osd_state, PG: osd_groups}, fqns)
 
 
-def _cast(param: torch.Tensor, value: Any, key: Any, group: Mapping[str, Any], current: Any) -> Any:
-    """torch's load-time policy (floating state follows the parameter's dtype,
-    everything its device, ``step`` stays as is unless fused/capturable), but
-    never aliasing the caller's tensors: values are copied into the current
-    state tensor when it fits, or cloned."""
+def _cast(param: torch.Tensor, value: Any, key: Any, group: Mapping[str, Any]) -> Any:
+    """torch's load-time policy for a nested state value, as a copy."""
     if isinstance(value, torch.Tensor):
-        if key == "step":
-            if group.get("fused") or group.get("capturable"):
-                cast = value.to(dtype=torch.float32, device=param.device)
-            else:
-                cast = value
-        elif param.is_floating_point():
-            cast = value.to(dtype=param.dtype, device=param.device)
-        else:
-            cast = value.to(device=param.device)
-        if cast is not value:
-            return cast
-        if (
-            isinstance(current, torch.Tensor)
-            and current.shape == value.shape
-            and current.dtype == value.dtype
-            and current.device == value.device
-        ):
-            return current.copy_(value)
-        return value.clone()
+        dtype, device = _target(param, value, key, group)
+        return value.to(dtype=dtype, device=device, copy=True)
     if isinstance(value, Mapping):
-        sub = current if isinstance(current, Mapping) else {}
-        return {k: _cast(param, v, k, group, sub.get(k)) for k, v in value.items()}
+        return {k: _cast(param, v, k, group) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_cast(param, v, None, group, None) for v in value)
+        return type(value)(_cast(param, v, None, group) for v in value)
     return value
 
 
+def _target(param: torch.Tensor, value: torch.Tensor, key: Any, group: Mapping[str, Any]) -> tuple[torch.dtype, torch.device]:
+    """Where torch's ``Optimizer.load_state_dict`` puts a state tensor: floating
+    state follows the parameter's dtype, everything its device, and ``step``
+    stays as it is unless the group is fused or capturable."""
+    if key == "step":
+        if group.get("fused") or group.get("capturable"):
+            return torch.float32, param.device
+        return value.dtype, value.device
+    return (param.dtype if param.is_floating_point() else value.dtype), param.device
+
+
 def write_optimizer(optim: torch.optim.Optimizer, plan: OptimPlan) -> None:
-    """The one side effect: load ``plan`` into ``optim``."""
+    """The one side effect: load ``plan`` into ``optim``.
+
+    State tensors are copied, never aliased: into the optimizer's current
+    state tensor where it fits, else into new tensors (one allocation per
+    dtype and device), with one batched copy.
+    """
     fast = (
         type(optim).load_state_dict is torch.optim.Optimizer.load_state_dict
         and not optim._optimizer_load_state_dict_pre_hooks
@@ -361,20 +357,47 @@ def write_optimizer(optim: torch.optim.Optimizer, plan: OptimPlan) -> None:
     if not fast:
         type(optim).load_state_dict(optim, copy.deepcopy(plan.fqn_osd))
         return
-    groups = []
-    for group, hypers in zip(optim.param_groups, plan.groups):
-        groups.append({**copy.deepcopy(hypers), PARAMS: group[PARAMS]})
+    groups = [{**copy.deepcopy(hypers), PARAMS: group[PARAMS]} for group, hypers in zip(optim.param_groups, plan.groups)]
     state: defaultdict[torch.Tensor, Any] = defaultdict(dict)
+    dsts: list[Any] = []
+    srcs: list[torch.Tensor] = []
+    fresh: dict[torch.device, list[tuple[dict[str, Any], str, int]]] = {}
+    fresh_specs: dict[torch.device, list[tuple[torch.Size, torch.dtype]]] = {}
+    for param, j, entry in plan.state.values():
+        group = groups[j]
+        current = optim.state.get(param) or {}
+        new: dict[str, Any] = {}
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                new[key] = _cast(param, value, key, group)
+                continue
+            dtype, device = _target(param, value, key, group)
+            cur = current.get(key)
+            if cur is value:  # already the optimizer's own tensor: nothing to copy
+                new[key] = cur
+                continue
+            if isinstance(cur, torch.Tensor) and cur.shape == value.shape and cur.dtype == dtype and cur.device == device:
+                new[key] = cur
+                dsts.append(cur)
+            else:
+                fresh.setdefault(device, []).append((new, key, len(dsts)))
+                fresh_specs.setdefault(device, []).append((value.shape, dtype))
+                dsts.append(None)
+            srcs.append(value)
+        state[param] = new
+    for device, slots in fresh.items():
+        for (new, key, i), tensor in zip(slots, allocate(fresh_specs[device], device=device)):
+            new[key] = dsts[i] = tensor
     with torch.no_grad():
-        for param, j, entry in plan.state.values():
-            state[param] = _cast(param, entry, None, groups[j], optim.state.get(param))
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
     optim.__setstate__({"state": state, "param_groups": groups})
     for hook in optim._optimizer_load_state_dict_post_hooks.values():
         hook(optim)
 
 
 def plan_optimizers_load(
-    index: ModelIndex, optims: tuple[torch.optim.Optimizer, ...], osd: Mapping[str, Any], options: StateDictOptions
+    index: ParamIndex, optims: tuple[torch.optim.Optimizer, ...], osd: Mapping[str, Any], options: StateDictOptions
 ) -> list[OptimPlan]:
     """Plan every optimizer's load, or raise with every problem found."""
     fn = "set_optimizer_state_dict"
@@ -383,7 +406,7 @@ def plan_optimizers_load(
     problems: list[str] = []
     plans = [plan_optim_load(index, optim, osd, options, problems) for optim in optims]
     if options.strict and is_optim_state_dict(osd) and not problems:
-        known = {a for optim in optims for g in optimizer_fqns(index, optim) for f in g for a in _aliases(index, f)}
+        known = {a for plan in plans if plan for g in plan.fqns for f in g for a in index.aliases(f)}
         keys = list(osd[STATE]) + [k for g in osd[PG] for k in g[PARAMS]]
         if not all(isinstance(k, int) for k in keys):
             unexpected = [k for k in dict.fromkeys(keys) if k not in known]
@@ -399,6 +422,7 @@ def plan_optimizers_load(
     return [plan for plan in plans if plan is not None]
 
 
+@without_gc
 def set_optimizer_state_dict(
     model: nn.Module,
     optimizers: Optimizers,
@@ -421,7 +445,7 @@ def set_optimizer_state_dict(
     opts = as_options(options)
     optims = as_optimizers(optimizers)
     check_optim_not_empty(optim_state_dict, opts)
-    index = index_model(model, opts.dsd_fqn_modifiers)
+    index = index_params(model, opts.dsd_fqn_modifiers, attr_names=_has_param_names(optims))
     plans = plan_optimizers_load(index, optims, optim_state_dict, opts)
     for optim, plan in zip(optims, plans):
         write_optimizer(optim, plan)

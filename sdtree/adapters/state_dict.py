@@ -7,7 +7,7 @@ from typing import Any, Optional
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdtree.adapters._common import as_optimizers, check_model_not_empty, check_optim_not_empty
+from sdtree.adapters._common import as_optimizers, check_model_not_empty, check_optim_not_empty, without_gc
 from sdtree.adapters.index import index_model
 from sdtree.adapters.module import get_model_state_dict, module_keyed_to_fqns, plan_model_load, write_model
 from sdtree.adapters.optimizer import (
@@ -21,6 +21,7 @@ from sdtree.options import StateDictOptions, as_options
 __all__ = ["get_state_dict", "set_state_dict"]
 
 
+@without_gc
 def get_state_dict(
     model: nn.Module,
     optimizers: Optimizers,
@@ -38,6 +39,7 @@ def get_state_dict(
     return model_state_dict, optim_state_dict
 
 
+@without_gc
 def set_state_dict(
     model: nn.Module,
     optimizers: Optimizers,
@@ -62,7 +64,7 @@ def set_state_dict(
         check_model_not_empty(state_dict, opts, loading=True)
     check_optim_not_empty(optim_state_dict, opts)
     model_plan = plan_model_load(index, state_dict, opts, "set_state_dict") if state_dict else None
-    optim_plans = plan_optimizers_load(index, optims, optim_state_dict, opts)
+    optim_plans = plan_optimizers_load(index.params, optims, optim_state_dict, opts)
     for optim, plan in zip(optims, optim_plans):
         write_optimizer(optim, plan)
     if model_plan is None:

@@ -134,15 +134,16 @@ class _RekeyOptimizer(Transform):
                 f"of {len(table)} entries: {_preview(missing)}. Build the mapping from "
                 "the same model and optimizer that produced the state dict."
             )
-        targets: dict[Key, Key] = {}
-        for old in used:
-            new = table[old]
-            if new in targets:
-                raise KeyCollisionError(
-                    f"{self.factory}: keys {targets[new]!r} and {old!r} both map to "
-                    f"{new!r}. Each parameter needs its own key."
-                )
-            targets[new] = old
+        if len({table[k] for k in used}) != len(used):
+            targets: dict[Key, Key] = {}
+            for old in used:
+                new = table[old]
+                if new in targets:
+                    raise KeyCollisionError(
+                        f"{self.factory}: keys {targets[new]!r} and {old!r} both map to "
+                        f"{new!r}. Each parameter needs its own key."
+                    )
+                targets[new] = old
         new_state = {table[k]: v for k, v in state.items()}
         new_groups = [{**group, PARAMS: [table[k] for k in group[PARAMS]]} for group in groups]
         return {STATE: new_state, PG: new_groups}

@@ -11,6 +11,7 @@ pinned or shared allocation is costly per call), unless ``bulk=False``.
 from __future__ import annotations
 
 import io
+import math
 from typing import Any, Optional, Union
 
 import attrs
@@ -52,30 +53,42 @@ def _bulk_ok(tensor: torch.Tensor) -> bool:
     )
 
 
+def allocate(
+    specs: list[tuple[torch.Size, torch.dtype]],
+    *,
+    device: Union[str, torch.device] = "cpu",
+    pin_memory: bool = False,
+    share_memory: bool = False,
+    bulk: bool = True,
+) -> list[torch.Tensor]:
+    """Return new uninitialised tensors of the given ``(shape, dtype)``s on
+    ``device``: views of one allocation per dtype when ``bulk``."""
+    device = torch.device(device)
+    if not bulk:
+        return [_one(shape, dtype, device, pin_memory, share_memory) for shape, dtype in specs]
+    out: list[Optional[torch.Tensor]] = [None] * len(specs)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, (_, dtype) in enumerate(specs):
+        by_dtype.setdefault(dtype, []).append(i)
+    for dtype, indices in by_dtype.items():
+        numels = [math.prod(specs[i][0]) for i in indices]
+        buffer = _one((sum(numels),), dtype, device, pin_memory, share_memory)
+        for i, view in zip(indices, buffer.split(numels)):
+            out[i] = view.view(specs[i][0])
+    return out  # type: ignore[return-value]
+
+
 def _allocate_cpu(
     tensors: list[torch.Tensor], *, pin_memory: bool, share_memory: bool, bulk: bool
 ) -> list[torch.Tensor]:
     """Return new uninitialised CPU tensors with the shapes and dtypes of ``tensors``."""
-    out: list[Optional[torch.Tensor]] = [None] * len(tensors)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        if bulk and _bulk_ok(tensor):
-            by_dtype.setdefault(tensor.dtype, []).append(i)
-        else:
-            out[i] = _one_cpu(tensor.shape, tensor.dtype, pin_memory, share_memory)
-    for dtype, indices in by_dtype.items():
-        total = sum(tensors[i].numel() for i in indices)
-        buffer = _one_cpu((total,), dtype, pin_memory, share_memory)
-        offset = 0
-        for i in indices:
-            n = tensors[i].numel()
-            out[i] = buffer[offset : offset + n].view(tensors[i].shape)
-            offset += n
-    return out  # type: ignore[return-value]
+    if not bulk or not all(_bulk_ok(t) for t in tensors):
+        return [_one(t.shape, t.dtype, _CPU, pin_memory, share_memory) for t in tensors]
+    return allocate([(t.shape, t.dtype) for t in tensors], pin_memory=pin_memory, share_memory=share_memory)
 
 
-def _one_cpu(shape: Any, dtype: torch.dtype, pin_memory: bool, share_memory: bool) -> torch.Tensor:
-    tensor = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+def _one(shape: Any, dtype: torch.dtype, device: torch.device, pin_memory: bool, share_memory: bool) -> torch.Tensor:
+    tensor = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory and device.type == "cpu")
     if share_memory:
         tensor.share_memory_()  # our own fresh tensor
     return tensor

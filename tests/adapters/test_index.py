@@ -42,7 +42,7 @@ def test_state_dict_keys_map_to_fqns_under_checkpoint_wrapper():
     index = index_model(compiled)
     assert set(index.key_to_fqn) == set(compiled.state_dict())
     assert index.key_to_fqn["_orig_mod.blocks.0.linear1.weight"] == "blocks.0.linear1.weight"
-    assert index.attr_to_fqn["_orig_mod.blocks.0._checkpoint_wrapped_module.linear1.weight"] == "blocks.0.linear1.weight"
+    assert index.params.attr_to_fqn["_orig_mod.blocks.0._checkpoint_wrapped_module.linear1.weight"] == "blocks.0.linear1.weight"
 
 
 def test_fqn_modifiers_hide_children():
@@ -67,8 +67,10 @@ def test_tied_and_frozen_parameters():
     model = Net(tied=True)
     model.blocks[0].linear1.requires_grad_(False)
     index = index_model(model)
-    assert index.param_fqns[model.embed.weight] == ("embed.weight", "head.weight")
-    assert index.fqn_of_param(model.head.weight) == "embed.weight"
+    assert index.params.fqns_of_param(model.embed.weight) == ("embed.weight", "head.weight")
+    assert index.params.aliases("head.weight") == ("embed.weight", "head.weight")
+    assert index.params.aliases("blocks.0.norm.weight") == ("blocks.0.norm.weight",)
+    assert index.params.fqn_of_param(model.head.weight) == "embed.weight"
     assert index.frozen == {"blocks.0.linear1.weight", "blocks.0.linear1.bias"}
 
 

@@ -211,3 +211,58 @@ def test_patch_optimizer_state_dict():
     sdtree.patch_optimizer_state_dict(fresh, optimizers=(fresh_optim,))
     fresh_optim.load_state_dict(osd)
     assert_state_dict_equal(fresh_optim.state_dict(), osd)
+
+
+def test_param_names_name_parameters_the_model_does_not_hold():
+    model = Net()
+    temperature = torch.nn.Parameter(torch.ones(()))
+    optim = torch.optim.Adam(list(model.named_parameters()) + [("temperature", temperature)], lr=0.1)
+    temperature.grad = torch.ones(())
+    train(model, optim)
+    osd = sdtree.get_optimizer_state_dict(model, optim)
+    assert osd["param_groups"][0]["params"][-1] == "temperature"
+    assert "temperature" in osd["state"]
+    with pytest.raises(KeyError):
+        dsd.get_optimizer_state_dict(model, optim)  # torch cannot name it
+    fresh = Net()
+    fresh_temperature = torch.nn.Parameter(torch.zeros(()))
+    fresh_optim = torch.optim.Adam(list(fresh.named_parameters()) + [("temperature", fresh_temperature)], lr=0.5)
+    sdtree.set_optimizer_state_dict(fresh, fresh_optim, osd)
+    assert_state_dict_equal(snapshot_optim(fresh_optim), snapshot_optim(optim))
+
+
+def test_torch_set_aliases_the_given_tensors_where_sdtree_copies():
+    model, optim = make()
+    train(model, optim)
+    osd = sdtree.get_optimizer_state_dict(model, optim)
+    saved = osd["state"]["embed.weight"]["exp_avg"].clone()
+    fresh, fresh_optim = make(seed=1)
+    dsd.set_optimizer_state_dict(fresh, fresh_optim, osd)
+    train(fresh, fresh_optim, steps=1)
+    assert not torch.equal(osd["state"]["embed.weight"]["exp_avg"], saved)  # torch's training wrote into our dict
+
+
+def test_set_state_dict_checks_both_before_writing_either():
+    model, optim = make()
+    train(model, optim)
+    msd, osd = sdtree.get_state_dict(model, optim)
+    bad_osd = {"state": {**osd["state"], "embed.weight": {**osd["state"]["embed.weight"], "exp_avg": torch.zeros(1, 1)}}, "param_groups": osd["param_groups"]}
+    fresh, fresh_optim = make(seed=1)
+    train(fresh, fresh_optim, steps=1)
+    model_before, optim_before = snapshot_module(fresh), snapshot_optim(fresh_optim)
+    with pytest.raises(IncompatibleStateDictError, match="'exp_avg': expected shape"):
+        sdtree.set_state_dict(fresh, fresh_optim, model_state_dict=msd, optim_state_dict=bad_osd)
+    after = snapshot_module(fresh)
+    assert all(torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k] for k, v in model_before.items())
+    assert_state_dict_equal(snapshot_optim(fresh_optim), optim_before)
+    result = sdtree.set_state_dict(fresh, fresh_optim, model_state_dict=msd, optim_state_dict=osd)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+
+
+def test_bad_state_leaf_is_rejected():
+    model, optim = make()
+    train(model, optim)
+    osd = sdtree.get_optimizer_state_dict(model, optim)
+    bad = {"state": {**osd["state"], "head.weight": {**osd["state"]["head.weight"], "note": object()}}, "param_groups": osd["param_groups"]}
+    with pytest.raises(IncompatibleStateDictError, match=r"state of 'head.weight': 'note': unsupported value of type object"):
+        sdtree.set_optimizer_state_dict(model, optim, bad)

@@ -1,0 +1,78 @@
+"""Test bodies run on every rank of the worker pool: DDP and composable replicate.
+
+Each body is ``fn(rank, world_size, *args)``; it asserts on its rank and
+returns something small for the parent to check.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import state_dict as dsd
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sdtree
+from sdtree import StateDictOptions
+from sdtree.testing import assert_state_dict_equal
+from tests.adapters.models import make, make_optim, snapshot_optim, train
+
+
+def _wrap(kind: str, seed: int = 0, groups: bool = False):
+    model, _ = make(seed=seed)
+    if kind == "ddp":
+        model = DDP(model)
+    else:
+        from torch.distributed._composable import replicate
+
+        replicate(model)
+    return model, make_optim(model, "adam", groups=groups)
+
+
+def matches_torch(rank: int, world_size: int, kind: str) -> list[str]:
+    model, optim = _wrap(kind, groups=True)
+    train(model, optim, steps=2, seed=rank)  # different data per rank; DDP averages grads
+    checked = []
+    for name, opts in {
+        "default": {},
+        "flatten": {"flatten_optimizer_state_dict": True},
+        "full_cpu": {"full_state_dict": True, "cpu_offload": True},
+        "cpu": {"cpu_offload": True},
+    }.items():
+        ours = sdtree.get_state_dict(model, optim, options=StateDictOptions(**opts))
+        theirs = dsd.get_state_dict(model, optim, options=dsd.StateDictOptions(**opts))
+        assert list(ours[0]) == list(theirs[0]), name
+        assert_state_dict_equal(ours[0], theirs[0])
+        assert_state_dict_equal(ours[1], theirs[1])
+        if name == "full_cpu" and rank != 0:
+            assert ours == ({}, {})
+        checked.append(name)
+    msd = sdtree.get_model_state_dict(model)
+    assert not any(k.startswith("module.") for k in msd)
+    return checked
+
+
+def round_trip(rank: int, world_size: int, kind: str) -> list[float]:
+    model, optim = _wrap(kind)
+    train(model, optim, steps=2, seed=rank)
+    msd, osd = sdtree.get_state_dict(model, optim)
+    fresh, fresh_optim = _wrap(kind, seed=7)
+    result = sdtree.set_state_dict(fresh, fresh_optim, model_state_dict=msd, optim_state_dict=osd)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert_state_dict_equal(snapshot_optim(fresh_optim), snapshot_optim(optim))
+    assert_state_dict_equal(fresh.state_dict(), model.state_dict())
+    losses = train(model, optim, steps=2, seed=10 + rank)
+    assert losses == train(fresh, fresh_optim, steps=2, seed=10 + rank)
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, sdtree.get_model_state_dict(fresh)["head.weight"].sum().item())
+    assert gathered[0] == gathered[1]  # replicas stay identical
+    return losses
+
+
+def offload_ranks_only(rank: int, world_size: int) -> int:
+    sd = {"w": torch.ones(2), "nested": {"b": torch.zeros(1)}}
+    ours = sdtree.offload_state_dict_to_cpu(sd, ranks_only=(1,))
+    from torch.distributed._state_dict_utils import _offload_state_dict_to_cpu
+
+    theirs = _offload_state_dict_to_cpu(sd, ranks_only=(1,))
+    assert ours == theirs if rank == 0 else list(ours) == list(theirs)
+    return len(ours)
