@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, identity, offload_to_cpu
-from sdtree.transforms.distributed import gather_dtensors, keep_on_ranks
+from sdtree.errors import IncompatibleStateDictError
+from sdtree.transforms.distributed import broadcast_from_rank0, gather_dtensors, keep_on_ranks
 
 T = TypeVar("T")
 
@@ -90,3 +91,19 @@ def without_gc(fn: Callable[..., T]) -> Callable[..., T]:
                 gc.enable()
 
     return wrapper
+
+
+def receive(state_dict: Any, options: StateDictOptions, fn: str) -> Any:
+    """With ``broadcast_from_rank0``, give every rank rank 0's state dict.
+
+    Collective when the option is set: call on every rank.
+    """
+    if not options.broadcast_from_rank0:
+        return state_dict
+    received = broadcast_from_rank0()(state_dict)
+    if not received:
+        raise IncompatibleStateDictError(
+            f"{fn}: broadcast_from_rank0=True but rank 0 passed an empty state dict. "
+            "Rank 0 passes the full state dict; the other ranks pass {}."
+        )
+    return received

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdtree.adapters._common import check_model_not_empty, finish, warn_submodules, without_gc
+from sdtree.adapters._common import check_model_not_empty, finish, receive, warn_submodules, without_gc
 from sdtree.adapters.index import Entry, ModelIndex, index_model, iter_modules, type_traits
 from sdtree.errors import IncompatibleStateDictError, _preview
 from sdtree.options import StateDictOptions, as_options
@@ -283,6 +283,7 @@ def set_model_state_dict(
     check_model_not_empty(state_dict, opts, loading=True)
     if not state_dict and not opts.broadcast_from_rank0:
         return _IncompatibleKeys([], [])
+    state_dict = receive(state_dict, opts, "set_model_state_dict")
     plan = plan_model_load(index, state_dict, opts, "set_model_state_dict")
     write_model(model, index, plan)
     return _IncompatibleKeys(plan.missing, plan.unexpected)

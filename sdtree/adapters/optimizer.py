@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from sdtree.adapters._common import as_optimizers, check_optim_not_empty, finish, warn_submodules, without_gc
+from sdtree.adapters._common import as_optimizers, check_optim_not_empty, finish, receive, warn_submodules, without_gc
 from sdtree.adapters.index import ParamIndex, index_params
 from sdtree.errors import IncompatibleStateDictError, LayoutMismatchError, MissingParamIdError, _preview
 from sdtree.options import StateDictOptions, as_options
@@ -219,6 +219,11 @@ def _leaf_problem(value: Any) -> Optional[str]:
     return f"unsupported value of type {type(value).__name__}"
 
 
+def _state_by_id(optim: torch.optim.Optimizer) -> dict[int, Any]:
+    """The optimizer's state keyed by ``id(param)`` (no Python-level tensor hashing)."""
+    return {id(param): entry for param, entry in optim.state.items()}
+
+
 def _state_problem(param: torch.Tensor, entry: Any, reference: Any, param_shaped: bool) -> Optional[str]:
     """Why ``entry`` cannot be ``param``'s state (None when it can).
 
@@ -236,6 +241,8 @@ def _state_problem(param: torch.Tensor, entry: Any, reference: Any, param_shaped
         if name == "step":
             continue
         expected = reference.get(name) if reference else None
+        if expected is value:
+            continue  # the optimizer's own state tensor
         if isinstance(expected, torch.Tensor):
             shape = expected.shape
         elif param_shaped and value.dim() > 0:
@@ -273,6 +280,7 @@ def plan_optim_load(
     empty_loaded = [gi for gi, g in enumerate(loaded_groups) if not g[PARAMS]]
     name = type(optim).__name__
     param_shaped = type(optim) in _PARAM_SHAPED_STATE
+    current = _state_by_id(optim)
     plan_groups: list[dict[str, Any]] = []
     plan_state: dict[int, tuple[torch.Tensor, int, Mapping[str, Any]]] = {}
     osd_groups = []
@@ -306,7 +314,7 @@ def plan_optim_load(
                 if param.requires_grad and options.strict and source is not None:
                     missing.append(fqn)
                 continue
-            problem = _state_problem(param, entry, optim.state.get(param), param_shaped)
+            problem = _state_problem(param, entry, current.get(id(param)), param_shaped)
             if problem:
                 problems.append(f"{name}: state of {fqn!r}: {problem}")
                 continue
@@ -363,19 +371,20 @@ def write_optimizer(optim: torch.optim.Optimizer, plan: OptimPlan) -> None:
     srcs: list[torch.Tensor] = []
     fresh: dict[torch.device, list[tuple[dict[str, Any], str, int]]] = {}
     fresh_specs: dict[torch.device, list[tuple[torch.Size, torch.dtype]]] = {}
+    currents = _state_by_id(optim)
     for param, j, entry in plan.state.values():
         group = groups[j]
-        current = optim.state.get(param) or {}
+        current = currents.get(id(param)) or {}
         new: dict[str, Any] = {}
         for key, value in entry.items():
             if not isinstance(value, torch.Tensor):
                 new[key] = _cast(param, value, key, group)
                 continue
-            dtype, device = _target(param, value, key, group)
             cur = current.get(key)
             if cur is value:  # already the optimizer's own tensor: nothing to copy
                 new[key] = cur
                 continue
+            dtype, device = _target(param, value, key, group)
             if isinstance(cur, torch.Tensor) and cur.shape == value.shape and cur.dtype == dtype and cur.device == device:
                 new[key] = cur
                 dsts.append(cur)
@@ -446,6 +455,7 @@ def set_optimizer_state_dict(
     optims = as_optimizers(optimizers)
     check_optim_not_empty(optim_state_dict, opts)
     index = index_params(model, opts.dsd_fqn_modifiers, attr_names=_has_param_names(optims))
+    optim_state_dict = receive(optim_state_dict, opts, "set_optimizer_state_dict")
     plans = plan_optimizers_load(index, optims, optim_state_dict, opts)
     for optim, plan in zip(optims, plans):
         write_optimizer(optim, plan)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdtree.adapters._common import as_optimizers, check_model_not_empty, check_optim_not_empty, without_gc
+from sdtree.adapters._common import as_optimizers, check_model_not_empty, check_optim_not_empty, receive, without_gc
 from sdtree.adapters.index import index_model
 from sdtree.adapters.module import get_model_state_dict, module_keyed_to_fqns, plan_model_load, write_model
 from sdtree.adapters.optimizer import (
@@ -63,6 +63,9 @@ def set_state_dict(
     if state_dict:
         check_model_not_empty(state_dict, opts, loading=True)
     check_optim_not_empty(optim_state_dict, opts)
+    if opts.broadcast_from_rank0:
+        state_dict = receive(state_dict, opts, "set_state_dict")
+        optim_state_dict = receive(optim_state_dict, opts, "set_state_dict")
     model_plan = plan_model_load(index, state_dict, opts, "set_state_dict") if state_dict else None
     optim_plans = plan_optimizers_load(index.params, optims, optim_state_dict, opts)
     for optim, plan in zip(optims, optim_plans):

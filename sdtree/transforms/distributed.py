@@ -7,16 +7,23 @@ first collective, because a raise on one rank is a hang on the others.
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import attrs
+import torch
 
 import torch.distributed as dist
 
-from sdtree._tree import tree_map
+from sdtree._tree import tree_flatten, tree_map, tree_unflatten
+from sdtree.errors import NotAMappingError
 from sdtree.transforms.compose import Transform
 
-__all__ = ["keep_on_ranks", "gather_dtensors"]
+__all__ = ["keep_on_ranks", "gather_dtensors", "broadcast_from_rank0", "DEFAULT_BUCKET_BYTES"]
+
+DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 
 
 def _rank(group: Optional[dist.ProcessGroup]) -> int:
@@ -68,3 +75,106 @@ def gather_dtensors() -> Transform:
     return _GatherDTensors()
 
 
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def pg_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """The device the process group communicates on (CPU for gloo)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dist.distributed_c10d._get_pg_default_device(group)
+
+
+def _buckets(specs: list[tuple[Any, torch.Size, torch.dtype]], limit: int) -> list[list[tuple[Any, torch.Size, torch.dtype]]]:
+    """Split tensors (in order) into runs of one dtype of at most ``limit`` bytes
+    each; a tensor larger than ``limit`` is a bucket of its own."""
+    buckets: list[list[tuple[Any, torch.Size, torch.dtype]]] = []
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * spec[2].itemsize
+        if not buckets or buckets[-1][0][2] != spec[2] or size + nbytes > limit:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(spec)
+        size += nbytes
+    return buckets
+
+
+@attrs.frozen
+class _Slot:
+    """Stands for the ``index``-th tensor in a broadcast skeleton."""
+
+    index: int
+
+
+@attrs.frozen(repr=False)
+class _BroadcastFromRank0(Transform):
+    _factory = "broadcast_from_rank0"
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    group: Optional[Any] = attrs.field(default=None, eq=False, repr=False)
+
+    def __call__(self, state_dict: Any, /) -> Any:
+        if not _is_distributed():
+            return state_dict
+        group = self.group
+        rank = dist.get_rank(group)
+        tensors: list[torch.Tensor] = []
+        meta: Any = None
+        if rank == 0:
+            if isinstance(state_dict, Mapping):
+                leaves, spec = tree_flatten(state_dict)
+                slots = []
+                for leaf in leaves:
+                    if isinstance(leaf, torch.Tensor):
+                        slots.append(_Slot(len(tensors)))
+                        tensors.append(leaf)
+                    else:
+                        slots.append(leaf)
+                meta = {
+                    "skeleton": tree_unflatten(spec, slots),
+                    "tensors": [(i, t.shape, t.dtype) for i, t in enumerate(tensors)],
+                }
+            else:  # every rank must learn of it, or the others hang
+                meta = {"error": f"rank 0 holds a {type(state_dict).__name__}, expected a state dict (a Mapping)"}
+        box = [meta]
+        dist.broadcast_object_list(box, group=group, group_src=0)
+        meta = box[0]
+        if "error" in meta:
+            raise NotAMappingError(f"broadcast_from_rank0: {meta['error']} (seen on rank {rank}).")
+        device = pg_device(group)
+        received: dict[int, torch.Tensor] = {}
+        for bucket in _buckets(meta["tensors"], self.bucket_bytes):
+            numels = [math.prod(shape) for _, shape, _ in bucket]
+            buffer = torch.empty(sum(numels), dtype=bucket[0][2], device=device)
+            views = []
+            offset = 0
+            for (index, shape, _), numel in zip(bucket, numels):
+                views.append((index, buffer[offset : offset + numel], shape))
+                offset += numel
+            if rank == 0:
+                with torch.no_grad():
+                    for index, view, _ in views:
+                        view.copy_(tensors[index].detach().reshape(-1))
+            dist.broadcast(buffer, group=group, group_src=0)
+            for index, view, shape in views:
+                received[index] = view.view(shape)
+        return tree_map(lambda leaf: received[leaf.index] if isinstance(leaf, _Slot) else leaf, meta["skeleton"])
+
+
+def broadcast_from_rank0(
+    *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, group: Optional[dist.ProcessGroup] = None
+) -> Transform:
+    """Return a transform that gives every rank rank 0's state dict.
+
+    Collective: call on every rank; the input of ranks other than 0 is
+    ignored (pass ``{}``). Rank 0 sends the structure, keys, shapes, dtypes
+    and non-tensor values first, then the tensors in buckets of one dtype and
+    at most ``bucket_bytes`` (a larger tensor goes alone), so extra memory
+    stays near one bucket. Received tensors are views of their bucket, on
+    the process group's device. A bad input on rank 0 raises the same error
+    on every rank. Outside a process group it returns its input.
+    """
+    return _BroadcastFromRank0(bucket_bytes, group)

@@ -73,9 +73,22 @@ def allocate(
     for dtype, indices in by_dtype.items():
         numels = [math.prod(specs[i][0]) for i in indices]
         buffer = _one((sum(numels),), dtype, device, pin_memory, share_memory)
-        for i, view in zip(indices, buffer.split(numels)):
-            out[i] = view.view(specs[i][0])
+        offset = 0
+        for i, numel in zip(indices, numels):
+            shape = specs[i][0]
+            # as_strided: several times cheaper than split() + view() per tensor
+            out[i] = buffer.as_strided(shape, _contiguous_strides(shape), offset)
+            offset += numel
     return out  # type: ignore[return-value]
+
+
+def _contiguous_strides(shape: Any) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _allocate_cpu(

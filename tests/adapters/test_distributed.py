@@ -18,3 +18,18 @@ def test_round_trip_and_identical_training_under(kind, pool2):
 
 def test_offload_state_dict_to_cpu_keeps_result_on_ranks_only(pool2):
     assert pool2.run(bodies.offload_ranks_only) == [0, 2]
+
+
+@pytest.mark.parametrize("kind", ["ddp", "replicate"])
+def test_broadcast_from_rank0_loads_every_rank_like_torch(kind, pool2):
+    assert pool2.run(bodies.broadcast_load, kind) == ["ok", "ok"]
+
+
+def test_broadcast_with_empty_rank0_raises_the_same_error_everywhere(pool2):
+    messages = pool2.run(bodies.broadcast_rank0_empty)
+    assert messages[0] == messages[1]
+    assert "rank 0 passed an empty state dict" in messages[0]
+
+
+def test_broadcast_transform_keeps_structure_and_dtypes(pool2):
+    assert pool2.run(bodies.broadcast_transform) == [["7", "a", "b", "c", "d"]] * 2

@@ -76,3 +76,57 @@ def offload_ranks_only(rank: int, world_size: int) -> int:
     theirs = _offload_state_dict_to_cpu(sd, ranks_only=(1,))
     assert ours == theirs if rank == 0 else list(ours) == list(theirs)
     return len(ours)
+
+
+def broadcast_load(rank: int, world_size: int, kind: str) -> str:
+    trained, trained_optim = _wrap(kind)
+    train(trained, trained_optim, steps=2, seed=0)
+    msd, osd = sdtree.get_state_dict(trained, trained_optim)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    ours, ours_optim = _wrap(kind, seed=3 + rank)  # ranks start different
+    theirs, theirs_optim = _wrap(kind, seed=3 + rank)
+    given = (msd, osd) if rank == 0 else ({}, {})
+    sdtree.set_state_dict(ours, ours_optim, model_state_dict=given[0], optim_state_dict=given[1], options=opts)
+    # torch's set_state_dict skips the model on ranks that pass {} (it takes an
+    # empty model state dict as "optimizer only") and hangs: load the parts apart.
+    torch_opts = dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    dsd.set_model_state_dict(theirs, dict(given[0]), options=torch_opts)
+    dsd.set_optimizer_state_dict(theirs, theirs_optim, given[1], options=torch_opts)
+    assert_state_dict_equal(ours.state_dict(), trained.state_dict())
+    assert_state_dict_equal(ours.state_dict(), theirs.state_dict())
+    assert_state_dict_equal(snapshot_optim(ours_optim), snapshot_optim(trained_optim))
+    ours_osd, theirs_osd = snapshot_optim(ours_optim), snapshot_optim(theirs_optim)
+    assert_state_dict_equal(ours_osd["state"], theirs_osd["state"])
+    # torch's broadcast turns tuples into lists (betas); sdtree keeps them as saved
+    assert [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in theirs_osd["param_groups"]] == ours_osd["param_groups"]
+    if rank == 0:
+        assert msd.keys() == sdtree.get_model_state_dict(trained).keys()  # rank 0's input untouched
+    return "ok"
+
+
+def broadcast_rank0_empty(rank: int, world_size: int) -> str:
+    model, _ = _wrap("ddp")
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    try:
+        sdtree.set_model_state_dict(model, {}, options=opts)
+    except sdtree.errors.IncompatibleStateDictError as err:
+        return str(err)
+    return "no error"
+
+
+def broadcast_transform(rank: int, world_size: int) -> list:
+    from collections import OrderedDict
+
+    from sdtree.transforms.distributed import broadcast_from_rank0
+
+    sd = {
+        "a": torch.arange(6.0).view(2, 3),
+        "b": torch.tensor(3),
+        "c": (1, [torch.ones(2, dtype=torch.bfloat16), None]),
+        "d": OrderedDict(x=torch.zeros(0, 4), y="s"),
+        7: torch.tensor([True, False]),
+    }
+    out = broadcast_from_rank0(bucket_bytes=16)(sd if rank == 0 else {})
+    assert_state_dict_equal(out, sd)
+    assert isinstance(out["c"], tuple) and isinstance(out["d"], OrderedDict)
+    return sorted(map(str, out))

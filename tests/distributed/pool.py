@@ -96,7 +96,11 @@ class WorkerPool:
             dead = [p for p in self.procs if not p.is_alive()]
             if left <= 0 or dead:
                 self.restart()
-                why = f"a worker died (exit code {dead[0].exitcode})" if dead else f"timed out after {timeout:.0f}s"
+                why = (
+                    f"a worker died (exit code {dead[0].exitcode})"
+                    if dead
+                    else "the other ranks did not finish after one failed" if errors else f"timed out after {timeout:.0f}s"
+                )
                 raise AssertionError(
                     f"{fn.__qualname__}: {why}; ranks that answered: {sorted(out)}; "
                     f"errors: {errors}. The pool was restarted."
