@@ -108,13 +108,33 @@ def _shadow_initial_state(optim: torch.optim.Optimizer) -> dict[int, Any]:
     return {position[id(k)]: v for k, v in shadow.state.items() if id(k) in position}
 
 
-def read_optimizer(optim: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optim.state_dict()``, with the state torch's ``_init_optim_state`` would
-    create when the optimizer has none and no parameter has a grad."""
+def read_optimizer(optim: torch.optim.Optimizer, fqns: list[list[str]]) -> dict[str, Any]:
+    """``optim.state_dict()`` keyed by the FQNs ``fqns`` (one list per group),
+    with the state torch's ``_init_optim_state`` would create when the
+    optimizer has none and no parameter has a grad.
+
+    An optimizer that customises nothing is read directly (one pass, new
+    containers, shared leaves); otherwise its own ``state_dict()`` is called
+    and re-keyed.
+    """
+    plain = (
+        type(optim).state_dict is torch.optim.Optimizer.state_dict
+        and not optim._optimizer_state_dict_pre_hooks
+        and not optim._optimizer_state_dict_post_hooks
+    )
+    if plain and optim.state:
+        fqn_of = {id(p): f for group, names in zip(optim.param_groups, fqns) for p, f in zip(group[PARAMS], names)}
+        return {
+            STATE: {fqn_of[id(k)]: dict(v) for k, v in optim.state.items() if id(k) in fqn_of},
+            PG: [
+                {**{k: v for k, v in group.items() if k != PARAMS}, PARAMS: list(names)}
+                for group, names in zip(optim.param_groups, fqns)
+            ],
+        }
     osd = type(optim).state_dict(optim)
-    if optim.state or any(p.grad is not None for g in optim.param_groups for p in g[PARAMS]):
-        return osd
-    return {STATE: _shadow_initial_state(optim), PG: osd[PG]}
+    if not optim.state and not any(p.grad is not None for g in optim.param_groups for p in g[PARAMS]):
+        osd = {STATE: _shadow_initial_state(optim), PG: osd[PG]}
+    return param_ids_to_fqns(dict(enumerate(f for group in fqns for f in group)))(osd)
 
 
 @without_gc
@@ -138,9 +158,7 @@ def get_optimizer_state_dict(
     index = index_params(model, opts.dsd_fqn_modifiers, attr_names=_has_param_names(optims))
     parts = []
     for optim in optims:
-        fqns = optimizer_fqns(index, optim)
-        table = dict(enumerate(f for group in fqns for f in group))
-        parts.append(param_ids_to_fqns(table)(read_optimizer(optim)))
+        parts.append(read_optimizer(optim, optimizer_fqns(index, optim)))
     osd: dict[str, Any] = parts[0] if len(parts) == 1 else merge_optimizers()(parts)
     if opts.flatten_optimizer_state_dict:
         osd = flatten_optimizer()(osd)

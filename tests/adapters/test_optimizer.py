@@ -266,3 +266,19 @@ def test_bad_state_leaf_is_rejected():
     bad = {"state": {**osd["state"], "head.weight": {**osd["state"]["head.weight"], "note": object()}}, "param_groups": osd["param_groups"]}
     with pytest.raises(IncompatibleStateDictError, match=r"state of 'head.weight': 'note': unsupported value of type object"):
         sdtree.set_optimizer_state_dict(model, optim, bad)
+
+
+def test_param_group_layout_is_validated():
+    model, optim = make(groups=True)
+    train(model, optim)
+    osd = sdtree.get_optimizer_state_dict(model, optim)
+    first, second, empty = osd["param_groups"]
+    moved = first["params"][-1]
+    regrouped = {
+        "state": osd["state"],
+        "param_groups": [{**first, "params": first["params"][:-1]}, {**second, "params": second["params"] + [moved]}, empty],
+    }
+    before = snapshot_optim(optim)
+    with pytest.raises(IncompatibleStateDictError, match=r"parameters of param group 0 are spread over loaded param groups \[0, 1\]"):
+        sdtree.set_optimizer_state_dict(model, optim, regrouped)
+    assert_state_dict_equal(snapshot_optim(optim), before)
