@@ -20,6 +20,7 @@ demo: install
 	$(BIN)/python examples/pipeline_demo.py
 
 test: install
+	$(BIN)/python -m mypy --strict sdtree
 	$(BIN)/python -m pytest sdtree tests property_tests
 
 bench: install

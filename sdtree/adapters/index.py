@@ -15,7 +15,6 @@ the model without changing it, and is built per call: nothing caches a model.
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, NamedTuple
@@ -122,13 +121,19 @@ def _hidden_children(module: nn.Module, modifiers: str) -> tuple[set[str], set[s
     return hidden, unkeyed
 
 
-@functools.lru_cache(maxsize=None)
+_TRAITS: dict[type, tuple[bool, bool, bool]] = {}  # per module class, never per model
+
+
 def type_traits(cls: type) -> tuple[bool, bool, bool]:
     """(saves as nn.Module does, loads as nn.Module does, has extra state) for ``cls``."""
-    save = cls.state_dict is nn.Module.state_dict and cls._save_to_state_dict is nn.Module._save_to_state_dict
-    load = cls.load_state_dict is nn.Module.load_state_dict
-    extra = getattr(cls, "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state
-    return save, load, extra
+    traits = _TRAITS.get(cls)
+    if traits is None:
+        module: Any = cls
+        save = module.state_dict is nn.Module.state_dict and module._save_to_state_dict is nn.Module._save_to_state_dict
+        load = module.load_state_dict is nn.Module.load_state_dict
+        extra = getattr(module, "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state
+        traits = _TRAITS[cls] = (save, load, extra)
+    return traits
 
 
 def iter_modules(model: nn.Module, dsd_fqn_modifiers: str) -> Iterator[tuple[nn.Module, str, str, str]]:

@@ -55,7 +55,8 @@ def read_model(model: nn.Module, dsd_fqn_modifiers: str) -> Optional[tuple[dict[
 
 def read_model_through_state_dict(model: nn.Module, index: ModelIndex) -> dict[str, Any]:
     """``model.state_dict()`` (hooks and overrides honoured), keyed by canonical FQNs."""
-    return rename(dict(index.key_to_fqn))(type(model).state_dict(model))
+    state_dict: dict[str, Any] = rename(dict(index.key_to_fqn))(type(model).state_dict(model))
+    return state_dict
 
 
 def _submodule_prefixes(index: ModelIndex, submodules: Any) -> list[str]:
@@ -160,11 +161,11 @@ def plan_model_load(
     bad = []
     values = {}
     for key, value in state_dict.items():
-        entry = entries.get(key)
-        if entry is None:
+        target = entries.get(key)
+        if target is None:
             continue
-        if entry.kind != "extra":
-            problem = value_problem(entry.value, value)
+        if target.kind != "extra":
+            problem = value_problem(target.value, value)
             if problem:
                 bad.append(f"{key!r}: {problem}")
                 continue
@@ -241,7 +242,7 @@ def module_keyed_to_fqns(model: nn.Module, state_dict: Mapping[Any, Any], index:
         FutureWarning,
         stacklevel=3,
     )
-    prefix_of = {}
+    prefix_of: dict[int, str] = {}
     for _, fqn, module in index.modules:
         prefix_of.setdefault(id(module), fqn)
     out: dict[str, Any] = {}
@@ -299,5 +300,5 @@ def patch_model_state_dict(model: nn.Module, *, options: Optional[StateDictOptio
     def load_state_dict(state_dict: dict[str, Any], *args: Any, **kwargs: Any) -> _IncompatibleKeys:
         return set_model_state_dict(model, state_dict, options=options)
 
-    model.state_dict = state_dict  # type: ignore[method-assign]
-    model.load_state_dict = load_state_dict  # type: ignore[method-assign]
+    model.state_dict = state_dict  # type: ignore[method-assign,assignment]
+    model.load_state_dict = load_state_dict  # type: ignore[method-assign,assignment]

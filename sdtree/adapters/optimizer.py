@@ -51,17 +51,17 @@ def optimizer_fqns(index: ParamIndex, optim: torch.optim.Optimizer) -> list[list
     Groups that carry ``param_names`` (optimizers built from
     ``named_parameters()``) are named by them; otherwise by the model.
     """
-    groups = []
+    groups: list[list[str]] = []
     unknown = []
     for g, group in enumerate(optim.param_groups):
         names = group.get("param_names")
-        fqns = []
+        fqns: list[str] = []
         for i, param in enumerate(group[PARAMS]):
             fqn = index.attr_to_fqn.get(names[i]) if names else None
             fqn = fqn or index.fqn_of_param(param) or (names[i] if names else None)
             if fqn is None:
                 unknown.append(f"param_groups[{g}]['params'][{i}] (shape {tuple(param.shape)})")
-            fqns.append(fqn)
+            fqns.append(fqn or "")
         groups.append(fqns)
     if unknown:
         raise MissingParamIdError(
@@ -102,7 +102,7 @@ def _shadow_initial_state(optim: torch.optim.Optimizer) -> dict[int, Any]:
     shadow._optimizer_step_pre_hooks = OrderedDict()
     shadow._optimizer_step_post_hooks = OrderedDict()
     type(optim).step(shadow)
-    position = {}
+    position: dict[int, int] = {}
     for p in params:
         position.setdefault(id(clones[id(p)]), len(position))
     return {position[id(k)]: v for k, v in shadow.state.items() if id(k) in position}
@@ -134,7 +134,8 @@ def read_optimizer(optim: torch.optim.Optimizer, fqns: list[list[str]]) -> dict[
     osd = type(optim).state_dict(optim)
     if not optim.state and not any(p.grad is not None for g in optim.param_groups for p in g[PARAMS]):
         osd = {STATE: _shadow_initial_state(optim), PG: osd[PG]}
-    return param_ids_to_fqns(dict(enumerate(f for group in fqns for f in group)))(osd)
+    named: dict[str, Any] = param_ids_to_fqns(dict(enumerate(f for group in fqns for f in group)))(osd)
+    return named
 
 
 @without_gc
@@ -194,13 +195,13 @@ def _split_for(
         keys = list(osd[STATE]) + [k for g in osd[PG] for k in g[PARAMS]]
         if keys and all(isinstance(k, int) for k in keys):
             # Parameter ids, as from optim.state_dict(): positional, as torch loads them.
-            table = dict(enumerate(f for group in fqns for f in group))
-            return param_ids_to_fqns(table)(osd)
+            named: Mapping[str, Any] = param_ids_to_fqns(dict(enumerate(f for group in fqns for f in group)))(osd)
+            return named
         return osd
     mine = {f for group in fqns for f in group}
     aliases = {a for f in mine for a in index.aliases(f)}
     flat_mine = select_keys(where=aliases.__contains__)(osd)
-    present = {k for k in _flat_fqns(flat_mine)}
+    present = set(_flat_fqns(flat_mine))
     groups = [[_pick(index, f, present) for f in group] for group in fqns]
     layout = OptimizerLayout(
         groups,
@@ -208,7 +209,8 @@ def _split_for(
             i: {k: v for k, v in g.items() if k != PARAMS} for i, g in enumerate(optim.param_groups) if not g[PARAMS]
         },
     )
-    return unflatten_optimizer(layout)(flat_mine)
+    unflat: Mapping[str, Any] = unflatten_optimizer(layout)(flat_mine)
+    return unflat
 
 
 def _flat_fqns(flat: Mapping[str, Any]) -> list[str]:

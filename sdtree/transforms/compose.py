@@ -50,7 +50,7 @@ class Transform:
 
     def __repr__(self) -> str:
         parts = []
-        for field in attrs.fields(type(self)):
+        for field in attrs.fields(type(self)):  # type: ignore[arg-type]  # subclasses are attrs classes
             if not field.repr:
                 continue
             value = getattr(self, field.name)

@@ -60,6 +60,10 @@ def _group_keys(groups: Any) -> tuple[tuple[Key, ...], ...]:
     return tuple(tuple(group) for group in groups)
 
 
+def _to_dict(mapping: Any) -> dict[int, Mapping[str, Any]]:
+    return dict(mapping)
+
+
 @attrs.frozen
 class OptimizerLayout:
     """Which keys form each param group, and what the flat form drops.
@@ -72,9 +76,7 @@ class OptimizerLayout:
     """
 
     param_groups: tuple[tuple[Key, ...], ...] = attrs.field(converter=_group_keys)
-    empty_group_hyperparams: Mapping[int, Mapping[str, Any]] = attrs.field(
-        factory=dict, converter=dict
-    )
+    empty_group_hyperparams: Mapping[int, Mapping[str, Any]] = attrs.field(factory=dict, converter=_to_dict)
     empty_states: tuple[Key, ...] = attrs.field(default=(), converter=tuple)
 
 
@@ -190,7 +192,8 @@ def param_ids_to_fqns(mapping: Mapping[int, str]) -> Transform:
         MissingParamIdError: a key of the state dict is not in ``mapping``.
         KeyCollisionError: two keys map to one FQN.
     """
-    return _RekeyOptimizer(dict(mapping), "param_ids_to_fqns", "fqns_to_param_ids")
+    table: dict[Key, Key] = {k: v for k, v in mapping.items()}
+    return _RekeyOptimizer(table, "param_ids_to_fqns", "fqns_to_param_ids")
 
 
 def fqns_to_param_ids(mapping: Mapping[str, int]) -> Transform:
@@ -203,7 +206,8 @@ def fqns_to_param_ids(mapping: Mapping[str, int]) -> Transform:
 
     See also: :func:`param_ids_to_fqns`, its inverse.
     """
-    return _RekeyOptimizer(dict(mapping), "fqns_to_param_ids", "param_ids_to_fqns")
+    table: dict[Key, Key] = {k: v for k, v in mapping.items()}
+    return _RekeyOptimizer(table, "fqns_to_param_ids", "param_ids_to_fqns")
 
 
 # -- flat form ----------------------------------------------------------------
@@ -338,8 +342,8 @@ class _UnflattenOptimizer(Transform):
                 f"{_preview(strays)}. Expected 'state.<fqn>.<name>' or "
                 "'param_groups.<fqn>.<hyper>' for the FQNs in the layout."
             )
-        for key in layout.empty_states:
-            state.setdefault(key, {})
+        for empty in layout.empty_states:
+            state.setdefault(empty, {})
         groups = []
         for index, keys in enumerate(layout.param_groups):
             if not keys:

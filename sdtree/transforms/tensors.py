@@ -103,7 +103,7 @@ def _allocate_cpu(
 def _one(shape: Any, dtype: torch.dtype, device: torch.device, pin_memory: bool, share_memory: bool) -> torch.Tensor:
     tensor = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory and device.type == "cpu")
     if share_memory:
-        tensor.share_memory_()  # our own fresh tensor
+        tensor.share_memory_()  # type: ignore[no-untyped-call]  # our own fresh tensor
     return tensor
 
 
@@ -134,7 +134,7 @@ class _OffloadToCpu(Transform):
             and (
                 leaf.device.type != "cpu"
                 or (pin and not leaf.is_pinned())
-                or (share and not leaf.is_shared())
+                or (share and not leaf.is_shared())  # type: ignore[no-untyped-call]
             )
         ]
         if not todo:
