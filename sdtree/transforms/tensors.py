@@ -132,7 +132,7 @@ class _OffloadToCpu(Transform):
             for i, leaf in enumerate(leaves)
             if isinstance(leaf, torch.Tensor)
             and (
-                leaf.device.type != "cpu"
+                not leaf.is_cpu
                 or (pin and not leaf.is_pinned())
                 or (share and not leaf.is_shared())  # type: ignore[no-untyped-call]
             )
