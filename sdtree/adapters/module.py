@@ -200,17 +200,26 @@ def plan_model_load(
     return ModelPlan(values, missing, unexpected)
 
 
-def write_model(model: nn.Module, index: ModelIndex, plan: ModelPlan, *, assign: bool = False) -> None:
-    """The one side effect: load ``plan.values`` into the model."""
+def write_model(model: nn.Module, index: ModelIndex, plan: ModelPlan) -> None:
+    """The one side effect: load ``plan.values`` into the model.
+
+    Parameters and buffers on the meta device (a model built without
+    memory) are replaced by the loaded tensors (``assign``), the others are
+    copied into.
+    """
     entries = index.entries
     if not index.plain_load:
         raw = {entries[fqn].prefix + entries[fqn].name: value for fqn, value in plan.values.items()}
+        assign = any(e.kind != "extra" and e.value.is_meta for e in entries.values())
         type(model).load_state_dict(model, raw, strict=False, assign=assign)
         return
     by_module: dict[int, dict[str, Any]] = {}
+    on_meta: set[int] = set()
     for fqn, value in plan.values.items():
         entry: Entry = entries[fqn]
         by_module.setdefault(id(entry.module), {})[entry.prefix + entry.name] = value
+        if entry.kind != "extra" and entry.value.is_meta:
+            on_meta.add(id(entry.module))
     missing: list[str] = []
     unexpected: list[str] = []
     errors: list[str] = []
@@ -219,7 +228,7 @@ def write_model(model: nn.Module, index: ModelIndex, plan: ModelPlan, *, assign:
             local = by_module.get(id(module), {})
             own = {k: v for k, v in local.items() if k.startswith(attr) and "." not in k[len(attr):]}
             metadata: dict[str, Any] = {"version": getattr(module, "_version", None)}
-            if assign:
+            if id(module) in on_meta:
                 metadata["assign_to_params_buffers"] = True
             module._load_from_state_dict(own, attr, metadata, False, missing, unexpected, errors)
     if errors:

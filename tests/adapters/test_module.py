@@ -207,3 +207,16 @@ def test_identical_training_after_round_trip():
     sdtree.set_state_dict(fresh, fresh_optim, model_state_dict=msd, optim_state_dict=osd)
     assert train(model, optim, steps=3, seed=10) == train(fresh, fresh_optim, steps=3, seed=10)
     assert_state_dict_equal(fresh.state_dict(), model.state_dict())
+
+
+def test_meta_tensors_are_kept_by_get_and_materialised_by_set():
+    source = Net()
+    with torch.device("meta"):
+        model = Net()
+    sd = sdtree.get_model_state_dict(model)
+    assert sd["head.weight"].is_meta  # as torch: get keeps meta tensors
+    assert list(sd) == list(dsd.get_model_state_dict(model))
+    sdtree.set_model_state_dict(model, sdtree.get_model_state_dict(source))
+    assert not any(p.is_meta for p in model.parameters())
+    assert isinstance(model.head.weight, nn.Parameter) and model.head.weight.requires_grad
+    assert_state_dict_equal(model.state_dict(), source.state_dict())
