@@ -45,8 +45,11 @@ def _pinning_available() -> bool:
 
 
 def _bulk_ok(tensor: torch.Tensor) -> bool:
+    """A plain strided tensor (nn.Parameter included: it disables torch
+    functions), not a subclass such as DTensor with behaviour of its own."""
+    cls = type(tensor)
     return (
-        type(tensor) in (torch.Tensor, torch.nn.Parameter)
+        (cls is torch.Tensor or cls.__torch_function__ is torch._C._disabled_torch_function_impl)
         and tensor.layout == torch.strided
         and not tensor.is_quantized
         and not tensor.is_meta
