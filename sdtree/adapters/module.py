@@ -24,6 +24,7 @@ from sdtree.adapters.index import Entry, ModelIndex, index_model, iter_modules, 
 from sdtree.errors import IncompatibleStateDictError, _preview
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import Transform, drop_keys, identity, rename, select_keys
+from sdtree.transforms.distributed import is_dtensor, shard_like
 
 __all__ = ["get_model_state_dict", "set_model_state_dict", "patch_model_state_dict"]
 
@@ -178,6 +179,9 @@ def plan_model_load(
                     values[fqn] = values[alias]
                     break
     missing = [fqn for fqn in missing if fqn not in values]
+    sharded = {fqn: entries[fqn].value for fqn in values if entries[fqn].kind != "extra" and is_dtensor(entries[fqn].value)}
+    if sharded:  # full tensors into sharded parameters: keep each rank's slice
+        values = shard_like(sharded)(values)
     problems = []
     if options.strict and missing:
         problems.append(f"Missing key(s) in state_dict: {_preview(missing)}")

@@ -33,6 +33,7 @@ from sdtree.transforms import (
     unflatten_optimizer,
 )
 from sdtree.transforms._forms import PARAMS, PG, STATE, is_optim_state_dict
+from sdtree.transforms.distributed import is_dtensor, shard_as
 from sdtree.transforms.tensors import allocate
 
 __all__ = [
@@ -360,6 +361,16 @@ def _cast(param: torch.Tensor, value: Any, key: Any, group: Mapping[str, Any]) -
     return value
 
 
+def _cast_sharded(param: torch.Tensor, value: torch.Tensor, key: Any, group: Mapping[str, Any]) -> Any:
+    """A state tensor of a sharded parameter: a full tensor of the parameter's
+    shape becomes this rank's shard (laid out as the parameter); the rest is
+    copied by torch's policy."""
+    dtype, device = _target(param, value, key, group)
+    if is_dtensor(param) and not is_dtensor(value) and value.dim() > 0 and value.shape == param.shape:
+        return shard_as(value.to(dtype=dtype), param)
+    return value.to(dtype=dtype, device=device, copy=True)
+
+
 def _target(param: torch.Tensor, value: torch.Tensor, key: Any, group: Mapping[str, Any]) -> tuple[torch.dtype, torch.device]:
     """Where torch's ``Optimizer.load_state_dict`` puts a state tensor: floating
     state follows the parameter's dtype, everything its device, and ``step``
@@ -403,6 +414,9 @@ def write_optimizer(optim: torch.optim.Optimizer, plan: OptimPlan) -> None:
             cur = current.get(key)
             if cur is value:  # already the optimizer's own tensor: nothing to copy
                 new[key] = cur
+                continue
+            if is_dtensor(param) or is_dtensor(value):
+                new[key] = _cast_sharded(param, value, key, group)
                 continue
             dtype, device = _target(param, value, key, group)
             if isinstance(cur, torch.Tensor) and cur.shape == value.shape and cur.dtype == dtype and cur.device == device:

@@ -8,6 +8,7 @@ first collective, because a raise on one rank is a hang on the others.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -21,7 +22,7 @@ from sdtree._tree import tree_flatten, tree_map, tree_unflatten
 from sdtree.errors import NotAMappingError
 from sdtree.transforms.compose import Transform
 
-__all__ = ["keep_on_ranks", "gather_dtensors", "broadcast_from_rank0", "DEFAULT_BUCKET_BYTES"]
+__all__ = ["keep_on_ranks", "gather_dtensors", "broadcast_from_rank0", "shard_like", "shard_as", "DEFAULT_BUCKET_BYTES"]
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 
@@ -178,3 +179,51 @@ def broadcast_from_rank0(
     on every rank. Outside a process group it returns its input.
     """
     return _BroadcastFromRank0(bucket_bytes, group)
+
+
+def shard_as(full: torch.Tensor, template: Any) -> Any:
+    """The local shard of ``full`` laid out as the DTensor ``template`` is
+    (mesh and placements, strided shards included), as a new DTensor that
+    shares no memory with ``full``.
+
+    Not a collective: every rank holds ``full`` and keeps its own slice.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    sharded: Any = distribute_tensor(full.detach(), template.device_mesh, template.placements, src_data_rank=None)
+    if sharded._local_tensor.untyped_storage().data_ptr() == full.untyped_storage().data_ptr():
+        sharded = sharded.clone()
+    return sharded
+
+
+def is_dtensor(value: Any) -> bool:
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(value, dtensor.DTensor)
+
+
+@attrs.frozen(repr=False)
+class _ShardLike(Transform):
+    _factory = "shard_like"
+    templates: Mapping[str, Any] = attrs.field(eq=False)
+
+    def __call__(self, state_dict: Mapping[str, Any], /) -> dict[str, Any]:
+        templates = self.templates
+        out = dict(state_dict)
+        for key, template in templates.items():
+            value = out.get(key)
+            if isinstance(value, torch.Tensor) and not is_dtensor(value) and value.dim() > 0:
+                out[key] = shard_as(value, template)
+        return out
+
+    def __repr__(self) -> str:
+        return f"shard_like(<{len(self.templates)} DTensor templates>)"
+
+
+def shard_like(templates: Mapping[str, Any]) -> Transform:
+    """Return a transform that replaces each full tensor at a key of
+    ``templates`` by its local shard, laid out as that key's template DTensor.
+
+    Other keys, DTensors and 0-dim tensors pass through. Not a collective:
+    every rank holds the full tensors and keeps its own slices.
+    """
+    return _ShardLike(dict(templates))

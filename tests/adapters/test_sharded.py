@@ -1,0 +1,24 @@
+"""FSDP2 and tensor parallel in 2 gloo workers, against torch and an unsharded ground truth."""
+
+import pytest
+
+from tests.distributed import bodies_sharded as bodies
+
+KINDS = ["fsdp2", "fsdp2_no_reshard", "tp"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_get_state_dict_matches_torch_and_unsharded_truth(kind, pool2):
+    assert pool2.run(bodies.get_matches_torch_and_truth, kind) == [["sharded", "full", "full_cpu", "flatten_full"]] * 2
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["sharded", "full"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_and_identical_training(kind, full, pool2):
+    losses = pool2.run(bodies.round_trip, kind, full)
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_broadcast_from_rank0_into_sharded_model(kind, pool2):
+    assert pool2.run(bodies.broadcast_into_sharded, kind) == ["ok", "ok"]
