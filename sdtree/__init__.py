@@ -13,6 +13,7 @@ from sdtree.adapters import (
 )
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, pipeline
+from sdtree.transforms.distributed import broadcast_state_dict, distribute_state_dict, gather_state_dict
 from sdtree.transforms.nested import flatten_state_dict, unflatten_state_dict
 from sdtree.transforms.tensors import (
     check_state_dict_similarity,
@@ -43,4 +44,7 @@ __all__ = [
     "copy_state_dict",
     "check_state_dict_similarity",
     "offload_state_dict_to_cpu",
+    "gather_state_dict",
+    "broadcast_state_dict",
+    "distribute_state_dict",
 ]

@@ -41,9 +41,9 @@ def warn_submodules(submodules: Optional[Iterable[Any]]) -> None:
 def finish(options: StateDictOptions) -> Transform:
     """The last step of every ``get_*``: gather and/or offload, as the options say."""
     if options.full_state_dict:
-        t = gather_dtensors()
+        t = gather_dtensors(cpu_offload=options.cpu_offload)
         if options.cpu_offload:
-            t = t >> offload_to_cpu(bulk=False)
+            t = t >> offload_to_cpu(bulk=False)  # tensors that were never sharded
             if dist.is_available() and dist.is_initialized():
                 t = t >> keep_on_ranks((0,))
         return t

@@ -22,9 +22,20 @@ from sdtree._tree import tree_flatten, tree_map, tree_unflatten
 from sdtree.errors import NotAMappingError
 from sdtree.transforms.compose import Transform
 
-__all__ = ["keep_on_ranks", "gather_dtensors", "broadcast_from_rank0", "shard_like", "shard_as", "DEFAULT_BUCKET_BYTES"]
-
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
+
+__all__ = [
+    "keep_on_ranks",
+    "gather_dtensors",
+    "broadcast_from_rank0",
+    "shard_like",
+    "shard_as",
+    "gather_state_dict",
+    "distribute_state_dict",
+    "broadcast_state_dict",
+    "DEFAULT_BUCKET_BYTES",
+]
+
 
 
 def _rank(group: Optional[dist.ProcessGroup]) -> int:
@@ -52,30 +63,83 @@ def keep_on_ranks(ranks: tuple[int, ...], *, group: Optional[dist.ProcessGroup] 
     return _KeepOnRanks(tuple(ranks), group)
 
 
-def _full(value: Any) -> Any:
-    from torch.distributed.tensor import DTensor
+def _row_sharded(value: Any) -> bool:
+    """A DTensor sharded on dim 0 over a 1-D mesh (FSDP2's layout): gathered
+    in buckets. Other layouts are gathered one by one."""
+    from torch.distributed.tensor import Shard
 
-    if isinstance(value, DTensor):
-        return value.full_tensor()
-    return value
+    if not is_dtensor(value) or value.device_mesh.ndim != 1 or value.dim() == 0:
+        return False
+    (placement,) = value.placements
+    return type(placement) is Shard and placement.dim == 0
+
+
+def _row_counts(rows: int, world: int) -> list[int]:
+    """Rows each rank holds when ``rows`` are split as torch.chunk splits them."""
+    chunk = -(-rows // world)
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
 
 
 @attrs.frozen(repr=False)
 class _GatherDTensors(Transform):
     _factory = "gather_dtensors"
+    cpu_offload: bool = False
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
 
     def __call__(self, state_dict: Any, /) -> Any:
-        return tree_map(_full, state_dict)
+        leaves, spec = tree_flatten(state_dict)
+        batches: dict[tuple[int, torch.dtype], list[int]] = {}
+        for i, leaf in enumerate(leaves):
+            if _row_sharded(leaf):
+                batches.setdefault((id(leaf.device_mesh.get_group()), leaf.dtype), []).append(i)
+            elif is_dtensor(leaf):
+                leaves[i] = self._done(leaf.full_tensor())
+        # dict order follows the state dict's order, the same on every rank
+        for indices in batches.values():
+            for bucket in _buckets([(i, leaves[i].shape, leaves[i].dtype) for i in indices], self.bucket_bytes):
+                self._gather_bucket(leaves, [i for i, _, _ in bucket])
+        return tree_unflatten(spec, leaves)
+
+    def _done(self, full: torch.Tensor) -> torch.Tensor:
+        return full.cpu() if self.cpu_offload else full
+
+    def _gather_bucket(self, leaves: list[Any], indices: list[int]) -> None:
+        first = leaves[indices[0]]
+        group = first.device_mesh.get_group()
+        world = dist.get_world_size(group)
+        layouts = []
+        size = 0
+        for i in indices:
+            shape = leaves[i].shape
+            row = math.prod(shape[1:])
+            counts = _row_counts(shape[0], world)
+            layouts.append((i, size, row, counts))
+            size += max(counts) * row
+        local = first._local_tensor
+        send = torch.zeros(size, dtype=first.dtype, device=local.device)
+        for i, offset, row, counts in layouts:
+            piece = leaves[i]._local_tensor.reshape(-1)
+            send[offset : offset + piece.numel()].copy_(piece)
+        recv = torch.empty(world * size, dtype=first.dtype, device=local.device)
+        dist.all_gather_single(recv, send, group=group)
+        for i, offset, row, counts in layouts:
+            pieces = [recv[r * size + offset : r * size + offset + counts[r] * row] for r in range(world)]
+            leaves[i] = self._done(torch.cat(pieces).view(leaves[i].shape))
 
 
-def gather_dtensors() -> Transform:
+def gather_dtensors(*, cpu_offload: bool = False, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Transform:
     """Return a transform that replaces every DTensor by its full tensor.
 
-    Collective: call on every rank (each DTensor is gathered over its mesh).
+    DTensors sharded on dim 0 over a 1-D mesh (FSDP2) are gathered in
+    buckets of one dtype and at most ``bucket_bytes`` of gathered data, one
+    ``all_gather`` per bucket; other layouts (2-D meshes, other dims,
+    strided shards) one by one. With ``cpu_offload`` each full tensor moves
+    to CPU as soon as it is assembled, so device memory stays near one bucket.
+
+    Collective: call on every rank, with state dicts holding the same
+    DTensors in the same order.
     """
-    return _GatherDTensors()
-
-
+    return _GatherDTensors(cpu_offload, bucket_bytes)
 
 
 def _is_distributed() -> bool:
@@ -227,3 +291,122 @@ def shard_like(templates: Mapping[str, Any]) -> Transform:
     every rank holds the full tensors and keeps its own slices.
     """
     return _ShardLike(dict(templates))
+
+
+# -- the utilities with torch's signatures -------------------------------------
+
+
+def gather_state_dict(
+    state_dict: dict[str, Any],
+    *,
+    pg: Optional[dist.ProcessGroup] = None,
+    device: Optional[torch.device] = None,
+    cpu_offload: bool = False,
+    ranks_only: tuple[int, ...] = (),
+    type_check: bool = True,
+) -> dict[str, Any]:
+    """Return ``state_dict`` with every DTensor gathered into a full tensor
+    (torch's ``_gather_state_dict``), in buckets (see :func:`gather_dtensors`).
+
+    Collective: call on every rank. ``pg`` is the group ``ranks_only`` refers
+    to (DTensors gather over their own meshes); ``device`` is accepted for
+    torch's signature (it only concerns ShardedTensor, not supported here).
+
+    Raises:
+        UnsupportedLeafError: ``type_check`` and a value DCP cannot save; or
+            a ShardedTensor.
+    """
+    from sdtree.transforms.tensors import _type_check, offload_to_cpu
+
+    if type_check:
+        _type_check("gather_state_dict", state_dict)
+    _reject_sharded_tensors("gather_state_dict", state_dict)
+    out: dict[str, Any] = gather_dtensors(cpu_offload=cpu_offload)(state_dict)
+    if cpu_offload:
+        out = offload_to_cpu(bulk=False)(out)
+    if ranks_only:
+        out = keep_on_ranks(ranks_only, group=pg)(out)
+    return out
+
+
+def _reject_sharded_tensors(fn: str, state_dict: Any) -> None:
+    from sdtree._tree import codify, tree_flatten_with_path
+    from sdtree.errors import UnsupportedLeafError, _preview
+
+    sharded = sys.modules.get("torch.distributed._shard.sharded_tensor")
+    if sharded is None:
+        return
+    paths, leaves, _ = tree_flatten_with_path(state_dict)
+    found = [codify(p) for p, leaf in zip(paths, leaves) if isinstance(leaf, sharded.ShardedTensor)]
+    if found:
+        raise UnsupportedLeafError(
+            f"{fn}: {len(found)} ShardedTensor value(s): {_preview(found, quote=False)}. "
+            "sdtree gathers DTensors; convert ShardedTensors with torch's FSDP1 SHARDED_STATE_DICT "
+            "config use_dtensor=True."
+        )
+
+
+def _place(full: torch.Tensor, local: Any, device: torch.device) -> Any:
+    """``full`` laid out like ``local``: its shard of a DTensor (written into
+    ``local`` when it has memory, as torch does), else the full tensor on ``device``."""
+    if is_dtensor(local):
+        shard = shard_as(full.detach().to(device), local)
+        if local.is_meta:
+            return shard
+        local.to_local().copy_(shard.to_local())
+        return local
+    return full.detach().to(device)
+
+
+def distribute_state_dict(
+    full_state_dict: dict[str, Any],
+    local_state_dict: dict[str, Any],
+    device: torch.device,
+    pg: Optional[dist.ProcessGroup] = None,
+) -> None:
+    """Write ``full_state_dict`` (present on every rank) into
+    ``local_state_dict`` as torch's ``_distribute_state_dict`` does: into the
+    local shard of each DTensor, as tensors on ``device`` elsewhere, 0-dim
+    tensors and other values as they are (0-dim on CPU).
+
+    Unlike the transforms, this writes into ``local_state_dict``: that is
+    its contract in torch. Not a collective: every rank slices its own shard.
+    """
+    for key, value in full_state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            local_state_dict[key] = value
+        elif value.dim() == 0:
+            local_state_dict[key] = value.cpu()
+        elif key in local_state_dict:
+            local_state_dict[key] = _place(value, local_state_dict[key], device)
+
+
+def broadcast_state_dict(
+    full_state_dict: dict[str, Any],
+    local_state_dict: dict[str, Any],
+    device: torch.device,
+    pg: Optional[dist.ProcessGroup] = None,
+    strict: bool = False,
+    cpu_offload: bool = False,
+) -> None:
+    """Broadcast rank 0's ``full_state_dict`` into every rank's
+    ``local_state_dict``, as torch's ``_broadcast_state_dict`` does, but in
+    buckets (see :func:`broadcast_from_rank0`): values land in the local shard
+    of each DTensor, keys of ``local_state_dict`` that rank 0 lacks are
+    dropped under ``strict``, and tensors move to CPU with ``cpu_offload``.
+
+    Collective: call on every rank; ranks other than 0 may pass ``{}`` as
+    ``full_state_dict``. Writes into ``local_state_dict`` (torch's contract).
+    """
+    received = broadcast_from_rank0(group=pg)(full_state_dict if dist.get_rank(pg) == 0 else {})
+    for key, value in received.items():
+        if key not in local_state_dict:
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            value = _place(value, local_state_dict[key], device)
+        if cpu_offload and isinstance(value, torch.Tensor):
+            value = value.cpu()
+        local_state_dict[key] = value
+    if strict:
+        for key in [k for k in local_state_dict if k not in received]:
+            del local_state_dict[key]
