@@ -21,6 +21,7 @@ import torch.distributed as dist
 from sdtree._tree import tree_flatten, tree_map, tree_unflatten
 from sdtree.errors import NotAMappingError
 from sdtree.transforms.compose import Transform
+from sdtree.transforms.tensors import _contiguous_strides
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 
@@ -104,27 +105,53 @@ class _GatherDTensors(Transform):
         return full.cpu() if self.cpu_offload else full
 
     def _gather_bucket(self, leaves: list[Any], indices: list[int]) -> None:
+        """One all_gather for the bucket. Evenly split tensors of one shard
+        length are packed side by side, so that a single transposing copy
+        turns the gathered buffer into their full tensors; a bucket of one
+        even tensor gathers straight into its full tensor."""
         first = leaves[indices[0]]
         group = first.device_mesh.get_group()
         world = dist.get_world_size(group)
-        layouts = []
-        size = 0
+        even: dict[int, list[int]] = {}  # shard length -> tensors
+        uneven = []
         for i in indices:
             shape = leaves[i].shape
-            row = math.prod(shape[1:])
             counts = _row_counts(shape[0], world)
-            layouts.append((i, size, row, counts))
-            size += max(counts) * row
-        local = first._local_tensor
-        send = torch.zeros(size, dtype=first.dtype, device=local.device)
-        for i, offset, row, counts in layouts:
-            piece = leaves[i]._local_tensor.reshape(-1)
-            send[offset : offset + piece.numel()].copy_(piece)
-        recv = torch.empty(world * size, dtype=first.dtype, device=local.device)
-        dist.all_gather_single(recv, send, group=group)
-        for i, offset, row, counts in layouts:
-            pieces = [recv[r * size + offset : r * size + offset + counts[r] * row] for r in range(world)]
-            leaves[i] = self._done(torch.cat(pieces).view(leaves[i].shape))
+            if counts.count(counts[0]) == world:
+                even.setdefault(counts[0] * math.prod(shape[1:]), []).append(i)
+            else:
+                uneven.append((i, counts, math.prod(shape[1:])))
+        device = first._local_tensor.device
+        if len(indices) == 1 and even:
+            (i,) = indices
+            full = torch.empty(leaves[i].shape, dtype=first.dtype, device=device)
+            dist.all_gather_single(full, leaves[i]._local_tensor.contiguous(), group=group)
+            leaves[i] = self._done(full)
+            return
+        pieces: list[torch.Tensor] = []
+        for length, group_indices in even.items():
+            pieces.extend(leaves[i]._local_tensor.reshape(-1) for i in group_indices)
+        widths = []
+        for i, counts, row in uneven:
+            local = leaves[i]._local_tensor.reshape(-1)
+            width = max(counts) * row
+            pieces.append(torch.cat([local, local.new_zeros(width - local.numel())]) if local.numel() < width else local)
+            widths.append(width)
+        send = torch.cat(pieces)
+        size = send.numel()
+        recv = torch.empty(world * size, dtype=first.dtype, device=device).view(world, size)
+        dist.all_gather_single(recv.view(-1), send, group=group)
+        offset = 0
+        for length, group_indices in even.items():
+            n = len(group_indices)
+            block = recv[:, offset : offset + n * length].reshape(world, n, length).transpose(0, 1).contiguous()
+            for k, i in enumerate(group_indices):
+                leaves[i] = self._done(block[k].view(leaves[i].shape))
+            offset += n * length
+        for (i, counts, row), width in zip(uneven, widths):
+            parts = [recv[r, offset : offset + counts[r] * row] for r in range(world)]
+            leaves[i] = self._done(torch.cat(parts).view(leaves[i].shape))
+            offset += width
 
 
 def gather_dtensors(*, cpu_offload: bool = False, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Transform:
@@ -212,20 +239,24 @@ class _BroadcastFromRank0(Transform):
         device = pg_device(group)
         received: dict[int, torch.Tensor] = {}
         for bucket in _buckets(meta["tensors"], self.bucket_bytes):
-            numels = [math.prod(shape) for _, shape, _ in bucket]
-            buffer = torch.empty(sum(numels), dtype=bucket[0][2], device=device)
-            views = []
-            offset = 0
-            for (index, shape, _), numel in zip(bucket, numels):
-                views.append((index, buffer[offset : offset + numel], shape))
-                offset += numel
+            if len(bucket) == 1:  # a large tensor: send it as it is, no packing
+                index, shape, dtype = bucket[0]
+                if rank == 0:
+                    tensor = tensors[index].detach().to(device).contiguous()
+                else:
+                    tensor = torch.empty(shape, dtype=dtype, device=device)
+                dist.broadcast(tensor, group=group, group_src=0)
+                received[index] = tensor
+                continue
             if rank == 0:
-                with torch.no_grad():
-                    for index, view, _ in views:
-                        view.copy_(tensors[index].detach().reshape(-1))
+                buffer = torch.cat([tensors[index].detach().reshape(-1).to(device) for index, _, _ in bucket])
+            else:
+                buffer = torch.empty(sum(math.prod(shape) for _, shape, _ in bucket), dtype=bucket[0][2], device=device)
             dist.broadcast(buffer, group=group, group_src=0)
-            for index, view, shape in views:
-                received[index] = view.view(shape)
+            offset = 0
+            for index, shape, _ in bucket:
+                received[index] = buffer.as_strided(shape, _contiguous_strides(shape), offset)
+                offset += math.prod(shape)
         return tree_map(lambda leaf: received[leaf.index] if isinstance(leaf, _Slot) else leaf, meta["skeleton"])
 
 
