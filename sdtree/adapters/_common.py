@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, identity, offload_to_cpu
-from sdtree.errors import IncompatibleStateDictError
+from sdtree.errors import IncompatibleStateDictError, SdtreeError
 from sdtree.transforms.distributed import broadcast_from_rank0, gather_dtensors, keep_on_ranks
 
 T = TypeVar("T")
@@ -107,3 +107,32 @@ def receive(state_dict: Any, options: StateDictOptions, fn: str) -> Any:
             "Rank 0 passes the full state dict; the other ranks pass {}."
         )
     return received
+
+
+def agree(fn: str, needed: bool, plan: Callable[[], T]) -> T:
+    """Run ``plan`` (every check, no write) and, when ``needed`` (the model is
+    sharded or the load broadcasts), make every rank agree on the outcome with
+    one small collective: if any rank's input is bad, every rank raises the
+    same error, naming each bad rank and its problems, and none writes.
+
+    Collective when ``needed`` and a process group is up: call on every rank.
+    """
+    if not needed or not (dist.is_available() and dist.is_initialized()):
+        return plan()
+    result: Optional[T] = None
+    problem: Optional[str] = None
+    try:
+        result = plan()
+    except (IncompatibleStateDictError, SdtreeError, ValueError, TypeError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    reports: list[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, problem)
+    bad = [(rank, text) for rank, text in enumerate(reports) if text]
+    if bad:
+        ranks = ", ".join(str(rank) for rank, _ in bad)
+        details = " | ".join(f"rank {rank}: {text}" for rank, text in bad)
+        raise IncompatibleStateDictError(
+            f"{fn}: rank(s) {ranks} of {len(reports)} cannot load; nothing was written on any "
+            f"rank. {details}"
+        )
+    return result  # type: ignore[return-value]  # no rank reported a problem, so plan() returned

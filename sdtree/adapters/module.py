@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdtree.adapters._common import check_model_not_empty, finish, receive, warn_submodules, without_gc
+from sdtree.adapters._common import agree, check_model_not_empty, finish, receive, warn_submodules, without_gc
 from sdtree.adapters.index import Entry, ModelIndex, index_model, iter_modules, type_traits
 from sdtree.errors import IncompatibleStateDictError, _preview
 from sdtree.options import StateDictOptions, as_options
@@ -204,6 +204,11 @@ def plan_model_load(
     return ModelPlan(values, missing, unexpected)
 
 
+def is_sharded(index: ModelIndex) -> bool:
+    """Whether any parameter or buffer is a DTensor (every rank must load)."""
+    return any(entry.kind != "extra" and is_dtensor(entry.value) for entry in index.entries.values())
+
+
 def write_model(model: nn.Module, index: ModelIndex, plan: ModelPlan) -> None:
     """The one side effect: load ``plan.values`` into the model.
 
@@ -298,7 +303,11 @@ def set_model_state_dict(
     if not state_dict and not opts.broadcast_from_rank0:
         return _IncompatibleKeys([], [])
     state_dict = receive(state_dict, opts, "set_model_state_dict")
-    plan = plan_model_load(index, state_dict, opts, "set_model_state_dict")
+    plan = agree(
+        "set_model_state_dict",
+        opts.broadcast_from_rank0 or is_sharded(index),
+        lambda: plan_model_load(index, state_dict, opts, "set_model_state_dict"),
+    )
     write_model(model, index, plan)
     return _IncompatibleKeys(plan.missing, plan.unexpected)
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from sdtree.adapters._common import as_optimizers, check_optim_not_empty, finish, receive, warn_submodules, without_gc
+from sdtree.adapters._common import agree, as_optimizers, check_optim_not_empty, finish, receive, warn_submodules, without_gc
 from sdtree.adapters.index import ParamIndex, index_params
 from sdtree.errors import IncompatibleStateDictError, LayoutMismatchError, MissingParamIdError, _preview
 from sdtree.options import StateDictOptions, as_options
@@ -382,6 +382,11 @@ def _target(param: torch.Tensor, value: torch.Tensor, key: Any, group: Mapping[s
     return (param.dtype if param.is_floating_point() else value.dtype), param.device
 
 
+def optimizers_sharded(optims: tuple[torch.optim.Optimizer, ...]) -> bool:
+    """Whether any optimizer holds a DTensor parameter (every rank must load)."""
+    return any(is_dtensor(p) for optim in optims for group in optim.param_groups for p in group[PARAMS])
+
+
 def write_optimizer(optim: torch.optim.Optimizer, plan: OptimPlan) -> None:
     """The one side effect: load ``plan`` into ``optim``.
 
@@ -490,7 +495,11 @@ def set_optimizer_state_dict(
     check_optim_not_empty(optim_state_dict, opts)
     index = index_params(model, opts.dsd_fqn_modifiers, attr_names=_has_param_names(optims))
     optim_state_dict = receive(optim_state_dict, opts, "set_optimizer_state_dict")
-    plans = plan_optimizers_load(index, optims, optim_state_dict, opts)
+    plans = agree(
+        "set_optimizer_state_dict",
+        opts.broadcast_from_rank0 or optimizers_sharded(optims),
+        lambda: plan_optimizers_load(index, optims, optim_state_dict, opts),
+    )
     for optim, plan in zip(optims, plans):
         write_optimizer(optim, plan)
 

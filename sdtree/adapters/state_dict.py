@@ -7,10 +7,18 @@ from typing import Any, Optional
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdtree.adapters._common import as_optimizers, check_model_not_empty, check_optim_not_empty, receive, without_gc
+from sdtree.adapters._common import agree, as_optimizers, check_model_not_empty, check_optim_not_empty, receive, without_gc
 from sdtree.adapters.index import index_model
-from sdtree.adapters.module import get_model_state_dict, module_keyed_to_fqns, plan_model_load, write_model
+from sdtree.adapters.module import (
+    ModelPlan,
+    get_model_state_dict,
+    is_sharded,
+    module_keyed_to_fqns,
+    plan_model_load,
+    write_model,
+)
 from sdtree.adapters.optimizer import (
+    OptimPlan,
     Optimizers,
     get_optimizer_state_dict,
     plan_optimizers_load,
@@ -66,10 +74,14 @@ def set_state_dict(
     if opts.broadcast_from_rank0:
         state_dict = receive(state_dict, opts, "set_state_dict")
         optim_state_dict = receive(optim_state_dict, opts, "set_state_dict")
-    model_plan = plan_model_load(index, state_dict, opts, "set_state_dict") if state_dict else None
-    optim_plans = plan_optimizers_load(index.params, optims, optim_state_dict, opts)
-    for optim, plan in zip(optims, optim_plans):
-        write_optimizer(optim, plan)
+
+    def plan_both() -> tuple[Optional[ModelPlan], list[OptimPlan]]:
+        model_plan = plan_model_load(index, state_dict, opts, "set_state_dict") if state_dict else None
+        return model_plan, plan_optimizers_load(index.params, optims, optim_state_dict, opts)
+
+    model_plan, optim_plans = agree("set_state_dict", opts.broadcast_from_rank0 or is_sharded(index), plan_both)
+    for optim, optim_plan in zip(optims, optim_plans):
+        write_optimizer(optim, optim_plan)
     if model_plan is None:
         return _IncompatibleKeys([], [])
     write_model(model, index, model_plan)

@@ -22,3 +22,13 @@ def test_round_trip_and_identical_training(kind, full, pool2):
 @pytest.mark.parametrize("kind", KINDS)
 def test_broadcast_from_rank0_into_sharded_model(kind, pool2):
     assert pool2.run(bodies.broadcast_into_sharded, kind) == ["ok", "ok"]
+
+
+@pytest.mark.parametrize(
+    "fault,bad_rank", [("missing", 1), ("shape", 1), ("dtype", 0)], ids=["missing-key", "wrong-shape", "wrong-dtype"]
+)
+def test_bad_input_on_one_rank_fails_every_rank_the_same_way(fault, bad_rank, pool2):
+    messages = pool2.run(bodies.bad_input_on_one_rank, "fsdp2", fault, bad_rank, timeout=60)
+    assert messages[0] == messages[1]
+    assert f"rank(s) {bad_rank} of 2 cannot load; nothing was written on any rank" in messages[0]
+    assert "head.weight" in messages[0]

@@ -105,3 +105,29 @@ def broadcast_into_sharded(rank: int, world_size: int, kind: str) -> str:
     assert_state_dict_equal(got[1], truth[1])
     assert isinstance(model.blocks[0].linear1.weight, DTensor)  # still sharded after the load
     return "ok"
+
+
+def bad_input_on_one_rank(rank: int, world_size: int, kind: str, fault: str, bad_rank: int) -> str:
+    """Every rank raises the same error, naming the bad rank; no rank writes."""
+    model, optim = _shard(kind)
+    train(model, optim, steps=1, seed=0)
+    opts = StateDictOptions(full_state_dict=True)
+    msd, osd = sdtree.get_state_dict(model, optim, options=opts)
+    before = sdtree.get_state_dict(model, optim, options=opts)
+    if rank == bad_rank:
+        msd = dict(msd)
+        if fault == "missing":
+            del msd["head.weight"]
+        elif fault == "shape":
+            msd["head.weight"] = torch.zeros(3, 3)
+        elif fault == "dtype":
+            msd["head.weight"] = torch.zeros(16, 8, dtype=torch.int64)
+    try:
+        sdtree.set_state_dict(model, optim, model_state_dict=msd, optim_state_dict=osd, options=opts)
+    except sdtree.errors.IncompatibleStateDictError as err:
+        message = str(err)
+    else:
+        message = "no error"
+    after = sdtree.get_state_dict(model, optim, options=opts)
+    assert_state_dict_equal(after, before)
+    return message
