@@ -9,3 +9,11 @@ def pool2():
     pool = WorkerPool(2)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def pool4():
+    """Four gloo workers, for topologies and world sizes that need them."""
+    pool = WorkerPool(4)
+    yield pool
+    pool.close()

@@ -35,6 +35,22 @@ def _shard(kind: str, seed: int = 0, groups: bool = False, optim: str = "adam"):
         for block in model.blocks:
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    elif kind == "hsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif kind == "fsdp2_tp":
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        for block in model.blocks:
+            parallelize_module(block, mesh["tp"], {"linear1": ColwiseParallel(), "linear2": RowwiseParallel()})
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
     elif kind == "tp":
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -131,3 +147,28 @@ def bad_input_on_one_rank(rank: int, world_size: int, kind: str, fault: str, bad
     after = sdtree.get_state_dict(model, optim, options=opts)
     assert_state_dict_equal(after, before)
     return message
+
+
+def dcp_save(rank: int, world_size: int, kind: str, path: str) -> tuple:
+    """Train, save through torch.distributed.checkpoint; return the full state dicts."""
+    import torch.distributed.checkpoint as dcp
+
+    model, optim = _shard(kind)
+    train(model, optim, steps=2, seed=0)
+    msd, osd = sdtree.get_state_dict(model, optim)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    full = sdtree.get_state_dict(model, optim, options=StateDictOptions(full_state_dict=True))
+    return full if rank == 0 else None
+
+
+def dcp_load(rank: int, world_size: int, kind: str, path: str) -> tuple:
+    """Load a checkpoint saved at another world size; return the full state dicts."""
+    import torch.distributed.checkpoint as dcp
+
+    model, optim = _shard(kind, seed=7)
+    msd, osd = sdtree.get_state_dict(model, optim)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    sdtree.set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    full = sdtree.get_state_dict(model, optim, options=StateDictOptions(full_state_dict=True))
+    return full if rank == 0 else None
