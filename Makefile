@@ -26,3 +26,4 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/bench_pipeline.py
 	$(BIN)/python benchmarks/bench_adapters.py
+	$(BIN)/python benchmarks/bench_collectives.py
