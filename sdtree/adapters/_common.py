@@ -93,14 +93,18 @@ def without_gc(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def receive(state_dict: Any, options: StateDictOptions, fn: str) -> Any:
-    """With ``broadcast_from_rank0``, give every rank rank 0's state dict.
+Placer = Callable[[tuple[Any, ...], Any], Any]
+
+
+def receive(state_dict: Any, options: StateDictOptions, fn: str, place: Optional[Placer] = None) -> Any:
+    """With ``broadcast_from_rank0``, give every rank rank 0's state dict;
+    ``place`` keeps each rank's shard of a tensor as soon as it arrives.
 
     Collective when the option is set: call on every rank.
     """
     if not options.broadcast_from_rank0:
         return state_dict
-    received = broadcast_from_rank0()(state_dict)
+    received = broadcast_from_rank0(place=place)(state_dict)
     if not received:
         raise IncompatibleStateDictError(
             f"{fn}: broadcast_from_rank0=True but rank 0 passed an empty state dict. "

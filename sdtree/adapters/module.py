@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -24,7 +24,7 @@ from sdtree.adapters.index import Entry, ModelIndex, index_model, iter_modules, 
 from sdtree.errors import IncompatibleStateDictError, _preview
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import Transform, drop_keys, identity, rename, select_keys
-from sdtree.transforms.distributed import is_dtensor, shard_like
+from sdtree.transforms.distributed import is_dtensor, shard_as, shard_like
 
 __all__ = ["get_model_state_dict", "set_model_state_dict", "patch_model_state_dict"]
 
@@ -204,6 +204,22 @@ def plan_model_load(
     return ModelPlan(values, missing, unexpected)
 
 
+def model_placer(index: ModelIndex) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
+    """For a broadcast into a sharded model: keep this rank's shard of each
+    tensor as it arrives (``None`` when nothing is sharded)."""
+    templates = {fqn: e.value for fqn, e in index.entries.items() if e.kind != "extra" and is_dtensor(e.value)}
+    if not templates:
+        return None
+
+    def place(path: tuple[Any, ...], tensor: Any) -> Any:
+        template = templates.get(path[0]) if len(path) == 1 else None
+        if template is not None and tensor.dim() > 0 and tensor.shape == template.shape:
+            return shard_as(tensor, template)
+        return tensor
+
+    return place
+
+
 def is_sharded(index: ModelIndex) -> bool:
     """Whether any parameter or buffer is a DTensor (every rank must load)."""
     return any(entry.kind != "extra" and is_dtensor(entry.value) for entry in index.entries.values())
@@ -302,7 +318,7 @@ def set_model_state_dict(
     check_model_not_empty(state_dict, opts, loading=True)
     if not state_dict and not opts.broadcast_from_rank0:
         return _IncompatibleKeys([], [])
-    state_dict = receive(state_dict, opts, "set_model_state_dict")
+    state_dict = receive(state_dict, opts, "set_model_state_dict", model_placer(index))
     plan = agree(
         "set_model_state_dict",
         opts.broadcast_from_rank0 or is_sharded(index),

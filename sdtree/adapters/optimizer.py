@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -382,6 +382,29 @@ def _target(param: torch.Tensor, value: torch.Tensor, key: Any, group: Mapping[s
     return (param.dtype if param.is_floating_point() else value.dtype), param.device
 
 
+def optim_placer(
+    index: ParamIndex, optims: tuple[torch.optim.Optimizer, ...]
+) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
+    """For a broadcast into optimizers of sharded parameters: keep this rank's
+    shard of each parameter-shaped state tensor as it arrives."""
+    sharded: dict[str, torch.Tensor] = {}
+    for optim in optims:
+        for group, names in zip(optim.param_groups, optimizer_fqns(index, optim)):
+            for param, fqn in zip(group[PARAMS], names):
+                if is_dtensor(param):
+                    sharded.update(dict.fromkeys(index.aliases(fqn), param))
+    if not sharded:
+        return None
+
+    def place(path: tuple[Any, ...], tensor: Any) -> Any:
+        param = sharded.get(path[1]) if len(path) == 3 and path[0] == STATE else None
+        if param is not None and tensor.dim() > 0 and tensor.shape == param.shape:
+            return shard_as(tensor, param)
+        return tensor
+
+    return place
+
+
 def optimizers_sharded(optims: tuple[torch.optim.Optimizer, ...]) -> bool:
     """Whether any optimizer holds a DTensor parameter (every rank must load)."""
     return any(is_dtensor(p) for optim in optims for group in optim.param_groups for p in group[PARAMS])
@@ -494,7 +517,7 @@ def set_optimizer_state_dict(
     optims = as_optimizers(optimizers)
     check_optim_not_empty(optim_state_dict, opts)
     index = index_params(model, opts.dsd_fqn_modifiers, attr_names=_has_param_names(optims))
-    optim_state_dict = receive(optim_state_dict, opts, "set_optimizer_state_dict")
+    optim_state_dict = receive(optim_state_dict, opts, "set_optimizer_state_dict", optim_placer(index, optims))
     plans = agree(
         "set_optimizer_state_dict",
         opts.broadcast_from_rank0 or optimizers_sharded(optims),

@@ -13,6 +13,7 @@ from sdtree.adapters.module import (
     ModelPlan,
     get_model_state_dict,
     is_sharded,
+    model_placer,
     module_keyed_to_fqns,
     plan_model_load,
     write_model,
@@ -20,6 +21,7 @@ from sdtree.adapters.module import (
 from sdtree.adapters.optimizer import (
     OptimPlan,
     Optimizers,
+    optim_placer,
     get_optimizer_state_dict,
     plan_optimizers_load,
     write_optimizer,
@@ -72,8 +74,8 @@ def set_state_dict(
         check_model_not_empty(state_dict, opts, loading=True)
     check_optim_not_empty(optim_state_dict, opts)
     if opts.broadcast_from_rank0:
-        state_dict = receive(state_dict, opts, "set_state_dict")
-        optim_state_dict = receive(optim_state_dict, opts, "set_state_dict")
+        state_dict = receive(state_dict, opts, "set_state_dict", model_placer(index))
+        optim_state_dict = receive(optim_state_dict, opts, "set_state_dict", optim_placer(index.params, optims))
 
     def plan_both() -> tuple[Optional[ModelPlan], list[OptimPlan]]:
         model_plan = plan_model_load(index, state_dict, opts, "set_state_dict") if state_dict else None

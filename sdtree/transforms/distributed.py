@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import attrs
@@ -18,7 +18,7 @@ import torch
 
 import torch.distributed as dist
 
-from sdtree._tree import tree_flatten, tree_map, tree_unflatten
+from sdtree._tree import tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
 from sdtree.errors import NotAMappingError
 from sdtree.transforms.compose import Transform
 from sdtree.transforms.tensors import _contiguous_strides
@@ -207,6 +207,7 @@ class _BroadcastFromRank0(Transform):
     _factory = "broadcast_from_rank0"
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     group: Optional[Any] = attrs.field(default=None, eq=False, repr=False)
+    place: Optional[Callable[[tuple[Any, ...], torch.Tensor], Any]] = attrs.field(default=None, eq=False, repr=False)
 
     def __call__(self, state_dict: Any, /) -> Any:
         if not _is_distributed():
@@ -217,17 +218,20 @@ class _BroadcastFromRank0(Transform):
         meta: Any = None
         if rank == 0:
             if isinstance(state_dict, Mapping):
-                leaves, spec = tree_flatten(state_dict)
+                paths, leaves, spec = tree_flatten_with_path(state_dict)
                 slots = []
-                for leaf in leaves:
+                tensor_paths = []
+                for path, leaf in zip(paths, leaves):
                     if isinstance(leaf, torch.Tensor):
                         slots.append(_Slot(len(tensors)))
                         tensors.append(leaf)
+                        tensor_paths.append(path)
                     else:
                         slots.append(leaf)
                 meta = {
                     "skeleton": tree_unflatten(spec, slots),
                     "tensors": [(i, t.shape, t.dtype) for i, t in enumerate(tensors)],
+                    "paths": tensor_paths,
                 }
             else:  # every rank must learn of it, or the others hang
                 meta = {"error": f"rank 0 holds a {type(state_dict).__name__}, expected a state dict (a Mapping)"}
@@ -237,7 +241,9 @@ class _BroadcastFromRank0(Transform):
         if "error" in meta:
             raise NotAMappingError(f"broadcast_from_rank0: {meta['error']} (seen on rank {rank}).")
         device = pg_device(group)
-        received: dict[int, torch.Tensor] = {}
+        received: dict[int, Any] = {}
+        place = self.place
+        paths = meta["paths"]
         for bucket in _buckets(meta["tensors"], self.bucket_bytes):
             if len(bucket) == 1:  # a large tensor: send it as it is, no packing
                 index, shape, dtype = bucket[0]
@@ -246,7 +252,7 @@ class _BroadcastFromRank0(Transform):
                 else:
                     tensor = torch.empty(shape, dtype=dtype, device=device)
                 dist.broadcast(tensor, group=group, group_src=0)
-                received[index] = tensor
+                received[index] = place(paths[index], tensor) if place else tensor
                 continue
             if rank == 0:
                 buffer = torch.cat([tensors[index].detach().reshape(-1).to(device) for index, _, _ in bucket])
@@ -255,13 +261,18 @@ class _BroadcastFromRank0(Transform):
             dist.broadcast(buffer, group=group, group_src=0)
             offset = 0
             for index, shape, _ in bucket:
-                received[index] = buffer.as_strided(shape, _contiguous_strides(shape), offset)
+                tensor = buffer.as_strided(shape, _contiguous_strides(shape), offset)
+                received[index] = place(paths[index], tensor) if place else tensor
                 offset += math.prod(shape)
+            del buffer  # kept alive only by the tensors ``place`` left as views
         return tree_map(lambda leaf: received[leaf.index] if isinstance(leaf, _Slot) else leaf, meta["skeleton"])
 
 
 def broadcast_from_rank0(
-    *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, group: Optional[dist.ProcessGroup] = None
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    group: Optional[dist.ProcessGroup] = None,
+    place: Optional[Callable[[tuple[Any, ...], torch.Tensor], Any]] = None,
 ) -> Transform:
     """Return a transform that gives every rank rank 0's state dict.
 
@@ -270,10 +281,13 @@ def broadcast_from_rank0(
     and non-tensor values first, then the tensors in buckets of one dtype and
     at most ``bucket_bytes`` (a larger tensor goes alone), so extra memory
     stays near one bucket. Received tensors are views of their bucket, on
-    the process group's device. A bad input on rank 0 raises the same error
-    on every rank. Outside a process group it returns its input.
+    the process group's device, unless ``place(path, tensor)`` is given: it
+    is applied to each tensor as soon as its bucket arrives (its result is
+    kept), so a rank that keeps only its shard (:func:`shard_as`) frees each
+    bucket before the next. A bad input on rank 0 raises the same error on
+    every rank. Outside a process group it returns its input.
     """
-    return _BroadcastFromRank0(bucket_bytes, group)
+    return _BroadcastFromRank0(bucket_bytes, group, place)
 
 
 def shard_as(full: torch.Tensor, template: Any) -> Any:

@@ -113,3 +113,26 @@ def broadcast_matches_torch(rank: int, world_size: int, strict: bool, cpu_offloa
             assert a == b, key
     dist.barrier()
     return sorted(ours_local)
+
+
+def broadcast_places_shards_as_buckets_arrive(rank: int, world_size: int) -> list:
+    from sdtree.transforms.distributed import broadcast_from_rank0, shard_as
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    full, template = _sharded(mesh)
+    seen = []
+
+    def place(path, tensor):
+        seen.append(path)
+        target = template.get(path[0])
+        return shard_as(tensor, target) if isinstance(target, DTensor) else tensor
+
+    out = broadcast_from_rank0(bucket_bytes=64, place=place)(full if rank == 0 else {})
+    assert [p for p in seen] == [(k,) for k, v in full.items() if isinstance(v, torch.Tensor)]
+    for key, value in out.items():
+        if isinstance(template[key], DTensor):
+            assert isinstance(value, DTensor) and value.placements == template[key].placements
+            assert torch.equal(value.full_tensor(), full[key]), key
+        else:
+            assert torch.equal(value, full[key])
+    return len(seen)

@@ -36,3 +36,8 @@ def test_broadcast_state_dict_matches_torch(strict, cpu_offload, pool2):
     keys = pool2.run(bodies.broadcast_matches_torch, strict, cpu_offload)
     assert keys[0] == keys[1]
     assert ("only_local" in keys[0]) != strict
+
+
+def test_broadcast_places_each_tensor_as_its_bucket_arrives(pool2):
+    counts = pool2.run(bodies.broadcast_places_shards_as_buckets_arrive)
+    assert counts == [9, 9]
