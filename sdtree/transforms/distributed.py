@@ -18,7 +18,7 @@ import torch
 
 import torch.distributed as dist
 
-from sdtree._tree import tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
+from sdtree._tree import tree_flatten, tree_map, tree_unflatten
 from sdtree.errors import NotAMappingError
 from sdtree.transforms.compose import Transform
 from sdtree.transforms.tensors import _contiguous_strides
@@ -195,13 +195,6 @@ def _buckets(specs: list[tuple[Any, torch.Size, torch.dtype]], limit: int) -> li
     return buckets
 
 
-@attrs.frozen
-class _Slot:
-    """Stands for the ``index``-th tensor in a broadcast skeleton."""
-
-    index: int
-
-
 @attrs.frozen(repr=False)
 class _BroadcastFromRank0(Transform):
     _factory = "broadcast_from_rank0"
@@ -214,25 +207,15 @@ class _BroadcastFromRank0(Transform):
             return state_dict
         group = self.group
         rank = dist.get_rank(group)
-        tensors: list[torch.Tensor] = []
+        leaves: list[Any] = []
         meta: Any = None
         if rank == 0:
             if isinstance(state_dict, Mapping):
-                paths, leaves, spec = tree_flatten_with_path(state_dict)
-                slots = []
-                tensor_paths = []
-                for path, leaf in zip(paths, leaves):
-                    if isinstance(leaf, torch.Tensor):
-                        slots.append(_Slot(len(tensors)))
-                        tensors.append(leaf)
-                        tensor_paths.append(path)
-                    else:
-                        slots.append(leaf)
-                meta = {
-                    "skeleton": tree_unflatten(spec, slots),
-                    "tensors": [(i, t.shape, t.dtype) for i, t in enumerate(tensors)],
-                    "paths": tensor_paths,
-                }
+                leaves, spec = tree_flatten(state_dict)
+                tensors = [(i, leaf.shape, leaf.dtype) for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+                values = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+                # the structure travels as a treespec: no per-tensor placeholder objects to pickle
+                meta = {"spec": spec, "values": values, "tensors": tensors}
             else:  # every rank must learn of it, or the others hang
                 meta = {"error": f"rank 0 holds a {type(state_dict).__name__}, expected a state dict (a Mapping)"}
         box = [meta]
@@ -241,31 +224,32 @@ class _BroadcastFromRank0(Transform):
         if "error" in meta:
             raise NotAMappingError(f"broadcast_from_rank0: {meta['error']} (seen on rank {rank}).")
         device = pg_device(group)
-        received: dict[int, Any] = {}
+        out = list(meta["values"])
         place = self.place
-        paths = meta["paths"]
-        for bucket in _buckets(meta["tensors"], self.bucket_bytes):
-            if len(bucket) == 1:  # a large tensor: send it as it is, no packing
-                index, shape, dtype = bucket[0]
+        paths: list[tuple[Any, ...]] = meta["spec"].paths() if place else []
+        with torch.no_grad():
+            for bucket in _buckets(meta["tensors"], self.bucket_bytes):
+                if len(bucket) == 1:  # a large tensor: send it as it is, no packing
+                    index, shape, dtype = bucket[0]
+                    if rank == 0:
+                        tensor = leaves[index].detach().to(device).contiguous()
+                    else:
+                        tensor = torch.empty(shape, dtype=dtype, device=device)
+                    dist.broadcast(tensor, group=group, group_src=0)
+                    out[index] = place(paths[index], tensor) if place else tensor
+                    continue
                 if rank == 0:
-                    tensor = tensors[index].detach().to(device).contiguous()
+                    buffer = torch.cat([leaves[index].reshape(-1) for index, _, _ in bucket]).to(device)
                 else:
-                    tensor = torch.empty(shape, dtype=dtype, device=device)
-                dist.broadcast(tensor, group=group, group_src=0)
-                received[index] = place(paths[index], tensor) if place else tensor
-                continue
-            if rank == 0:
-                buffer = torch.cat([tensors[index].detach().reshape(-1).to(device) for index, _, _ in bucket])
-            else:
-                buffer = torch.empty(sum(math.prod(shape) for _, shape, _ in bucket), dtype=bucket[0][2], device=device)
-            dist.broadcast(buffer, group=group, group_src=0)
-            offset = 0
-            for index, shape, _ in bucket:
-                tensor = buffer.as_strided(shape, _contiguous_strides(shape), offset)
-                received[index] = place(paths[index], tensor) if place else tensor
-                offset += math.prod(shape)
-            del buffer  # kept alive only by the tensors ``place`` left as views
-        return tree_map(lambda leaf: received[leaf.index] if isinstance(leaf, _Slot) else leaf, meta["skeleton"])
+                    buffer = torch.empty(sum(math.prod(shape) for _, shape, _ in bucket), dtype=bucket[0][2], device=device)
+                dist.broadcast(buffer, group=group, group_src=0)
+                offset = 0
+                for index, shape, _ in bucket:
+                    tensor = buffer.as_strided(shape, _contiguous_strides(shape), offset)
+                    out[index] = place(paths[index], tensor) if place else tensor
+                    offset += math.prod(shape)
+                del buffer  # kept alive only by the tensors ``place`` left as views
+        return tree_unflatten(meta["spec"], out)
 
 
 def broadcast_from_rank0(
@@ -461,12 +445,18 @@ def broadcast_state_dict(
     Collective: call on every rank; ranks other than 0 may pass ``{}`` as
     ``full_state_dict``. Writes into ``local_state_dict`` (torch's contract).
     """
-    received = broadcast_from_rank0(group=pg)(full_state_dict if dist.get_rank(pg) == 0 else {})
+
+    def place(path: tuple[Any, ...], tensor: torch.Tensor) -> Any:
+        # into the local shard as soon as the bucket arrives, as torch does
+        local = local_state_dict.get(path[0]) if len(path) == 1 else None
+        if is_dtensor(local) and tensor.dim() > 0:
+            return _place(tensor, local, device)
+        return tensor if tensor.device == device else tensor.to(device)
+
+    received = broadcast_from_rank0(group=pg, place=place)(full_state_dict if dist.get_rank(pg) == 0 else {})
     for key, value in received.items():
         if key not in local_state_dict:
             continue
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            value = _place(value, local_state_dict[key], device)
         if cpu_offload and isinstance(value, torch.Tensor):
             value = value.cpu()
         local_state_dict[key] = value
