@@ -130,7 +130,6 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
             fns["gather torch" + suffix] = lambda offload=offload: torch_utils._gather_state_dict(sharded, cpu_offload=offload)
         fns["gather flat"] = lambda: dist.all_gather_single(gathered, shard_flat)
         rows.extend((kind, label, *value) for label, value in measure_rounds(fns).items())
-        del full, sharded
 
     # FSDP2 model of 200 parameters, Adam
     from torch import nn

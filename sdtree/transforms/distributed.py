@@ -18,7 +18,7 @@ import torch
 
 import torch.distributed as dist
 
-from sdtree._tree import tree_flatten, tree_map, tree_unflatten
+from sdtree._tree import tree_flatten, tree_unflatten
 from sdtree.errors import NotAMappingError
 from sdtree.transforms.compose import Transform
 from sdtree.transforms.tensors import _contiguous_strides

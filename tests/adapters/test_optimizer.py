@@ -6,7 +6,7 @@ import sdtree
 from sdtree import StateDictOptions
 from sdtree.errors import IncompatibleStateDictError, MissingParamIdError
 from sdtree.testing import assert_state_dict_equal
-from tests.adapters.models import Net, clone_setup, make, make_optim, snapshot_module, snapshot_optim, train
+from tests.adapters.models import Net, clone_setup, make, snapshot_module, snapshot_optim, train
 from tests.adapters.setups import SETUPS, build
 
 OPTIONS = {
