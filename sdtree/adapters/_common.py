@@ -13,10 +13,10 @@ from typing import Any, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from sdtree.errors import IncompatibleStateDictError, SdtreeError
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, identity, offload_to_cpu
-from sdtree.errors import IncompatibleStateDictError, SdtreeError
-from sdtree.transforms.distributed import broadcast_from_rank0, gather_dtensors, keep_on_ranks
+from sdtree.transforms.distributed import broadcast_from_rank0, gather_dtensors, is_distributed, keep_on_ranks
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ def finish(options: StateDictOptions) -> Transform:
         t = gather_dtensors(cpu_offload=options.cpu_offload)
         if options.cpu_offload:
             t = t >> offload_to_cpu(bulk=False)  # tensors that were never sharded
-            if dist.is_available() and dist.is_initialized():
+            if is_distributed():
                 t = t >> keep_on_ranks((0,))
         return t
     if options.cpu_offload:
@@ -121,13 +121,13 @@ def agree(fn: str, needed: bool, plan: Callable[[], T]) -> T:
 
     Collective when ``needed`` and a process group is up: call on every rank.
     """
-    if not needed or not (dist.is_available() and dist.is_initialized()):
+    if not needed or not is_distributed():
         return plan()
     result: Optional[T] = None
     problem: Optional[str] = None
     try:
         result = plan()
-    except (IncompatibleStateDictError, SdtreeError, ValueError, TypeError) as err:
+    except (SdtreeError, ValueError, TypeError) as err:
         problem = f"{type(err).__name__}: {err}"
     reports: list[Optional[str]] = [None] * dist.get_world_size()
     dist.all_gather_object(reports, problem)

@@ -23,6 +23,8 @@ import attrs
 import torch
 from torch import nn
 
+from sdtree.transforms.distributed import is_dtensor
+
 __all__ = ["Entry", "ModelIndex", "ParamIndex", "index_model", "index_params", "iter_modules"]
 
 _EXTRA_STATE = "_extra_state"
@@ -85,6 +87,8 @@ class ModelIndex:
             load order (a shared module appears once per path).
         plain_save: no module customises saving (hooks or overrides), so the
             state dict can be read off the entries without ``state_dict()``.
+        sharded: FQN -> DTensor, for every parameter and buffer that is one
+            (every rank must take part in a load of such a model).
         plain_load: the root does not override ``load_state_dict``, so each
             module's ``_load_from_state_dict`` can be called with its own keys.
     """
@@ -96,6 +100,7 @@ class ModelIndex:
     modules: tuple[tuple[str, str, nn.Module], ...]
     plain_save: bool
     plain_load: bool
+    sharded: Mapping[str, Any]
 
 
 def _hidden_children(module: nn.Module, modifiers: str) -> tuple[set[str], set[str]]:
@@ -204,6 +209,7 @@ def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> 
         modules=tuple(modules),
         plain_save=plain_save,
         plain_load=type_traits(type(model))[1],
+        sharded={fqn: e.value for fqn, e in entries.items() if e.kind != "extra" and is_dtensor(e.value)},
     )
 
 

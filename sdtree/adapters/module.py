@@ -24,7 +24,7 @@ from sdtree.adapters.index import Entry, ModelIndex, index_model, iter_modules, 
 from sdtree.errors import IncompatibleStateDictError, _preview
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import Transform, drop_keys, identity, rename, select_keys
-from sdtree.transforms.distributed import is_dtensor, shard_as, shard_like
+from sdtree.transforms.distributed import shard_as, shard_like
 
 __all__ = ["get_model_state_dict", "set_model_state_dict", "patch_model_state_dict"]
 
@@ -179,9 +179,8 @@ def plan_model_load(
                     values[fqn] = values[alias]
                     break
     missing = [fqn for fqn in missing if fqn not in values]
-    sharded = {fqn: entries[fqn].value for fqn in values if entries[fqn].kind != "extra" and is_dtensor(entries[fqn].value)}
-    if sharded:  # full tensors into sharded parameters: keep each rank's slice
-        values = shard_like(sharded)(values)
+    if index.sharded:  # full tensors into sharded parameters: keep each rank's slice
+        values = shard_like(index.sharded)(values)
     problems = []
     if options.strict and missing:
         problems.append(f"Missing key(s) in state_dict: {_preview(missing)}")
@@ -207,7 +206,7 @@ def plan_model_load(
 def model_placer(index: ModelIndex) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
     """For a broadcast into a sharded model: keep this rank's shard of each
     tensor as it arrives (``None`` when nothing is sharded)."""
-    templates = {fqn: e.value for fqn, e in index.entries.items() if e.kind != "extra" and is_dtensor(e.value)}
+    templates = index.sharded
     if not templates:
         return None
 
@@ -218,11 +217,6 @@ def model_placer(index: ModelIndex) -> Optional[Callable[[tuple[Any, ...], Any],
         return tensor
 
     return place
-
-
-def is_sharded(index: ModelIndex) -> bool:
-    """Whether any parameter or buffer is a DTensor (every rank must load)."""
-    return any(entry.kind != "extra" and is_dtensor(entry.value) for entry in index.entries.values())
 
 
 def write_model(model: nn.Module, index: ModelIndex, plan: ModelPlan) -> None:
@@ -321,7 +315,7 @@ def set_model_state_dict(
     state_dict = receive(state_dict, opts, "set_model_state_dict", model_placer(index))
     plan = agree(
         "set_model_state_dict",
-        opts.broadcast_from_rank0 or is_sharded(index),
+        opts.broadcast_from_rank0 or bool(index.sharded),
         lambda: plan_model_load(index, state_dict, opts, "set_model_state_dict"),
     )
     write_model(model, index, plan)

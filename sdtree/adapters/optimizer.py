@@ -26,6 +26,7 @@ from sdtree.errors import IncompatibleStateDictError, LayoutMismatchError, Missi
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import (
     OptimizerLayout,
+    Transform,
     flatten_optimizer,
     merge_optimizers,
     param_ids_to_fqns,
@@ -71,6 +72,11 @@ def optimizer_fqns(index: ParamIndex, optim: torch.optim.Optimizer) -> list[list
             "optimizer was built for, or build the optimizer from model.named_parameters()."
         )
     return groups
+
+
+def _ids_to_fqns(fqns: list[list[str]]) -> Transform:
+    """Re-key by position: ``Optimizer.state_dict()`` numbers parameters in group order."""
+    return param_ids_to_fqns(dict(enumerate(f for group in fqns for f in group)))
 
 
 def _has_param_names(optims: tuple[torch.optim.Optimizer, ...]) -> bool:
@@ -135,7 +141,7 @@ def read_optimizer(optim: torch.optim.Optimizer, fqns: list[list[str]]) -> dict[
     osd = type(optim).state_dict(optim)
     if not optim.state and not any(p.grad is not None for g in optim.param_groups for p in g[PARAMS]):
         osd = {STATE: _shadow_initial_state(optim), PG: osd[PG]}
-    named: dict[str, Any] = param_ids_to_fqns(dict(enumerate(f for group in fqns for f in group)))(osd)
+    named: dict[str, Any] = _ids_to_fqns(fqns)(osd)
     return named
 
 
@@ -196,7 +202,7 @@ def _split_for(
         keys = list(osd[STATE]) + [k for g in osd[PG] for k in g[PARAMS]]
         if keys and all(isinstance(k, int) for k in keys):
             # Parameter ids, as from optim.state_dict(): positional, as torch loads them.
-            named: Mapping[str, Any] = param_ids_to_fqns(dict(enumerate(f for group in fqns for f in group)))(osd)
+            named: Mapping[str, Any] = _ids_to_fqns(fqns)(osd)
             return named
         return osd
     mine = {f for group in fqns for f in group}

@@ -12,7 +12,6 @@ from sdtree.adapters.index import index_model
 from sdtree.adapters.module import (
     ModelPlan,
     get_model_state_dict,
-    is_sharded,
     model_placer,
     module_keyed_to_fqns,
     plan_model_load,
@@ -81,7 +80,7 @@ def set_state_dict(
         model_plan = plan_model_load(index, state_dict, opts, "set_state_dict") if state_dict else None
         return model_plan, plan_optimizers_load(index.params, optims, optim_state_dict, opts)
 
-    model_plan, optim_plans = agree("set_state_dict", opts.broadcast_from_rank0 or is_sharded(index), plan_both)
+    model_plan, optim_plans = agree("set_state_dict", opts.broadcast_from_rank0 or bool(index.sharded), plan_both)
     for optim, optim_plan in zip(optims, optim_plans):
         write_optimizer(optim, optim_plan)
     if model_plan is None:

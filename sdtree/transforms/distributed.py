@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 import attrs
 import torch
-
 import torch.distributed as dist
 
 from sdtree._tree import tree_flatten, tree_unflatten
@@ -38,9 +37,13 @@ __all__ = [
 ]
 
 
+def is_distributed() -> bool:
+    """Whether a default process group is up."""
+    return dist.is_available() and dist.is_initialized()
+
 
 def _rank(group: Optional[dist.ProcessGroup]) -> int:
-    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank(group) if is_distributed() else 0
 
 
 @attrs.frozen(repr=False)
@@ -169,10 +172,6 @@ def gather_dtensors(*, cpu_offload: bool = False, bucket_bytes: int = DEFAULT_BU
     return _GatherDTensors(cpu_offload, bucket_bytes)
 
 
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def pg_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
     """The device the process group communicates on (CPU for gloo)."""
     with warnings.catch_warnings():
@@ -203,7 +202,7 @@ class _BroadcastFromRank0(Transform):
     place: Optional[Callable[[tuple[Any, ...], torch.Tensor], Any]] = attrs.field(default=None, eq=False, repr=False)
 
     def __call__(self, state_dict: Any, /) -> Any:
-        if not _is_distributed():
+        if not is_distributed():
             return state_dict
         group = self.group
         rank = dist.get_rank(group)
