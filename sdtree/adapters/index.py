@@ -29,6 +29,7 @@ __all__ = ["Entry", "ModelIndex", "ParamIndex", "index_model", "index_params", "
 
 _EXTRA_STATE = "_extra_state"
 _AC_CHILD = "_checkpoint_wrapped_module"
+_FSDP1_CHILD = "_fsdp_wrapped_module"
 
 
 class Entry(NamedTuple):
@@ -53,11 +54,14 @@ class ParamIndex:
             ``named_parameters()`` reaches first).
         attr_to_fqn: name as ``model.named_parameters()`` spells it -> FQN.
         tied: FQN -> every FQN of its parameter, for tied parameters only.
+        fsdp1: the model is sharded by FSDP1; its optimizers hold flat
+            parameters or shards, named through :attr:`ModelIndex.flat`.
     """
 
     first_fqn: Mapping[int, str]
     attr_to_fqn: Mapping[str, str]
     tied: Mapping[str, tuple[str, ...]]
+    fsdp1: bool = False  # the model holds FSDP1 flat parameters: see ModelIndex.flat
 
     def fqn_of_param(self, param: torch.Tensor) -> str | None:
         return self.first_fqn.get(id(param))
@@ -89,6 +93,9 @@ class ModelIndex:
             state dict can be read off the entries without ``state_dict()``.
         sharded: FQN -> DTensor, for every parameter and buffer that is one
             (every rank must take part in a load of such a model).
+        flat: for FSDP1 (``FullyShardedDataParallel``): ``id(FlatParameter)`` ->
+            the FQNs of the parameters it holds, in its order; their entries'
+            values are meta tensors of the full shapes. Empty otherwise.
         plain_load: the root does not override ``load_state_dict``, so each
             module's ``_load_from_state_dict`` can be called with its own keys.
     """
@@ -101,6 +108,18 @@ class ModelIndex:
     plain_save: bool
     plain_load: bool
     sharded: Mapping[str, Any]
+    flat: Mapping[int, tuple[str, ...]] = attrs.field(factory=dict)
+
+    @property
+    def fsdp1(self) -> bool:
+        """Whether the model is sharded by FSDP1 (its flat parameters are read
+        and written through FSDP's own state-dict hooks)."""
+        return bool(self.flat)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether every rank must take part in a load of this model."""
+        return bool(self.sharded) or self.fsdp1
 
 
 def _hidden_children(module: nn.Module, modifiers: str) -> tuple[set[str], set[str]]:
@@ -117,9 +136,9 @@ def _hidden_children(module: nn.Module, modifiers: str) -> tuple[set[str], set[s
     if ac is not None and isinstance(module, ac.ActivationWrapper):
         hidden.add(_AC_CHILD)
         unkeyed.add(_AC_CHILD)
-    fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
-    if fsdp is not None and isinstance(module, fsdp.FullyShardedDataParallel):
-        hidden.add("_fsdp_wrapped_module")
+    if _flat_param_of(module) is not None or _is_fsdp1(module):
+        hidden.add(_FSDP1_CHILD)  # FSDP1's own state-dict hooks drop it from keys too
+        unkeyed.add(_FSDP1_CHILD)
     modifier = getattr(module, modifiers, None)
     if modifier is not None and callable(modifier):
         hidden.update(modifier().values())
@@ -174,22 +193,30 @@ def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> 
     tied: dict[int, list[str]] = {}
     frozen: set[str] = set()
     modules: list[tuple[str, str, nn.Module]] = []
+    owner: dict[tuple[int, str], str] = {}
     plain_save = True
+    held: dict[int, dict[str, Any]] = {}  # id(module) -> {name: full-shape stand-in}, under FSDP1
+    flat_members: dict[int, list[tuple[int, str]]] = {}
     for module, attr, key, fqn in iter_modules(model, dsd_fqn_modifiers):
         modules.append((attr, fqn, module))
         plain, _, extra = type_traits(type(module))
         if not plain or module._state_dict_hooks or module._state_dict_pre_hooks:
             plain_save = False
-        for name, param in module._parameters.items():
-            if param is None:
-                continue
+        flat_param = _flat_param_of(module)
+        if flat_param is not None and id(flat_param) not in flat_members:
+            flat_members[id(flat_param)] = _register_flat(flat_param, held)
+        for name, param, stand_in in _params_of(module, held.get(id(module))):
             canonical = fqn + name
-            entries[canonical] = Entry(canonical, module, name, attr, "param", param)
+            entries[canonical] = Entry(canonical, module, name, attr, "param", stand_in if stand_in is not None else param)
             key_to_fqn[key + name] = canonical
             attr_to_fqn.setdefault(attr + name, canonical)
             _add_param(first_fqn, tied, id(param), canonical)
             if not param.requires_grad:
                 frozen.add(canonical)
+            if stand_in is not None:  # FSDP1: the entry reports the full shape
+                if stand_in is not param:
+                    _add_param(first_fqn, tied, id(stand_in), canonical)
+                owner.setdefault((id(module), name), canonical)
         non_persistent = module._non_persistent_buffers_set
         for name, buffer in module._buffers.items():
             if buffer is None or name in non_persistent:
@@ -204,13 +231,63 @@ def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> 
     return ModelIndex(
         entries=entries,
         key_to_fqn=key_to_fqn,
-        params=_param_index(first_fqn, tied, attr_to_fqn),
+        params=_param_index(first_fqn, tied, attr_to_fqn, fsdp1=bool(flat_members)),
         frozen=frozenset(frozen),
         modules=tuple(modules),
         plain_save=plain_save,
         plain_load=type_traits(type(model))[1],
         sharded={fqn: e.value for fqn, e in entries.items() if e.kind != "extra" and is_dtensor(e.value)},
+        flat={k: tuple(owner[m] for m in members if m in owner) for k, members in flat_members.items()},
     )
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    return fsdp is not None and isinstance(module, fsdp.FullyShardedDataParallel)
+
+
+def _flat_param_of(module: nn.Module) -> Any:
+    """The FlatParameter an FSDP1 instance manages (None for other modules)."""
+    if not _is_fsdp1(module):
+        return None
+    handle = getattr(module, "_handle", None)
+    return None if handle is None else handle.flat_param
+
+
+def _register_flat(flat_param: Any, held: dict[int, dict[str, Any]]) -> list[tuple[int, str]]:
+    """Record a meta stand-in of the full shape for every parameter that
+    ``flat_param`` holds (shared ones get their primary's); return the
+    ``(id(module), name)`` of its own parameters, in its order."""
+    params = flat_param._params  # the original parameters, with use_orig_params=True
+    members = []
+    for i, (info, shape) in enumerate(zip(flat_param._param_infos, flat_param._shapes)):
+        requires_grad = params[i].requires_grad if params is not None else flat_param.requires_grad
+        stand_in = torch.empty(shape, dtype=flat_param.dtype, device="meta").requires_grad_(requires_grad)
+        held.setdefault(id(info.module), {})[info.param_name] = stand_in
+        members.append((id(info.module), info.param_name))
+    for shared in flat_param._shared_param_infos:
+        primary = held[id(shared.prim_module)][shared.prim_param_name]
+        held.setdefault(id(shared.module), {})[shared.param_name] = primary
+    return members
+
+
+def _params_of(module: nn.Module, held: Mapping[str, Any] | None) -> Iterator[tuple[str, Any, Any]]:
+    """``(name, parameter, full-shape stand-in or None)`` for a module's
+    parameters as ``model.state_dict()`` lists them: under FSDP1 the
+    parameters a flat parameter holds (present, or only a stand-in), never
+    the flat parameter itself."""
+    for name, param in module._parameters.items():
+        if param is not None and not (held and name in held) and not _is_flat(param):
+            yield name, param, None
+    if held:
+        for name, stand_in in held.items():
+            param = module._parameters.get(name)
+            yield name, stand_in if param is None else param, stand_in
+
+
+def _is_flat(param: Any) -> bool:
+    flat = sys.modules.get("torch.distributed.fsdp._flat_param")
+    return flat is not None and isinstance(param, flat.FlatParameter)
 
 
 def index_params(
@@ -221,14 +298,16 @@ def index_params(
     first_fqn: dict[int, str] = {}
     tied: dict[int, list[str]] = {}
     attr_to_fqn: dict[str, str] = {}
+    fsdp1 = False
     for module, attr, _, fqn in iter_modules(model, dsd_fqn_modifiers):
+        fsdp1 = fsdp1 or _is_fsdp1(module)
         for name, param in module._parameters.items():
             if param is not None:
                 canonical = fqn + name
                 _add_param(first_fqn, tied, id(param), canonical)
                 if attr_names:
                     attr_to_fqn.setdefault(attr + name, canonical)
-    return _param_index(first_fqn, tied, attr_to_fqn)
+    return _param_index(first_fqn, tied, attr_to_fqn, fsdp1=fsdp1)
 
 
 def _add_param(first_fqn: dict[int, str], tied: dict[int, list[str]], key: int, fqn: str) -> None:
@@ -237,6 +316,8 @@ def _add_param(first_fqn: dict[int, str], tied: dict[int, list[str]], key: int, 
         tied.setdefault(key, [first]).append(fqn)
 
 
-def _param_index(first_fqn: dict[int, str], tied: dict[int, list[str]], attr_to_fqn: dict[str, str]) -> ParamIndex:
+def _param_index(
+    first_fqn: dict[int, str], tied: dict[int, list[str]], attr_to_fqn: dict[str, str], *, fsdp1: bool
+) -> ParamIndex:
     aliases = {f: tuple(fqns) for fqns in tied.values() for f in fqns}
-    return ParamIndex(first_fqn, attr_to_fqn, aliases)
+    return ParamIndex(first_fqn, attr_to_fqn, aliases, fsdp1)

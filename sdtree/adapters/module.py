@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from sdtree.adapters import fsdp1
 from sdtree.adapters._common import agree, check_model_not_empty, finish, receive, warn_submodules, without_gc
 from sdtree.adapters.index import Entry, ModelIndex, index_model, iter_modules, type_traits
 from sdtree.errors import IncompatibleStateDictError, _preview
@@ -93,8 +94,8 @@ def get_model_state_dict(
     is only read.
 
     Args:
-        model: the model, possibly wrapped (DDP, ``torch.compile``,
-            activation checkpointing).
+        model: the model, possibly wrapped (DDP, FSDP1, ``torch.compile``,
+            activation checkpointing) or sharded (FSDP2, tensor parallel).
         submodules: deprecated; keep only these submodules' entries.
         options: a :class:`StateDictOptions` (sdtree's or torch's).
     """
@@ -106,7 +107,8 @@ def get_model_state_dict(
         prefixes = None
     else:
         index = index_model(model, opts.dsd_fqn_modifiers)
-        raw, frozen = read_model_through_state_dict(model, index), index.frozen
+        raw = fsdp1.read_model(model, index) if index.fsdp1 else read_model_through_state_dict(model, index)
+        frozen = index.frozen
         prefixes = _submodule_prefixes(index, submodules) if submodules else None
     state_dict: dict[str, Any] = model_pipeline(opts, frozen, prefixes)(raw)
     check_model_not_empty(state_dict, opts, loading=False)
@@ -226,6 +228,9 @@ def write_model(model: nn.Module, index: ModelIndex, plan: ModelPlan) -> None:
     memory) are replaced by the loaded tensors (``assign``), the others are
     copied into.
     """
+    if index.fsdp1:
+        fsdp1.write_model(model, index, plan.values)
+        return
     entries = index.entries
     if not index.plain_load:
         raw = {entries[fqn].prefix + entries[fqn].name: value for fqn, value in plan.values.items()}
@@ -315,7 +320,7 @@ def set_model_state_dict(
     state_dict = receive(state_dict, opts, "set_model_state_dict", model_placer(index))
     plan = agree(
         "set_model_state_dict",
-        opts.broadcast_from_rank0 or bool(index.sharded),
+        opts.broadcast_from_rank0 or index.distributed,
         lambda: plan_model_load(index, state_dict, opts, "set_model_state_dict"),
     )
     write_model(model, index, plan)

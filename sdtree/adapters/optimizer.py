@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from sdtree.adapters._common import agree, as_optimizers, check_optim_not_empty, finish, receive, warn_submodules, without_gc
-from sdtree.adapters.index import ParamIndex, index_params
+from sdtree.adapters import fsdp1
+from sdtree.adapters.index import ModelIndex, ParamIndex, index_model, index_params
 from sdtree.errors import IncompatibleStateDictError, LayoutMismatchError, MissingParamIdError, _preview
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import (
@@ -44,6 +45,7 @@ __all__ = [
     "optimizer_fqns",
 ]
 
+Index = Union[ParamIndex, ModelIndex]
 Optimizers = Union[torch.optim.Optimizer, "list[torch.optim.Optimizer]", "tuple[torch.optim.Optimizer, ...]"]
 
 
@@ -164,9 +166,11 @@ def get_optimizer_state_dict(
     warn_submodules(submodules)
     optims = as_optimizers(optimizers)
     index = index_params(model, opts.dsd_fqn_modifiers, attr_names=_has_param_names(optims))
-    parts = []
-    for optim in optims:
-        parts.append(read_optimizer(optim, optimizer_fqns(index, optim)))
+    if index.fsdp1:
+        model_index = index_model(model, opts.dsd_fqn_modifiers)
+        parts = [fsdp1.read_optimizer(model, optim, model_index) for optim in optims]
+    else:
+        parts = [read_optimizer(optim, optimizer_fqns(index, optim)) for optim in optims]
     osd: dict[str, Any] = parts[0] if len(parts) == 1 else merge_optimizers()(parts)
     if opts.flatten_optimizer_state_dict:
         osd = flatten_optimizer()(osd)
@@ -388,11 +392,14 @@ def _target(param: torch.Tensor, value: torch.Tensor, key: Any, group: Mapping[s
     return (param.dtype if param.is_floating_point() else value.dtype), param.device
 
 
-def optim_placer(
-    index: ParamIndex, optims: tuple[torch.optim.Optimizer, ...]
-) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
+def optim_placer(index: Index, optims: tuple[torch.optim.Optimizer, ...]) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
     """For a broadcast into optimizers of sharded parameters: keep this rank's
-    shard of each parameter-shaped state tensor as it arrives."""
+    shard of each parameter-shaped state tensor as it arrives (FSDP1 takes
+    full tensors and shards them itself)."""
+    if isinstance(index, ModelIndex):
+        if index.fsdp1:
+            return None
+        index = index.params
     sharded: dict[str, torch.Tensor] = {}
     for optim in optims:
         for group, names in zip(optim.param_groups, optimizer_fqns(index, optim)):
@@ -473,13 +480,27 @@ def write_optimizer(optim: torch.optim.Optimizer, plan: OptimPlan) -> None:
         hook(optim)
 
 
+def _plan_targets(index: Index, optims: tuple[torch.optim.Optimizer, ...]) -> tuple[ParamIndex, tuple[torch.optim.Optimizer, ...]]:
+    """What the plans check against: the optimizers themselves, or under
+    FSDP1 their views with full-shape stand-ins for the flat parameters."""
+    if not isinstance(index, ModelIndex):
+        return index, optims
+    if index.fsdp1:
+        return index.params, tuple(fsdp1.logical_optimizer(optim, index) for optim in optims)
+    return index.params, optims
+
+
 def plan_optimizers_load(
-    index: ParamIndex, optims: tuple[torch.optim.Optimizer, ...], osd: Mapping[str, Any], options: StateDictOptions
+    index: Index, optims: tuple[torch.optim.Optimizer, ...], osd: Mapping[str, Any], options: StateDictOptions
 ) -> list[OptimPlan]:
-    """Plan every optimizer's load, or raise with every problem found."""
+    """Plan every optimizer's load, or raise with every problem found.
+
+    ``index`` is the model's :class:`ModelIndex` when the model is sharded by
+    FSDP1 (a :class:`ParamIndex` is enough otherwise)."""
     fn = "set_optimizer_state_dict"
     if not isinstance(osd, Mapping):
         raise TypeError(f"{fn}: expected an optimizer state dict (a Mapping), got {type(osd).__name__}.")
+    index, optims = _plan_targets(index, optims)
     problems: list[str] = []
     plans = [plan_optim_load(index, optim, osd, options, problems) for optim in optims]
     if options.strict and is_optim_state_dict(osd) and not problems:
@@ -497,6 +518,17 @@ def plan_optimizers_load(
             f"{fn}: cannot load: " + "; ".join(problems) + f". Nothing was written.{hint if options.strict else ''}"
         )
     return [plan for plan in plans if plan is not None]
+
+
+def write_optimizers(
+    model: nn.Module, optims: tuple[torch.optim.Optimizer, ...], plans: list[OptimPlan], index: Index
+) -> None:
+    """Write validated plans: directly, or through FSDP for FSDP1 models."""
+    for optim, plan in zip(optims, plans):
+        if isinstance(index, ModelIndex) and index.fsdp1:
+            fsdp1.write_optimizer(model, optim, index, plan.fqn_osd)
+        else:
+            write_optimizer(optim, plan)
 
 
 @without_gc
@@ -522,15 +554,16 @@ def set_optimizer_state_dict(
     opts = as_options(options)
     optims = as_optimizers(optimizers)
     check_optim_not_empty(optim_state_dict, opts)
-    index = index_params(model, opts.dsd_fqn_modifiers, attr_names=_has_param_names(optims))
+    index: Index = index_params(model, opts.dsd_fqn_modifiers, attr_names=_has_param_names(optims))
+    if index.fsdp1:
+        index = index_model(model, opts.dsd_fqn_modifiers)
     optim_state_dict = receive(optim_state_dict, opts, "set_optimizer_state_dict", optim_placer(index, optims))
     plans = agree(
         "set_optimizer_state_dict",
-        opts.broadcast_from_rank0 or optimizers_sharded(optims),
+        opts.broadcast_from_rank0 or optimizers_sharded(optims) or index.fsdp1,
         lambda: plan_optimizers_load(index, optims, optim_state_dict, opts),
     )
-    for optim, plan in zip(optims, plans):
-        write_optimizer(optim, plan)
+    write_optimizers(model, optims, plans, index)
 
 
 def patch_optimizer_state_dict(

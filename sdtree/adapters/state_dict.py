@@ -20,10 +20,11 @@ from sdtree.adapters.module import (
 from sdtree.adapters.optimizer import (
     OptimPlan,
     Optimizers,
-    optim_placer,
     get_optimizer_state_dict,
+    optim_placer,
+    optimizers_sharded,
     plan_optimizers_load,
-    write_optimizer,
+    write_optimizers,
 )
 from sdtree.options import StateDictOptions, as_options
 
@@ -74,15 +75,15 @@ def set_state_dict(
     check_optim_not_empty(optim_state_dict, opts)
     if opts.broadcast_from_rank0:
         state_dict = receive(state_dict, opts, "set_state_dict", model_placer(index))
-        optim_state_dict = receive(optim_state_dict, opts, "set_state_dict", optim_placer(index.params, optims))
+        optim_state_dict = receive(optim_state_dict, opts, "set_state_dict", optim_placer(index, optims))
 
     def plan_both() -> tuple[Optional[ModelPlan], list[OptimPlan]]:
         model_plan = plan_model_load(index, state_dict, opts, "set_state_dict") if state_dict else None
-        return model_plan, plan_optimizers_load(index.params, optims, optim_state_dict, opts)
+        return model_plan, plan_optimizers_load(index, optims, optim_state_dict, opts)
 
-    model_plan, optim_plans = agree("set_state_dict", opts.broadcast_from_rank0 or bool(index.sharded), plan_both)
-    for optim, optim_plan in zip(optims, optim_plans):
-        write_optimizer(optim, optim_plan)
+    distributed = opts.broadcast_from_rank0 or index.distributed or optimizers_sharded(optims)
+    model_plan, optim_plans = agree("set_state_dict", distributed, plan_both)
+    write_optimizers(model, optims, optim_plans, index)
     if model_plan is None:
         return _IncompatibleKeys([], [])
     write_model(model, index, model_plan)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from sdtree._tree import tree_flatten, tree_unflatten
 from sdtree.errors import NotAMappingError
 from sdtree.transforms.compose import Transform
-from sdtree.transforms.tensors import _contiguous_strides
+from sdtree.transforms.tensors import _contiguous_strides, is_sharded_tensor
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 
@@ -98,6 +98,8 @@ class _GatherDTensors(Transform):
                 batches.setdefault((id(leaf.device_mesh.get_group()), leaf.dtype), []).append(i)
             elif is_dtensor(leaf):
                 leaves[i] = self._done(leaf.full_tensor())
+            elif is_sharded_tensor(leaf):
+                leaves[i] = self._done(_gather_sharded_tensor(leaf))
         # dict order follows the state dict's order, the same on every rank
         for indices in batches.values():
             for bucket in _buckets([(i, leaves[i].shape, leaves[i].dtype) for i in indices], self.bucket_bytes):
@@ -157,13 +159,46 @@ class _GatherDTensors(Transform):
             offset += width
 
 
+def _gather_sharded_tensor(value: Any) -> torch.Tensor:
+    """The full tensor of a legacy ``ShardedTensor`` (any shards, any number
+    per rank), with one all-gather of each rank's shards packed flat, on the
+    device of the local shards."""
+    group = value._process_group
+    world = dist.get_world_size(group)
+    by_rank: list[list[Any]] = [[] for _ in range(world)]
+    for shard in value.metadata().shards_metadata:
+        global_rank = shard.placement.rank()
+        by_rank[dist.get_group_rank(group, global_rank) if group is not None else global_rank].append(shard)
+    for shards in by_rank:  # the same order on every rank, whatever order they were listed in
+        shards.sort(key=lambda s: tuple(s.shard_offsets))
+    widths = [sum(math.prod(s.shard_sizes) for s in shards) for shards in by_rank]
+    width = max(widths)
+    local = sorted(value.local_shards(), key=lambda s: tuple(s.metadata.shard_offsets))
+    device = local[0].tensor.device if local else pg_device(group)
+    send = torch.zeros(width, dtype=value.dtype, device=device)
+    if local:
+        torch.cat([s.tensor.reshape(-1) for s in local], out=send[: sum(s.tensor.numel() for s in local)])
+    recv = torch.empty(world * width, dtype=value.dtype, device=device)
+    dist.all_gather_single(recv, send, group=group)
+    full = torch.empty(value.size(), dtype=value.dtype, device=device)
+    for rank, shards in enumerate(by_rank):
+        offset = rank * width
+        for shard in shards:
+            numel = math.prod(shard.shard_sizes)
+            region = full[tuple(slice(o, o + n) for o, n in zip(shard.shard_offsets, shard.shard_sizes))]
+            region.copy_(recv[offset : offset + numel].view(shard.shard_sizes))
+            offset += numel
+    return full
+
+
 def gather_dtensors(*, cpu_offload: bool = False, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Transform:
-    """Return a transform that replaces every DTensor by its full tensor.
+    """Return a transform that replaces every DTensor (and legacy
+    ``ShardedTensor``, as FSDP1 gives) by its full tensor.
 
     DTensors sharded on dim 0 over a 1-D mesh (FSDP2) are gathered in
     buckets of one dtype and at most ``bucket_bytes`` of gathered data, one
     ``all_gather`` per bucket; other layouts (2-D meshes, other dims,
-    strided shards) one by one. With ``cpu_offload`` each full tensor moves
+    strided shards) and ShardedTensors one by one. With ``cpu_offload`` each full tensor moves
     to CPU as soon as it is assembled, so device memory stays near one bucket.
 
     Collective: call on every rank, with state dicts holding the same
@@ -211,10 +246,14 @@ class _BroadcastFromRank0(Transform):
         if rank == 0:
             if isinstance(state_dict, Mapping):
                 leaves, spec = tree_flatten(state_dict)
-                tensors = [(i, leaf.shape, leaf.dtype) for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-                values = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-                # the structure travels as a treespec: no per-tensor placeholder objects to pickle
-                meta = {"spec": spec, "values": values, "tensors": tensors}
+                if any(is_sharded_tensor(leaf) for leaf in leaves):
+                    leaves = []
+                    meta = {"error": "rank 0 holds ShardedTensors; gather them first (gather_dtensors())"}
+                else:
+                    tensors = [(i, t.shape, t.dtype) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+                    values = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+                    # the structure travels as a treespec: no per-tensor placeholder objects to pickle
+                    meta = {"spec": spec, "values": values, "tensors": tensors}
             else:  # every rank must learn of it, or the others hang
                 meta = {"error": f"rank 0 holds a {type(state_dict).__name__}, expected a state dict (a Mapping)"}
         box = [meta]
@@ -351,45 +390,28 @@ def gather_state_dict(
     ranks_only: tuple[int, ...] = (),
     type_check: bool = True,
 ) -> dict[str, Any]:
-    """Return ``state_dict`` with every DTensor gathered into a full tensor
-    (torch's ``_gather_state_dict``), in buckets (see :func:`gather_dtensors`).
+    """Return ``state_dict`` with every DTensor and ShardedTensor gathered
+    into a full tensor (torch's ``_gather_state_dict``), in buckets (see
+    :func:`gather_dtensors`).
 
     Collective: call on every rank. ``pg`` is the group ``ranks_only`` refers
-    to (DTensors gather over their own meshes); ``device`` is accepted for
-    torch's signature (it only concerns ShardedTensor, not supported here).
+    to (DTensors and ShardedTensors gather over their own groups); ``device``
+    is accepted for torch's signature (full tensors land on the device of
+    the shards, as torch's do).
 
     Raises:
-        UnsupportedLeafError: ``type_check`` and a value DCP cannot save; or
-            a ShardedTensor.
+        UnsupportedLeafError: ``type_check`` and a value DCP cannot save.
     """
     from sdtree.transforms.tensors import _type_check, offload_to_cpu
 
     if type_check:
         _type_check("gather_state_dict", state_dict)
-    _reject_sharded_tensors("gather_state_dict", state_dict)
     out: dict[str, Any] = gather_dtensors(cpu_offload=cpu_offload)(state_dict)
     if cpu_offload:
         out = offload_to_cpu(bulk=False)(out)
     if ranks_only:
         out = keep_on_ranks(ranks_only, group=pg)(out)
     return out
-
-
-def _reject_sharded_tensors(fn: str, state_dict: Any) -> None:
-    from sdtree._tree import codify, tree_flatten_with_path
-    from sdtree.errors import UnsupportedLeafError, _preview
-
-    sharded = sys.modules.get("torch.distributed._shard.sharded_tensor")
-    if sharded is None:
-        return
-    paths, leaves, _ = tree_flatten_with_path(state_dict)
-    found = [codify(p) for p, leaf in zip(paths, leaves) if isinstance(leaf, sharded.ShardedTensor)]
-    if found:
-        raise UnsupportedLeafError(
-            f"{fn}: {len(found)} ShardedTensor value(s): {_preview(found, quote=False)}. "
-            "sdtree gathers DTensors; convert ShardedTensors with torch's FSDP1 SHARDED_STATE_DICT "
-            "config use_dtensor=True."
-        )
 
 
 def _place(full: torch.Tensor, local: Any, device: torch.device) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from typing import Any, Optional, Union
 
 import attrs
@@ -119,6 +120,36 @@ def _meta_error(fn: str, state_dict: Any) -> UnsupportedLeafError:
     )
 
 
+def is_sharded_tensor(value: Any) -> bool:
+    """Whether ``value`` is a legacy ``ShardedTensor`` (FSDP1's sharded state dicts)."""
+    sharded = sys.modules.get("torch.distributed._shard.sharded_tensor")
+    return sharded is not None and isinstance(value, sharded.ShardedTensor)
+
+
+def _sharded_tensor_to_cpu(value: Any, pin: bool, share: bool) -> Any:
+    """A ShardedTensor whose local shards are on CPU: itself when they are
+    already, else a new one over CPU copies (same metadata, same group)."""
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+    from torch.distributed._shard.sharded_tensor.shard import Shard
+
+    shards = value.local_shards()
+    if all(s.tensor.is_cpu and (not pin or s.tensor.is_pinned()) and (not share or s.tensor.is_shared()) for s in shards):
+        return value
+    moved = [Shard(_offload_one(s.tensor, pin, share), s.metadata) for s in shards]
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        moved, value.metadata(), process_group=value._process_group
+    )
+
+
+def _offload_one(tensor: torch.Tensor, pin: bool, share: bool) -> torch.Tensor:
+    moved = tensor.detach().to(_CPU, copy=True)
+    if pin:
+        moved = moved.pin_memory()
+    if share:
+        moved.share_memory_()  # type: ignore[no-untyped-call]  # our own fresh tensor
+    return moved
+
+
 @attrs.frozen(repr=False)
 class _OffloadToCpu(Transform):
     _factory = "offload_to_cpu"
@@ -130,10 +161,14 @@ class _OffloadToCpu(Transform):
         pin = self.pin_memory and _pinning_available()
         share = self.share_memory
         leaves, spec = tree_flatten(state_dict)
+        for i, leaf in enumerate(leaves):
+            if is_sharded_tensor(leaf):
+                leaves[i] = _sharded_tensor_to_cpu(leaf, pin, share)
         todo = [
             i
             for i, leaf in enumerate(leaves)
             if isinstance(leaf, torch.Tensor)
+            and not is_sharded_tensor(leaf)
             and (
                 not leaf.is_cpu
                 or (pin and not leaf.is_pinned())

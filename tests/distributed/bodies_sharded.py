@@ -70,17 +70,20 @@ def _truth(groups: bool = False, steps: int = 2, optim: str = "sgd"):
     return sdtree.get_state_dict(model, optim)
 
 
+GET_OPTIONS = {
+    "sharded": {},
+    "full": {"full_state_dict": True},
+    "full_cpu": {"full_state_dict": True, "cpu_offload": True},
+    "flatten_full": {"full_state_dict": True, "flatten_optimizer_state_dict": True},
+}
+
+
 def get_matches_torch_and_truth(rank: int, world_size: int, kind: str) -> list[str]:
     model, optim = _shard(kind, groups=True, optim="sgd")
     train(model, optim, steps=2, seed=0)
     truth = _truth(groups=True)
     checked = []
-    for name, opts in {
-        "sharded": {},
-        "full": {"full_state_dict": True},
-        "full_cpu": {"full_state_dict": True, "cpu_offload": True},
-        "flatten_full": {"full_state_dict": True, "flatten_optimizer_state_dict": True},
-    }.items():
+    for name, opts in GET_OPTIONS.items():
         ours = sdtree.get_state_dict(model, optim, options=StateDictOptions(**opts))
         theirs = dsd.get_state_dict(model, optim, options=dsd.StateDictOptions(**opts))
         assert list(ours[0]) == list(theirs[0]), name
@@ -95,11 +98,16 @@ def get_matches_torch_and_truth(rank: int, world_size: int, kind: str) -> list[s
 
 
 def round_trip(rank: int, world_size: int, kind: str, full: bool) -> list[float]:
-    model, optim = _shard(kind)
+    return check_round_trip(lambda seed: _shard(kind, seed=seed), StateDictOptions(full_state_dict=full))
+
+
+def check_round_trip(build, opts: StateDictOptions) -> list[float]:
+    """get -> set into a freshly built model (``build(seed)``) -> identical
+    state and identical training; return the losses."""
+    model, optim = build(0)
     train(model, optim, steps=2, seed=0)
-    opts = StateDictOptions(full_state_dict=full)
     msd, osd = sdtree.get_state_dict(model, optim, options=opts)
-    fresh, fresh_optim = _shard(kind, seed=9)
+    fresh, fresh_optim = build(9)
     sdtree.set_state_dict(fresh, fresh_optim, model_state_dict=msd, optim_state_dict=osd, options=opts)
     full_opts = StateDictOptions(full_state_dict=True)
     assert_state_dict_equal(
@@ -124,8 +132,13 @@ def broadcast_into_sharded(rank: int, world_size: int, kind: str) -> str:
 
 
 def bad_input_on_one_rank(rank: int, world_size: int, kind: str, fault: str, bad_rank: int) -> str:
-    """Every rank raises the same error, naming the bad rank; no rank writes."""
     model, optim = _shard(kind)
+    return load_faulty(rank, model, optim, fault, bad_rank)
+
+
+def load_faulty(rank: int, model, optim, fault: str, bad_rank: int) -> str:
+    """Load a full state dict spoiled by ``fault`` on ``bad_rank`` only: every
+    rank raises the same error, naming the bad rank; no rank writes."""
     train(model, optim, steps=1, seed=0)
     opts = StateDictOptions(full_state_dict=True)
     msd, osd = sdtree.get_state_dict(model, optim, options=opts)
@@ -138,14 +151,18 @@ def bad_input_on_one_rank(rank: int, world_size: int, kind: str, fault: str, bad
             msd["head.weight"] = torch.zeros(3, 3)
         elif fault == "dtype":
             msd["head.weight"] = torch.zeros(16, 8, dtype=torch.int64)
+        elif fault == "optim_shape":
+            state = dict(osd["state"])
+            name = next(iter(state["head.weight"]))
+            state["head.weight"] = {**state["head.weight"], name: torch.zeros(2)}
+            osd = {**osd, "state": state}
     try:
         sdtree.set_state_dict(model, optim, model_state_dict=msd, optim_state_dict=osd, options=opts)
     except sdtree.errors.IncompatibleStateDictError as err:
         message = str(err)
     else:
         message = "no error"
-    after = sdtree.get_state_dict(model, optim, options=opts)
-    assert_state_dict_equal(after, before)
+    assert_state_dict_equal(sdtree.get_state_dict(model, optim, options=opts), before)
     return message
 
 
