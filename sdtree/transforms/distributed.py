@@ -20,7 +20,7 @@ import torch.distributed as dist
 from sdtree._tree import tree_flatten, tree_unflatten
 from sdtree.errors import NotAMappingError
 from sdtree.transforms.compose import Transform
-from sdtree.transforms.tensors import _contiguous_strides, is_sharded_tensor
+from sdtree.transforms.tensors import is_sharded_tensor
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 
@@ -67,17 +67,6 @@ def keep_on_ranks(ranks: tuple[int, ...], *, group: Optional[dist.ProcessGroup] 
     return _KeepOnRanks(tuple(ranks), group)
 
 
-def _row_sharded(value: Any) -> bool:
-    """A DTensor sharded on dim 0 over a 1-D mesh (FSDP2's layout): gathered
-    in buckets. Other layouts are gathered one by one."""
-    from torch.distributed.tensor import Shard
-
-    if not is_dtensor(value) or value.device_mesh.ndim != 1 or value.dim() == 0:
-        return False
-    (placement,) = value.placements
-    return type(placement) is Shard and placement.dim == 0
-
-
 def _row_counts(rows: int, world: int) -> list[int]:
     """Rows each rank holds when ``rows`` are split as torch.chunk splits them."""
     chunk = -(-rows // world)
@@ -92,13 +81,24 @@ class _GatherDTensors(Transform):
 
     def __call__(self, state_dict: Any, /) -> Any:
         leaves, spec = tree_flatten(state_dict)
+        dtensor: Any = sys.modules.get("torch.distributed.tensor")
+        sharded_tensor: Any = sys.modules.get("torch.distributed._shard.sharded_tensor")
+        if dtensor is None and sharded_tensor is None:
+            return tree_unflatten(spec, leaves)
+        dtensor_cls = dtensor.DTensor if dtensor is not None else ()
+        shard_cls = dtensor.Shard if dtensor is not None else ()
+        sharded_tensor_cls = sharded_tensor.ShardedTensor if sharded_tensor is not None else ()
         batches: dict[tuple[int, torch.dtype], list[int]] = {}
         for i, leaf in enumerate(leaves):
-            if _row_sharded(leaf):
-                batches.setdefault((id(leaf.device_mesh.get_group()), leaf.dtype), []).append(i)
-            elif is_dtensor(leaf):
-                leaves[i] = self._done(leaf.full_tensor())
-            elif is_sharded_tensor(leaf):
+            if isinstance(leaf, dtensor_cls):
+                # FSDP2's layout (dim 0 over a 1-D mesh) in buckets; the rest one by one
+                placements = leaf._spec.placements
+                mesh = leaf._spec.mesh
+                if len(placements) == 1 and type(placements[0]) is shard_cls and placements[0].dim == 0 and leaf.dim():
+                    batches.setdefault((id(mesh), leaf.dtype), []).append(i)
+                else:
+                    leaves[i] = self._done(leaf.full_tensor())
+            elif isinstance(leaf, sharded_tensor_cls):
                 leaves[i] = self._done(_gather_sharded_tensor(leaf))
         # dict order follows the state dict's order, the same on every rank
         for indices in batches.values():
@@ -119,9 +119,10 @@ class _GatherDTensors(Transform):
         world = dist.get_world_size(group)
         even: dict[int, list[int]] = {}  # shard length -> tensors
         uneven = []
+        counts_of: dict[int, list[int]] = {}
         for i in indices:
             shape = leaves[i].shape
-            counts = _row_counts(shape[0], world)
+            counts = counts_of.get(shape[0]) or counts_of.setdefault(shape[0], _row_counts(shape[0], world))
             if counts.count(counts[0]) == world:
                 even.setdefault(counts[0] * math.prod(shape[1:]), []).append(i)
             else:
@@ -135,23 +136,25 @@ class _GatherDTensors(Transform):
             return
         pieces: list[torch.Tensor] = []
         for length, group_indices in even.items():
-            pieces.extend(leaves[i]._local_tensor.reshape(-1) for i in group_indices)
+            pieces.append(torch._C._nn.flatten_dense_tensors([leaves[i]._local_tensor for i in group_indices]))
         widths = []
         for i, counts, row in uneven:
             local = leaves[i]._local_tensor.reshape(-1)
             width = max(counts) * row
             pieces.append(torch.cat([local, local.new_zeros(width - local.numel())]) if local.numel() < width else local)
             widths.append(width)
-        send = torch.cat(pieces)
+        send = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         size = send.numel()
         recv = torch.empty(world * size, dtype=first.dtype, device=device).view(world, size)
         dist.all_gather_single(recv.view(-1), send, group=group)
         offset = 0
         for length, group_indices in even.items():
             n = len(group_indices)
+            # rank-major as gathered -> tensor-major: one copy, then a view per tensor
             block = recv[:, offset : offset + n * length].reshape(world, n, length).transpose(0, 1).contiguous()
-            for k, i in enumerate(group_indices):
-                leaves[i] = self._done(block[k].view(leaves[i].shape))
+            for i, full in zip(group_indices, block.view(n, world * length).unbind(0)):
+                shape = leaves[i].shape
+                leaves[i] = self._done(full if len(shape) == 1 else full.view(shape))
             offset += n * length
         for (i, counts, row), width in zip(uneven, widths):
             parts = [recv[r, offset : offset + counts[r] * row] for r in range(world)]
@@ -250,7 +253,7 @@ class _BroadcastFromRank0(Transform):
                     leaves = []
                     meta = {"error": "rank 0 holds ShardedTensors; gather them first (gather_dtensors())"}
                 else:
-                    tensors = [(i, t.shape, t.dtype) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+                    tensors = [(i, tuple(t.shape), t.dtype) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
                     values = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
                     # the structure travels as a treespec: no per-tensor placeholder objects to pickle
                     meta = {"spec": spec, "values": values, "tensors": tensors}
@@ -265,29 +268,42 @@ class _BroadcastFromRank0(Transform):
         out = list(meta["values"])
         place = self.place
         paths: list[tuple[Any, ...]] = meta["spec"].paths() if place else []
+
+        def arrived(work: Any, bucket: list[tuple[int, tuple[int, ...], torch.dtype]], buffer: torch.Tensor) -> None:
+            work.wait()
+            views = [buffer] if len(bucket) == 1 else torch.split_with_sizes(buffer, [math.prod(s) for _, s, _ in bucket])
+            for (index, shape, _), view in zip(bucket, views):
+                tensor = view if view.shape == shape else view.view(shape)
+                out[index] = place(paths[index], tensor) if place else tensor
+
+        # Two buckets in flight, each at most half the budget: the next one is
+        # packed (rank 0) or allocated while the previous one is on the wire.
+        in_flight: list[tuple[Any, list[Any], torch.Tensor]] = []
         with torch.no_grad():
-            for bucket in _buckets(meta["tensors"], self.bucket_bytes):
-                if len(bucket) == 1:  # a large tensor: send it as it is, no packing
-                    index, shape, dtype = bucket[0]
-                    if rank == 0:
-                        tensor = leaves[index].detach().to(device).contiguous()
-                    else:
-                        tensor = torch.empty(shape, dtype=dtype, device=device)
-                    dist.broadcast(tensor, group=group, group_src=0)
-                    out[index] = place(paths[index], tensor) if place else tensor
-                    continue
+            for bucket in _buckets(meta["tensors"], max(1, self.bucket_bytes // 2)):
                 if rank == 0:
-                    buffer = torch.cat([leaves[index].reshape(-1) for index, _, _ in bucket]).to(device)
+                    buffer = _pack([leaves[index] for index, _, _ in bucket], device)
+                elif len(bucket) == 1:
+                    buffer = torch.empty(bucket[0][1], dtype=bucket[0][2], device=device)
                 else:
                     buffer = torch.empty(sum(math.prod(shape) for _, shape, _ in bucket), dtype=bucket[0][2], device=device)
-                dist.broadcast(buffer, group=group, group_src=0)
-                offset = 0
-                for index, shape, _ in bucket:
-                    tensor = buffer.as_strided(shape, _contiguous_strides(shape), offset)
-                    out[index] = place(paths[index], tensor) if place else tensor
-                    offset += math.prod(shape)
-                del buffer  # kept alive only by the tensors ``place`` left as views
+                in_flight.append((dist.broadcast(buffer, group=group, group_src=0, async_op=True), bucket, buffer))
+                del buffer
+                if len(in_flight) == 2:
+                    arrived(*in_flight.pop(0))
+            while in_flight:
+                arrived(*in_flight.pop(0))
+        # the buffers now live on only in the tensors ``place`` left as views of them
         return tree_unflatten(meta["spec"], out)
+
+
+def _pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One contiguous buffer on ``device``: the tensor itself when alone, else
+    the tensors flattened side by side (one C++ concatenation)."""
+    if len(tensors) == 1:
+        return tensors[0].detach().to(device).contiguous()
+    flat: torch.Tensor = torch._C._nn.flatten_dense_tensors(tensors)  # under no_grad: no graph
+    return flat.to(device)
 
 
 def broadcast_from_rank0(
@@ -301,8 +317,9 @@ def broadcast_from_rank0(
     Collective: call on every rank; the input of ranks other than 0 is
     ignored (pass ``{}``). Rank 0 sends the structure, keys, shapes, dtypes
     and non-tensor values first, then the tensors in buckets of one dtype and
-    at most ``bucket_bytes`` (a larger tensor goes alone), so extra memory
-    stays near one bucket. Received tensors are views of their bucket, on
+    at most ``bucket_bytes / 2`` (a larger tensor goes alone), two in flight
+    so that packing overlaps sending; extra memory stays near ``bucket_bytes``
+    (plus the largest tensor). Received tensors are views of their bucket, on
     the process group's device, unless ``place(path, tensor)`` is given: it
     is applied to each tensor as soon as its bucket arrives (its result is
     kept), so a rank that keeps only its shard (:func:`shard_as`) frees each
@@ -319,27 +336,26 @@ def shard_as(full: torch.Tensor, template: Any) -> Any:
 
     Not a collective: every rank holds ``full`` and keeps its own slice.
     """
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-
+    dtensor: Any = sys.modules["torch.distributed.tensor"]  # loaded: ``template`` is a DTensor
     mesh = template.device_mesh
     placement = template.placements[0] if mesh.ndim == 1 else None
     if placement is not None and full.dtype == template.dtype and full.shape == template.shape:
         # FSDP2's and DDP-like layouts: slice here, reuse the template's spec
         # (DTensor.from_local and distribute_tensor cost ~70us a tensor).
         device = full.device if template.is_meta else template._local_tensor.device
-        if type(placement) is Shard and placement.dim == 0:
+        if type(placement) is dtensor.Shard and placement.dim == 0:
             counts = _row_counts(full.shape[0], mesh.size())
-            rank = mesh.get_local_rank()
+            (rank,) = mesh.get_coordinate()
             start = sum(counts[:rank])
             local = full.detach()[start : start + counts[rank]]
-        elif type(placement) is Replicate:
+        elif type(placement) is dtensor.Replicate:
             local = full.detach()
         else:
             local = None
         if local is not None:
-            local = local.to(device=device, copy=True).contiguous()
-            return DTensor(local, template._spec, requires_grad=False)  # type: ignore[no-untyped-call]
-    sharded: Any = distribute_tensor(full.detach(), mesh, template.placements, src_data_rank=None)
+            local = local.to(device=device, copy=True, memory_format=torch.contiguous_format)
+            return dtensor.DTensor(local, template._spec, requires_grad=False)
+    sharded: Any = dtensor.distribute_tensor(full.detach(), mesh, template.placements, src_data_rank=None)
     if sharded._local_tensor.untyped_storage().data_ptr() == full.untyped_storage().data_ptr():
         sharded = sharded.clone()
     return sharded
@@ -348,6 +364,15 @@ def shard_as(full: torch.Tensor, template: Any) -> Any:
 def is_dtensor(value: Any) -> bool:
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(value, dtensor.DTensor)
+
+
+def _dtensors(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The DTensor values of a flat state dict, by key."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None:
+        return {}
+    cls = dtensor.DTensor
+    return {key: value for key, value in state_dict.items() if isinstance(value, cls)}
 
 
 @attrs.frozen(repr=False)
@@ -466,15 +491,19 @@ def broadcast_state_dict(
     Collective: call on every rank; ranks other than 0 may pass ``{}`` as
     ``full_state_dict``. Writes into ``local_state_dict`` (torch's contract).
     """
+    templates = _dtensors(local_state_dict)
 
     def place(path: tuple[Any, ...], tensor: torch.Tensor) -> Any:
         # into the local shard as soon as the bucket arrives, as torch does
-        local = local_state_dict.get(path[0]) if len(path) == 1 else None
-        if is_dtensor(local) and tensor.dim() > 0:
+        local = templates.get(path[0]) if len(path) == 1 else None
+        if local is not None and tensor.dim() > 0:
             return _place(tensor, local, device)
         return tensor if tensor.device == device else tensor.to(device)
 
-    received = broadcast_from_rank0(group=pg, place=place)(full_state_dict if dist.get_rank(pg) == 0 else {})
+    broadcast = broadcast_from_rank0(group=pg, place=place if templates else None)
+    received = broadcast(full_state_dict if dist.get_rank(pg) == 0 else {})
+    if not templates:
+        received = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in received.items()}
     for key, value in received.items():
         if key not in local_state_dict:
             continue

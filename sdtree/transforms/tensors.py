@@ -161,14 +161,16 @@ class _OffloadToCpu(Transform):
         pin = self.pin_memory and _pinning_available()
         share = self.share_memory
         leaves, spec = tree_flatten(state_dict)
+        sharded_tensor = sys.modules.get("torch.distributed._shard.sharded_tensor")
+        sharded_cls = sharded_tensor.ShardedTensor if sharded_tensor is not None else ()
         for i, leaf in enumerate(leaves):
-            if is_sharded_tensor(leaf):
+            if isinstance(leaf, sharded_cls):
                 leaves[i] = _sharded_tensor_to_cpu(leaf, pin, share)
         todo = [
             i
             for i, leaf in enumerate(leaves)
             if isinstance(leaf, torch.Tensor)
-            and not is_sharded_tensor(leaf)
+            and not isinstance(leaf, sharded_cls)
             and (
                 not leaf.is_cpu
                 or (pin and not leaf.is_pinned())
