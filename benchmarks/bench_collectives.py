@@ -8,7 +8,9 @@ Shapes: (a) 1,024 tensors of 16 KiB, (b) 4 tensors of 64 MiB (float32).
   flat all_gather of the same bytes;
 - get_state_dict / set_state_dict (full_state_dict) on an FSDP2 model of
   200 parameters with Adam: sdtree vs torch.
-Peak extra memory: the highest resident set size sampled (every ms) during
+"flat, new buffer" is the same collective into a freshly allocated buffer, as
+any call that returns new tensors must receive into (its pages are faulted
+in during the transfer). Peak extra memory: the highest resident set size sampled (every ms) during
 the call, minus the size before it, on rank 0. The variants of one operation
 run in interleaved rounds (best of 3), so none pays alone for the process's
 first large allocations.
@@ -117,7 +119,17 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
         def flat_b():
             dist.broadcast(flat, src=0)
 
-        results = measure_rounds({"broadcast sdtree": ours_b, "broadcast torch": torch_b, "broadcast flat": flat_b})
+        def flat_fresh_b():  # what any receiver of new tensors pays too: memory allocated (and faulted in) anew
+            dist.broadcast(flat if rank == 0 else torch.empty(nbytes // 4), src=0)
+
+        results = measure_rounds(
+            {
+                "broadcast sdtree": ours_b,
+                "broadcast torch": torch_b,
+                "broadcast flat": flat_b,
+                "broadcast flat, new buffer": flat_fresh_b,
+            }
+        )
         rows.extend((kind, label, *value) for label, value in results.items())
 
         sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
@@ -129,6 +141,7 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
             fns["gather sdtree" + suffix] = lambda offload=offload: sdtree.gather_state_dict(sharded, cpu_offload=offload)
             fns["gather torch" + suffix] = lambda offload=offload: torch_utils._gather_state_dict(sharded, cpu_offload=offload)
         fns["gather flat"] = lambda: dist.all_gather_single(gathered, shard_flat)
+        fns["gather flat, new buffer"] = lambda: dist.all_gather_single(torch.empty(nbytes // 4), shard_flat)
         rows.extend((kind, label, *value) for label, value in measure_rounds(fns).items())
 
     # FSDP2 model of 200 parameters, Adam
@@ -178,11 +191,13 @@ def main() -> None:
     for kind in ("a", "b"):
         b = times[(kind, "broadcast torch")] / times[(kind, "broadcast sdtree")]
         bf = times[(kind, "broadcast sdtree")] / times[(kind, "broadcast flat")]
-        print(f"  ({kind}) broadcast: torch/sdtree {b:6.1f}x   sdtree/flat {bf:5.2f}x")
+        bn = times[(kind, "broadcast sdtree")] / times[(kind, "broadcast flat, new buffer")]
+        print(f"  ({kind}) broadcast{'':<13}: torch/sdtree {b:6.1f}x   sdtree/flat {bf:5.2f}x   sdtree/flat new buffer {bn:5.2f}x")
         for suffix in ("", " +cpu_offload"):
             g = times[(kind, "gather torch" + suffix)] / times[(kind, "gather sdtree" + suffix)]
             gf = times[(kind, "gather sdtree" + suffix)] / times[(kind, "gather flat")]
-            print(f"  ({kind}) gather{suffix:<13}: torch/sdtree {g:6.1f}x   sdtree/flat {gf:5.2f}x")
+            gn = times[(kind, "gather sdtree" + suffix)] / times[(kind, "gather flat, new buffer")]
+            print(f"  ({kind}) gather{suffix:<16}: torch/sdtree {g:6.1f}x   sdtree/flat {gf:5.2f}x   sdtree/flat new buffer {gn:5.2f}x")
     for op in ("get_state_dict", "set_state_dict"):
         r = times[("fsdp2", f"{op} torch")] / times[("fsdp2", f"{op} sdtree")]
         print(f"  fsdp2 {op}: torch/sdtree {r:6.1f}x")
