@@ -8,6 +8,7 @@ count), what was expected and what was found, and how to fix it.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +24,12 @@ __all__ = [
     "NotInvertibleError",
     "StructureMismatchError",
     "IncompatibleStateDictError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointFormatError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "DestinationExistsError",
 ]
 
 
@@ -88,3 +95,31 @@ class IncompatibleStateDictError(SdtreeError, RuntimeError):
     Also a ``RuntimeError``, as torch's ``load_state_dict`` raises; its message
     says "Missing key" / "Unexpected key" where those are the problem.
     """
+
+
+class CheckpointError(SdtreeError):
+    """Base class of the errors of :mod:`sdtree.checkpoint` about files on disk."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path does not exist."""
+
+
+class CheckpointFormatError(CheckpointError, ValueError):
+    """A path holds no checkpoint format sdtree knows, or a format cannot hold
+    what it is asked to (an optimizer in a safetensors file)."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """A checkpoint is truncated, garbled, or lacks a file its index names."""
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """Reading a checkpoint would unpickle objects that can run code.
+
+    Also a ``pickle.UnpicklingError``, as ``torch.load(weights_only=True)`` raises.
+    """
+
+
+class DestinationExistsError(CheckpointError, FileExistsError):
+    """A checkpoint would overwrite an existing path without ``force=True``."""

@@ -1,0 +1,171 @@
+"""Write ``torch.distributed.checkpoint`` (DCP) directories.
+
+Writing goes through ``torch.distributed.checkpoint.save`` with a planner that
+fetches each tensor only when the writer asks for it, so a conversion holds
+one tensor at a time. From several ranks the save is collective and sharded,
+and the ranks agree before anything is written and before it is renamed
+into place.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import optree
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from sdtree._tree import tree_flatten_with_accessor
+from sdtree.checkpoint._atomic import atomic_destination, check_destination, commit, remove, temporary_name
+from sdtree.checkpoint._dcp_read import distributed, quiet_single_process, unwrapped_errors
+from sdtree.checkpoint._lazy import Fetch
+from sdtree.errors import CheckpointFormatError, SdtreeError
+
+__all__ = ["check_keys", "write_dcp", "save_dcp"]
+
+
+class _FetchingSavePlanner(DefaultSavePlanner):
+    """torch's save planner, but a plain tensor is fetched only when the writer needs it."""
+
+    def __init__(self, fetch: Fetch) -> None:
+        super().__init__()
+        self._fetch = fetch
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        if write_item.type == WriteItemType.TENSOR:
+            return self._fetch(self.lookup_object(write_item.index))
+        return super().resolve_data(write_item)
+
+
+def check_keys(tree: Any, fn: str) -> None:
+    """DCP stores every mapping key as a string; refuse keys that would not load back."""
+    if not isinstance(tree, Mapping):
+        raise CheckpointFormatError(
+            f"{fn}: a DCP checkpoint holds a dict, got a {type(tree).__name__}. Wrap it: {{'model': ...}}."
+        )
+    accessors, _, _ = tree_flatten_with_accessor(tree)
+    for accessor in accessors:
+        for depth, entry in enumerate(accessor):
+            if isinstance(entry, optree.MappingEntry) and type(entry.entry) is not str:
+                where = ".".join(str(e.entry) for e in list(accessor)[: depth + 1])
+                raise CheckpointFormatError(
+                    f"{fn}: DCP stores mapping keys as strings, so the key {entry.entry!r} at {where!r} "
+                    "would load back as a string. Key optimizer state by FQNs "
+                    "(sdtree.get_optimizer_state_dict, or param_ids_to_fqns(...)), or save as 'torch'."
+                )
+
+
+def write_dcp(
+    directory: Path,
+    tree: Any,
+    fetch: Fetch,
+    *,
+    fn: str,
+    no_dist: bool = True,
+    process_group: Any = None,
+    one_file_per_entry: bool = True,
+) -> None:
+    """Write ``tree`` into the (empty) ``directory``, fetching tensors as they are written.
+
+    torch's writer keeps every tensor of a ``*.distcp`` file alive until the
+    file is done, so a streamed write (``one_file_per_entry``, the default)
+    gives each entry its own file and holds one tensor at a time; a save of
+    tensors already in memory writes one file per rank.
+    """
+    check_keys(tree, fn)
+    with quiet_single_process(), unwrapped_errors(fn):
+        dcp_save(
+            dict(tree),
+            storage_writer=FileSystemWriter(directory, single_file_per_rank=not one_file_per_entry),
+            planner=_FetchingSavePlanner(fetch),
+            no_dist=no_dist,
+            process_group=process_group,
+        )
+
+
+def save_dcp(state_dict: Any, path: Path, *, force: bool, fn: str, process_group: Any = None) -> None:
+    """Save ``state_dict`` as a DCP directory: collectively (sharded) when a
+    process group of several ranks is up, else from this process alone.
+
+    Collective: every rank checks its input, then the ranks agree (all raise
+    the same error, or none); the lowest rank of the group creates the
+    temporary directory and renames it into place once all shards are written.
+    """
+    if not distributed(process_group):
+        check_keys(state_dict, fn)
+        with atomic_destination(path, force=force, directory=True, fn=fn) as tmp:
+            write_dcp(tmp, state_dict, _identity, fn=fn, one_file_per_entry=False)
+        return
+    _raise_any(_outcome(lambda: check_keys(state_dict, fn)), process_group)
+    leader = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+    is_leader = dist.get_rank() == leader
+    tmp = Path(_from_leader(lambda: _prepare(path, force, fn), leader, process_group))
+    try:
+        write_dcp(
+            tmp, state_dict, _identity, fn=fn, no_dist=False, process_group=process_group, one_file_per_entry=False
+        )
+    except BaseException:
+        if is_leader:
+            remove(tmp)
+        raise
+    _from_leader(lambda: _commit_or_remove(tmp, path, force, fn), leader, process_group)
+
+
+def _prepare(path: Path, force: bool, fn: str) -> str:
+    check_destination(path, force=force, fn=fn)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    tmp.mkdir()
+    return str(tmp)
+
+
+def _commit_or_remove(tmp: Path, path: Path, force: bool, fn: str) -> None:
+    try:
+        commit(tmp, path, force=force, fn=fn)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+Outcome = tuple[str, Any, Any]  # ("ok", value, None) or ("error", exception type, message)
+
+
+def _outcome(step: Callable[[], Any]) -> Outcome:
+    """Run ``step``; describe its result or its error so that it can travel to other ranks."""
+    try:
+        return ("ok", step(), None)
+    except (SdtreeError, OSError) as err:
+        return ("error", type(err), str(err))
+    except Exception as err:  # any other failure must reach the other ranks too, or they hang
+        return ("error", RuntimeError, f"{type(err).__name__}: {err}")
+
+
+def _raise_any(outcome: Outcome, group: Any) -> None:
+    """Collective: gather every rank's outcome; all ranks raise the first error, if any."""
+    outcomes: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(outcomes, outcome, group=group)
+    for rank, (status, kind, message) in enumerate(outcomes):
+        if status == "error":
+            raise kind(f"rank {rank} of {len(outcomes)}: {message}")
+
+
+def _from_leader(step: Callable[[], Any], leader: int, group: Any) -> Any:
+    """Collective: run ``step`` on the leader rank only; every rank returns its
+    result or raises its error."""
+    shared: list[Any] = [_outcome(step) if dist.get_rank() == leader else None]
+    dist.broadcast_object_list(shared, src=leader, group=group)
+    status, value, message = shared[0]
+    if status == "error":
+        raise value(message)
+    return value
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor

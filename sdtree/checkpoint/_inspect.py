@@ -1,0 +1,267 @@
+"""Describe a checkpoint, and compare two, reading one tensor at a time."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import torch
+
+from sdtree._tree import tree_flatten_with_path
+from sdtree.checkpoint._api import open_checkpoint
+from sdtree.checkpoint._formats import Format, PathLike
+from sdtree.checkpoint._lazy import Checkpoint, dotted
+from sdtree.transforms._forms import PARAMS, PG, is_optim_state_dict
+
+__all__ = ["TensorInfo", "ParamGroupInfo", "Summary", "describe", "Difference", "CheckpointDiff", "diff"]
+
+
+@attrs.frozen
+class TensorInfo:
+    """One tensor entry: its flat key, shape, dtype name and size in bytes.
+
+    ``tied_to`` is the earlier key whose stored tensor this key shares.
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    tied_to: str | None = None
+
+
+@attrs.frozen
+class ParamGroupInfo:
+    """One optimizer param group: where it is, how many params, its hyper-parameters."""
+
+    key: str
+    params: int
+    hyper: Mapping[str, Any]
+
+
+@attrs.frozen
+class Summary:
+    """What :func:`describe` found in a checkpoint.
+
+    Attributes:
+        tensors: every tensor entry, in order (tied keys included, marked).
+        param_groups: the param groups of every optimizer state dict in it.
+        values: every other non-tensor entry (flat key, value), param groups aside.
+    """
+
+    path: Path
+    format: Format
+    tensors: tuple[TensorInfo, ...]
+    param_groups: tuple[ParamGroupInfo, ...]
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of tensor data, tied tensors counted once."""
+        return sum(t.nbytes for t in self.tensors if t.tied_to is None)
+
+    def by_dtype(self) -> dict[str, tuple[int, int]]:
+        """``{dtype: (tensors, bytes)}`` over the stored tensors."""
+        out: dict[str, tuple[int, int]] = {}
+        for t in self.tensors:
+            if t.tied_to is None:
+                count, size = out.get(t.dtype, (0, 0))
+                out[t.dtype] = (count + 1, size + t.nbytes)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (values that JSON cannot hold become their ``repr``)."""
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "tensors": [
+                {"key": t.key, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes, "tied_to": t.tied_to}
+                for t in self.tensors
+            ],
+            "totals": {
+                "tensors": len(self.tensors),
+                "stored_tensors": sum(t.tied_to is None for t in self.tensors),
+                "bytes": self.stored_bytes,
+                "by_dtype": {d: {"tensors": n, "bytes": b} for d, (n, b) in self.by_dtype().items()},
+            },
+            "param_groups": [
+                {"key": g.key, "params": g.params, "hyper": {k: _jsonable(v) for k, v in g.hyper.items()}}
+                for g in self.param_groups
+            ],
+            "values": {key: _jsonable(value) for key, value in self.values},
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _param_groups(tree: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Mapping[str, Any]]]:
+    """The path and value of each param group of each optimizer state dict in ``tree``."""
+    if is_optim_state_dict(tree):
+        for i, group in enumerate(tree[PG]):
+            if isinstance(group, Mapping):
+                yield path + (PG, i), group
+    elif isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _param_groups(value, path + (key,))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _param_groups(value, path + (i,))
+
+
+def describe(path: PathLike, *, trust_pickle: bool = False) -> Summary:
+    """Summarise the checkpoint at ``path`` from its index, reading no tensor data.
+
+    Raises:
+        the errors of :func:`open_checkpoint`.
+    """
+    checkpoint = open_checkpoint(path, trust_pickle=trust_pickle)
+    groups = list(_param_groups(checkpoint.tree))
+    in_groups = {p for p, _ in groups}
+    tensors: list[TensorInfo] = []
+    values: list[tuple[str, Any]] = []
+    first: dict[int, str] = {}
+    paths, leaves, _ = tree_flatten_with_path(checkpoint.tree)
+    for p, leaf in zip(paths, leaves):
+        key = dotted(p)
+        if isinstance(leaf, torch.Tensor):
+            tied = first.setdefault(id(leaf), key)
+            nbytes = leaf.numel() * leaf.element_size()
+            tensors.append(TensorInfo(key, tuple(leaf.shape), dtype_name(leaf.dtype), nbytes, None if tied == key else tied))
+        elif not any(p[: len(g)] == g for g in in_groups):
+            values.append((key, leaf))
+    param_groups = tuple(
+        ParamGroupInfo(dotted(p), len(g.get(PARAMS, ())), {k: v for k, v in g.items() if k != PARAMS}) for p, g in groups
+    )
+    return Summary(checkpoint.path, checkpoint.format, tuple(tensors), param_groups, tuple(values))
+
+
+# -- diff ---------------------------------------------------------------------
+
+DiffKind = Literal["missing", "unexpected", "type", "shape", "dtype", "value"]
+
+
+@attrs.frozen
+class Difference:
+    """One difference between checkpoints A and B at flat key ``key``.
+
+    ``kind`` is ``"missing"`` (in A, not in B), ``"unexpected"`` (in B, not
+    in A), ``"type"``, ``"shape"``, ``"dtype"`` or ``"value"``.
+    """
+
+    kind: DiffKind
+    key: str
+    detail: str
+
+
+@attrs.frozen
+class CheckpointDiff:
+    """What :func:`diff` found; ``equal`` when there is no difference."""
+
+    a: Path
+    b: Path
+    compared: int
+    differences: tuple[Difference, ...]
+
+    @property
+    def equal(self) -> bool:
+        return not self.differences
+
+
+def _flat_leaves(checkpoint: Checkpoint) -> dict[str, Any]:
+    paths, leaves, _ = tree_flatten_with_path(checkpoint.tree)
+    return {dotted(p): leaf for p, leaf in zip(paths, leaves)}
+
+
+def diff(a: PathLike, b: PathLike, *, rtol: float = 0.0, atol: float = 0.0, trust_pickle: bool = False) -> CheckpointDiff:
+    """Compare two checkpoints (of any formats) key by key, one tensor pair at a time.
+
+    Keys are compared as flat keys (``"optim.state.w.exp_avg"``), so a DCP
+    checkpoint and a ``torch.save`` file of the same state dict compare equal.
+    Tensors must agree in shape and dtype, and in value within ``rtol`` and
+    ``atol`` (exact by default; NaN equals NaN); other values must be equal.
+
+    Raises:
+        the errors of :func:`open_checkpoint`.
+    """
+    left = open_checkpoint(a, trust_pickle=trust_pickle)
+    right = open_checkpoint(b, trust_pickle=trust_pickle)
+    la, lb = _flat_leaves(left), _flat_leaves(right)
+    found = [Difference("missing", k, "in A, not in B") for k in la if k not in lb]
+    found += [Difference("unexpected", k, "in B, not in A") for k in lb if k not in la]
+    compared = 0
+    for key, x in la.items():
+        if key not in lb:
+            continue
+        compared += 1
+        problem = _leaf_difference(left, right, x, lb[key], rtol, atol)
+        if problem is not None:
+            found.append(Difference(problem[0], key, problem[1]))
+    return CheckpointDiff(left.path, right.path, compared, tuple(found))
+
+
+def _leaf_difference(
+    left: Checkpoint, right: Checkpoint, x: Any, y: Any, rtol: float, atol: float
+) -> tuple[DiffKind, str] | None:
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        if x.shape != y.shape:
+            return "shape", f"{list(x.shape)} vs {list(y.shape)}"
+        if x.dtype != y.dtype:
+            return "dtype", f"{dtype_name(x.dtype)} vs {dtype_name(y.dtype)}"
+        detail = _tensor_difference(left.fetch(x), right.fetch(y), rtol, atol)
+        return None if detail is None else ("value", detail)
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or not _comparable(x, y):
+        return "type", f"{_kind(x)} vs {_kind(y)}"
+    if x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)):
+        return None
+    return "value", f"{x!r} vs {y!r}"
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {list(value.shape)} {dtype_name(value.dtype)}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _comparable(x: Any, y: Any) -> bool:
+    numbers = (int, float)
+    both_numbers = isinstance(x, numbers) and isinstance(y, numbers) and not isinstance(x, bool) and not isinstance(y, bool)
+    return type(x) is type(y) or both_numbers
+
+
+def _tensor_difference(x: torch.Tensor, y: torch.Tensor, rtol: float, atol: float) -> str | None:
+    if x.is_floating_point() and x.element_size() <= 2:
+        x, y = x.float(), y.float()
+    if x.is_floating_point() or x.is_complex():
+        close = torch.isclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
+    elif rtol == 0 and atol == 0 or x.dtype == torch.bool:
+        close = x == y
+    else:
+        close = torch.isclose(x.double(), y.double(), rtol=rtol, atol=atol)
+    if bool(close.all()):
+        return None
+    bad = ~close
+    count = int(bad.sum())
+    index = tuple(int(i) for i in bad.nonzero()[0]) if x.dim() else ()
+    detail = f"{count} of {x.numel()} element(s) differ; first at index {list(index)}: {x[index].item()!r} vs {y[index].item()!r}"
+    if x.dtype != torch.bool:
+        gap = (x.to(torch.complex128 if x.is_complex() else torch.float64) - y.to(torch.complex128 if y.is_complex() else torch.float64)).abs()
+        detail += f"; max |A-B| = {float(gap[bad].max()):.6g}"
+    return detail

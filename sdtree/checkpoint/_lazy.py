@@ -1,0 +1,168 @@
+"""An opened checkpoint: its structure now, its tensors on demand.
+
+Opening a checkpoint reads only its index (DCP ``.metadata``, the pickle of a
+``torch.save`` file, a safetensors header). The result is the checkpoint's
+state dict in which every tensor is a *placeholder*: a meta tensor with the
+stored shape and dtype. Transforms run on that tree as on any state dict; key
+transforms share leaves, so each placeholder can still be traced to the
+tensor it stands for and read when a writer needs it — one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+import torch
+
+from sdtree._tree import tree_flatten_with_path, tree_map
+from sdtree.checkpoint._formats import Format
+from sdtree.errors import CorruptCheckpointError, UnsupportedLeafError
+
+__all__ = ["Checkpoint", "Fetch", "read_range", "read_into", "contiguous_strides", "tensor_from_bytes", "plain_cpu", "alias_key", "dotted", "tensor_items"]
+
+Fetch = Callable[[torch.Tensor], torch.Tensor]
+
+
+@attrs.frozen(eq=False)
+class Checkpoint:
+    """A checkpoint opened by :func:`sdtree.checkpoint.open_checkpoint`.
+
+    Attributes:
+        path: where it is.
+        format: ``"dcp"``, ``"torch"`` or ``"safetensors"``.
+        tree: its state dict, tensors as meta placeholders (shape and dtype as
+            stored; one placeholder object per stored tensor, so tied
+            tensors share it). Legacy ``torch.save`` files, which cannot be
+            read piecewise, hold real tensors here.
+    """
+
+    path: Path
+    format: Format
+    tree: Any
+    _readers: Mapping[int, Callable[[], torch.Tensor]] = attrs.field(repr=False, alias="readers")
+
+    def is_placeholder(self, leaf: Any) -> bool:
+        """Whether ``leaf`` is one of this checkpoint's placeholders."""
+        return id(leaf) in self._readers
+
+    def fetch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Read the tensor a placeholder stands for (a new CPU tensor each call).
+
+        A tensor that is not a placeholder is returned as it is.
+        """
+        reader = self._readers.get(id(tensor))
+        return tensor if reader is None else reader()
+
+    def load(self) -> Any:
+        """Read every tensor: the whole state dict, tied tensors still one object."""
+        memo: dict[int, torch.Tensor] = {}
+
+        def materialise(leaf: Any) -> Any:
+            if not self.is_placeholder(leaf):
+                return leaf
+            if id(leaf) not in memo:
+                memo[id(leaf)] = self.fetch(leaf)
+            return memo[id(leaf)]
+
+        return tree_map(materialise, self.tree)
+
+
+def dotted(path: tuple[Any, ...]) -> str:
+    """The flat key of a tree path, as DCP writes it: ``("optim", "state", "w")`` -> ``"optim.state.w"``."""
+    return ".".join(map(str, path))
+
+
+def tensor_items(tree: Any) -> list[tuple[str, torch.Tensor]]:
+    """``(flat key, tensor)`` for every tensor leaf of ``tree``, in order."""
+    paths, leaves, _ = tree_flatten_with_path(tree)
+    return [(dotted(p), leaf) for p, leaf in zip(paths, leaves) if isinstance(leaf, torch.Tensor)]
+
+
+def read_range(path: Path, offset: int, nbytes: int, *, what: str) -> torch.Tensor:
+    """Read ``nbytes`` at ``offset`` of the file ``path`` into a new uint8 tensor."""
+    return read_into(path, offset, torch.empty(nbytes, dtype=torch.uint8), what=what)
+
+
+def read_into(path: Path, offset: int, out: torch.Tensor, *, what: str) -> torch.Tensor:
+    """Read the bytes at ``offset`` of the file ``path`` straight into the
+    memory of the contiguous CPU tensor ``out``; return ``out``."""
+    nbytes = out.numel() * out.element_size()
+    if nbytes == 0:
+        return out
+    view = memoryview((ctypes.c_ubyte * nbytes).from_address(out.data_ptr())).cast("B")
+    done = 0
+    with open(path, "rb") as file:
+        file.seek(offset)
+        while done < nbytes:
+            got = file.readinto(view[done:])
+            if not got:
+                raise CorruptCheckpointError(
+                    f"{what} is truncated: expected {nbytes} bytes at offset {offset} of "
+                    f"{str(path)!r}, the file ends after {done}."
+                )
+            done += got
+    return out
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``, as torch computes them."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def tensor_from_bytes(
+    buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], stride: tuple[int, ...]
+) -> torch.Tensor:
+    """View raw bytes as a tensor of ``dtype`` with ``shape`` and ``stride``; compact it."""
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = buffer.view(dtype)
+    return torch.as_strided(flat, shape, stride).contiguous()
+
+
+def plain_cpu(tensor: torch.Tensor, key: str, fn: str) -> torch.Tensor:
+    """``tensor`` as a plain, contiguous CPU tensor whose storage is exactly its data.
+
+    Raises:
+        UnsupportedLeafError: a tensor subclass (DTensor...), a sparse or
+            quantized tensor, or a meta tensor, which hold no plain data here.
+    """
+    if not (type(tensor) is torch.Tensor or isinstance(tensor, torch.nn.Parameter)):
+        raise UnsupportedLeafError(
+            f"{fn}: {key!r} is a {type(tensor).__name__}, not a plain tensor. torch.save and "
+            "safetensors files hold full tensors: gather it first (sdtree.gather_state_dict, "
+            "or get_state_dict with full_state_dict=True), or save as 'dcp'."
+        )
+    if tensor.is_meta or tensor.layout != torch.strided or tensor.is_quantized:
+        kind = "meta" if tensor.is_meta else str(tensor.layout) if tensor.layout != torch.strided else "quantized"
+        raise UnsupportedLeafError(
+            f"{fn}: {key!r} is a {kind} tensor, which holds no plain data to write. "
+            "Materialise it, or drop it first (drop_meta_tensors(), drop_keys(...))."
+        )
+    tensor = tensor.detach().cpu()
+    if not tensor.is_contiguous() or tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != tensor.nbytes:
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+    return tensor
+
+
+def alias_key(tensor: torch.Tensor) -> Hashable:
+    """Equal for two tensors that are the same view of the same memory (tied
+    parameters), so a file stores them once; otherwise the object identity."""
+    if tensor.is_meta or tensor.numel() == 0 or type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+        return id(tensor)
+    return (
+        str(tensor.device),
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+    )

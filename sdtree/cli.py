@@ -1,0 +1,259 @@
+"""The ``sdtree`` command line: ``inspect``, ``diff``, ``convert`` and ``demo``.
+
+Exit status: 0 on success (``diff``: the checkpoints are equal), 1 when
+``diff`` finds differences, 2 on bad input (one error line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from sdtree.checkpoint import FORMATS, CheckpointDiff, Summary, convert, describe, diff
+from sdtree.errors import SdtreeError
+from sdtree.transforms import Transform, add_prefix, pipeline, rename, strip_prefix
+
+__all__ = ["main", "demo_script"]
+
+PROG = "sdtree"
+
+
+def demo_script() -> Path:
+    """Where ``sdtree demo`` looks for the end-to-end demo trainer (in a source checkout)."""
+    import sdtree
+
+    return Path(sdtree.__file__).resolve().parents[1] / "examples" / "train_resume.py"
+
+
+# -- argument parsing -----------------------------------------------------------
+
+
+class _Step(argparse.Action):
+    """Append ``(option, value)`` to ``namespace.steps``, keeping command-line order."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Optional[str] = None
+    ) -> None:
+        namespace.steps = [*namespace.steps, (self.dest, values)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Inspect, compare and convert PyTorch checkpoints: DCP directories, "
+        "torch.save files and safetensors files.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="list keys, shapes, dtypes, sizes and param groups")
+    inspect.add_argument("path", help="a DCP directory, torch.save file or safetensors file")
+    inspect.add_argument("--json", action="store_true", help="print JSON for machines")
+    _trust_option(inspect)
+
+    compare = commands.add_parser("diff", help="compare two checkpoints (exit 0: equal, 1: different)")
+    compare.add_argument("a", help="checkpoint A")
+    compare.add_argument("b", help="checkpoint B")
+    compare.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (default 0: exact)")
+    compare.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0: exact)")
+    _trust_option(compare)
+
+    conv = commands.add_parser(
+        "convert",
+        help="convert between formats, renaming keys on the way",
+        description="Convert SRC to DST, one tensor at a time. Key options apply in the order given, "
+        "to the model and optimizer of a {'model': ..., 'optim': ...} checkpoint alike.",
+    )
+    conv.set_defaults(steps=[])
+    conv.add_argument("src", help="the checkpoint to read")
+    conv.add_argument("dst", help="where to write (*.safetensors, *.pt, or a directory name for DCP)")
+    conv.add_argument("--strip-prefix", action=_Step, metavar="P", help="strip P from keys that start with it")
+    conv.add_argument("--add-prefix", action=_Step, metavar="P", help="put P before every key")
+    conv.add_argument(
+        "--rename", action=_Step, nargs=2, metavar=("PATTERN", "REPL"), help="re.sub(PATTERN, REPL, key) on every key"
+    )
+    conv.add_argument("--to", choices=FORMATS, help="the destination format (default: from DST's name)")
+    conv.add_argument("--model-only", action="store_true", help="write only the 'model' entry of the checkpoint")
+    conv.add_argument("--force", action="store_true", help="replace DST if it exists")
+    conv.add_argument("--dry-run", action="store_true", help="print the key mapping (old -> new); write nothing")
+    conv.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar on stderr (default: when stderr is a terminal)",
+    )
+    _trust_option(conv)
+
+    commands.add_parser(
+        "demo",
+        help="run the end-to-end demo trainer (examples/train_resume.py); arguments pass through",
+        add_help=False,
+    )
+    return parser
+
+
+def _trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle anything in the checkpoint (only for files from a trusted source: it can run code)",
+    )
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def _human(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{nbytes} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _render_summary(summary: Summary) -> str:
+    lines = [f"{summary.path} ({summary.format})"]
+    if summary.tensors:
+        rows = [("key", "shape", "dtype", "bytes")]
+        for t in summary.tensors:
+            size = f"tied to {t.tied_to}" if t.tied_to else _human(t.nbytes)
+            rows.append((t.key, str(list(t.shape)), t.dtype, size))
+        lines += _table(rows)
+    stored = sum(t.tied_to is None for t in summary.tensors)
+    tied = f" ({len(summary.tensors) - stored} tied)" if stored != len(summary.tensors) else ""
+    per_dtype = ", ".join(f"{d}: {n}, {_human(b)}" for d, (n, b) in summary.by_dtype().items())
+    lines.append(f"total: {len(summary.tensors)} tensors{tied}, {_human(summary.stored_bytes)}" + (f" ({per_dtype})" if per_dtype else ""))
+    for group in summary.param_groups:
+        hyper = ", ".join(f"{k}={v!r}" for k, v in group.hyper.items())
+        lines.append(f"param group {group.key}: {group.params} params; {hyper}")
+    for key, value in summary.values:
+        text = repr(value)
+        lines.append(f"value {key} = {text if len(text) <= 80 else text[:77] + '...'}")
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    summary = describe(args.path, trust_pickle=args.trust_pickle)
+    print(json.dumps(summary.to_json(), indent=2) if args.json else _render_summary(summary))
+    return 0
+
+
+def _render_diff(result: CheckpointDiff) -> str:
+    if result.equal:
+        return f"equal: {result.a} and {result.b} ({result.compared} keys compared)"
+    lines = [f"A: {result.a}", f"B: {result.b}"]
+    lines += [f"{d.kind:<10}  {d.key}: {d.detail}" for d in result.differences]
+    lines.append(f"{len(result.differences)} difference(s); {result.compared} keys in both were compared")
+    return "\n".join(lines)
+
+
+def _diff(args: argparse.Namespace) -> int:
+    result = diff(args.a, args.b, rtol=args.rtol, atol=args.atol, trust_pickle=args.trust_pickle)
+    print(_render_diff(result))
+    return 0 if result.equal else 1
+
+
+def _transform(steps: list[tuple[str, Any]]) -> Optional[Transform]:
+    made: list[Transform] = []
+    for option, value in steps:
+        if option == "strip_prefix":
+            made.append(strip_prefix(value, strict=False))
+        elif option == "add_prefix":
+            made.append(add_prefix(value))
+        else:
+            made.append(rename([(value[0], value[1])]))
+    return pipeline(*made) if made else None
+
+
+def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int], None]], Callable[[], None]]:
+    """A ``progress(nbytes, total)`` callback drawing a tqdm bar on stderr, and its closer."""
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs shipped
+
+    bars: list[Any] = []
+
+    def update(nbytes: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="convert"))
+        bars[0].update(nbytes)
+
+    return update, lambda: bars[0].close() if bars else None
+
+
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        transform = _transform(args.steps)
+    except ValueError as err:  # a --rename pattern that is not a regular expression
+        _error(f"convert: {err}")
+        return 2
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    progress, close = _progress_bar(show and not args.dry_run)
+    start = time.perf_counter()
+    try:
+        result = convert(
+            args.src,
+            args.dst,
+            transform=transform,
+            to=args.to,
+            force=args.force,
+            trust_pickle=args.trust_pickle,
+            model_only=args.model_only,
+            dry_run=args.dry_run,
+            progress=progress,
+        )
+    finally:
+        close()
+    if args.dry_run:
+        for old, new in result.renamed:
+            print(f"{old} -> {new if new is not None else '(dropped)'}")
+        print(
+            f"dry run: would write {result.dst} ({result.dst_format}): {result.tensors} tensors, "
+            f"{_human(result.nbytes)}" + (f"; transform: {transform!r}" if transform else "")
+        )
+        return 0
+    seconds = time.perf_counter() - start
+    print(
+        f"wrote {result.dst} ({result.dst_format}) from {result.src} ({result.src_format}): "
+        f"{result.tensors} tensors, {_human(result.nbytes)} in {seconds:.1f} s"
+    )
+    return 0
+
+
+def _demo(args: list[str]) -> int:
+    script = demo_script()
+    if not script.is_file():
+        _error(f"demo: the demo trainer {str(script)!r} is missing; it ships with the sdtree source repository (run from a checkout).")
+        return 2
+    return subprocess.call([sys.executable, str(script), *args])
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"inspect": _inspect, "diff": _diff, "convert": _convert}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":  # everything after it belongs to the trainer
+        return _demo(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (SdtreeError, OSError) as err:
+        _error(str(err))
+        return 2

@@ -1,0 +1,151 @@
+import weakref
+
+import attrs
+import pytest
+import torch
+
+from sdtree._tree import tree_map
+from sdtree.checkpoint import Checkpoint, convert, load, save
+from sdtree.errors import DestinationExistsError, KeyCollisionError
+from sdtree.testing import assert_state_dict_equal
+from sdtree.transforms import Transform, rename, strip_prefix
+from tests.checkpoint import cases
+
+FORMATS = {"dcp": "ckpt", "torch": "ckpt.pt", "safetensors": "ckpt.safetensors"}
+CLEAN = strip_prefix("_orig_mod.") >> rename([(r"^mlp\.(\d+)\.", r"ffn.\1.")])
+
+
+def _source(tmp_path, fmt):
+    checkpoint = cases.compiled(cases.combined())
+    if fmt == "safetensors":
+        checkpoint = checkpoint["model"]
+    path = tmp_path / "src" / FORMATS[fmt]
+    save(checkpoint, path)
+    return path, checkpoint
+
+
+def _expected(checkpoint, dst_fmt):
+    if "model" not in checkpoint:
+        return CLEAN(checkpoint)
+    if dst_fmt == "safetensors":
+        return CLEAN(checkpoint["model"])
+    return {**checkpoint, "model": CLEAN(checkpoint["model"]), "optim": CLEAN(checkpoint["optim"])}
+
+
+@pytest.mark.parametrize("dst_fmt", sorted(FORMATS))
+@pytest.mark.parametrize("src_fmt", sorted(FORMATS))
+def test_convert_between_every_pair_of_formats_with_a_transform(tmp_path, src_fmt, dst_fmt):
+    src, checkpoint = _source(tmp_path, src_fmt)
+    dst = tmp_path / "out" / FORMATS[dst_fmt]
+    done = convert(src, dst, transform=CLEAN, model_only=dst_fmt == "safetensors")
+    assert (done.src_format, done.dst_format, done.streamed, done.written) == (src_fmt, dst_fmt, True, True)
+    expected = _expected(checkpoint, dst_fmt)
+    loaded = load(dst)
+    assert_state_dict_equal(loaded, expected)
+    assert list(loaded) == list(expected)
+    assert [p.name for p in dst.parent.iterdir()] == [dst.name]  # no temporary left
+
+
+def test_conversion_reports_the_key_mapping(tmp_path):
+    src, _ = _source(tmp_path, "torch")
+    done = convert(src, tmp_path / "m.safetensors", transform=CLEAN, model_only=True)
+    renamed = dict(done.renamed)
+    assert renamed["model._orig_mod.mlp.0.weight"] == "ffn.0.weight"
+    assert renamed["model._orig_mod.embed.weight"] == "embed.weight"
+    assert renamed["optim.state._orig_mod.mlp.0.weight.exp_avg"] is None  # not in a safetensors file
+    assert done.tensors == 6  # embed/head stored once
+    assert done.nbytes == sum(t.numel() * t.element_size() for t in {id(t): t for t in load(tmp_path / "m.safetensors").values()}.values())
+
+
+def test_dry_run_writes_nothing_even_over_an_existing_destination(tmp_path):
+    src, _ = _source(tmp_path, "dcp")
+    (tmp_path / "out.pt").write_bytes(b"keep")
+    done = convert(src, tmp_path / "out.pt", transform=CLEAN, dry_run=True)
+    assert not done.written and ("model._orig_mod.mlp.2.bias", "model.ffn.2.bias") in done.renamed
+    assert (tmp_path / "out.pt").read_bytes() == b"keep"
+
+
+def test_collision_raises_naming_both_keys_and_leaves_no_output(tmp_path):
+    src, _ = _source(tmp_path, "torch")
+    collide = rename([(r"\.(weight|bias)$", ".param")])
+    with pytest.raises(KeyCollisionError, match=r"keys '_orig_mod\.mlp\.0\.weight' and '_orig_mod\.mlp\.0\.bias' both map to '_orig_mod\.mlp\.0\.param'"):
+        convert(src, tmp_path / "out" / "ckpt", transform=collide)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_destination_needs_force(tmp_path):
+    src, checkpoint = _source(tmp_path, "torch")
+    for dst in (tmp_path / "old.pt", tmp_path / "olddir"):
+        save({"old": torch.zeros(1)}, dst)
+        with pytest.raises(DestinationExistsError, match=r"'.*old(dir|\.pt)' already exists.*force=True"):
+            convert(src, dst)
+        assert "old" in load(dst)
+        convert(src, dst, force=True)
+        assert_state_dict_equal(load(dst), checkpoint)
+    (tmp_path / "was_a_file").write_bytes(b"x")
+    convert(src, tmp_path / "was_a_file", to="dcp", force=True)
+    assert_state_dict_equal(load(tmp_path / "was_a_file"), checkpoint)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pt", "olddir", "src", "was_a_file"]
+
+
+def test_model_only_keeps_just_the_model(tmp_path):
+    src, checkpoint = _source(tmp_path, "dcp")
+    convert(src, tmp_path / "m.pt", model_only=True)
+    assert_state_dict_equal(load(tmp_path / "m.pt"), {"model": checkpoint["model"]})
+
+
+def test_int_keyed_optimizer_is_kept_by_key_transforms(tmp_path):
+    model, optim = cases.trained()
+    torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, tmp_path / "raw.pt")
+    convert(tmp_path / "raw.pt", tmp_path / "out.pt", transform=rename([("^mlp", "ffn")]))
+    loaded = load(tmp_path / "out.pt")
+    assert "ffn.0.weight" in loaded["model"]
+    assert_state_dict_equal(loaded["optim"], optim.state_dict())
+
+
+def test_convert_reads_legacy_torch_save_files(tmp_path):
+    sd = cases.model_state_dict()
+    torch.save(sd, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    convert(tmp_path / "old.pt", tmp_path / "new.safetensors")
+    assert_state_dict_equal(load(tmp_path / "new.safetensors"), sd)
+
+
+@attrs.frozen(repr=False)
+class _Double(Transform):
+    _factory = "double"
+
+    def __call__(self, state_dict, /):
+        return tree_map(lambda x: x * 2 if isinstance(x, torch.Tensor) and x.is_floating_point() else x, state_dict)
+
+
+def test_a_transform_that_makes_tensors_converts_from_the_loaded_checkpoint(tmp_path):
+    sd = {"w": torch.ones(3), "n": torch.arange(2)}
+    save(sd, tmp_path / "a.pt")
+    done = convert(tmp_path / "a.pt", tmp_path / "b.safetensors", transform=_Double())
+    assert not done.streamed
+    assert_state_dict_equal(load(tmp_path / "b.safetensors"), {"w": torch.full((3,), 2.0), "n": torch.arange(2)})
+
+
+@pytest.mark.parametrize("dst_fmt", sorted(FORMATS))
+@pytest.mark.parametrize("src_fmt", ["dcp", "torch", "safetensors"])
+def test_conversion_holds_one_fetched_tensor_at_a_time(tmp_path, monkeypatch, src_fmt, dst_fmt):
+    src, _ = _source(tmp_path, src_fmt)
+    alive, most = [], []
+    fetch = Checkpoint.fetch
+
+    def tracking_fetch(self, tensor):  # tensors hold no cycles: refcounting frees them at once
+        most.append(sum(ref() is not None for ref in alive))
+        out = fetch(self, tensor)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(Checkpoint, "fetch", tracking_fetch)
+    convert(src, tmp_path / FORMATS[dst_fmt], model_only=True)
+    assert len(most) > 5 and max(most) <= 1
+
+
+def test_progress_reports_every_byte(tmp_path):
+    src, _ = _source(tmp_path, "dcp")
+    calls = []
+    done = convert(src, tmp_path / "out.pt", progress=lambda n, total: calls.append((n, total)))
+    assert sum(n for n, _ in calls) == done.nbytes and {t for _, t in calls} == {done.nbytes}

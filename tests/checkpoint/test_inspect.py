@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+
+from sdtree.checkpoint import describe, diff, save
+from tests.checkpoint import cases
+
+
+@pytest.mark.parametrize("name", ["ckpt", "ckpt.pt"])
+def test_describe_lists_tensors_param_groups_and_values(tmp_path, name):
+    checkpoint = cases.combined()
+    save(checkpoint, tmp_path / name)
+    summary = describe(tmp_path / name)
+    by_key = {t.key: t for t in summary.tensors}
+    assert by_key["model.mlp.0.weight"].shape == (5, 4) and by_key["model.mlp.0.weight"].nbytes == 80
+    assert by_key["model.scale"].dtype == "bfloat16"
+    assert "optim.state.mlp.0.weight.exp_avg" in by_key
+    assert [(g.key, g.params, g.hyper["lr"]) for g in summary.param_groups] == [
+        ("optim.param_groups.0", 1, 0.01),
+        ("optim.param_groups.1", 4, 0.02),
+    ]
+    assert summary.values == (("step", 3),)
+    report = json.loads(json.dumps(summary.to_json()))
+    assert report["param_groups"][1]["hyper"]["betas"] == [0.9, 0.999]
+    assert report["totals"]["bytes"] == summary.stored_bytes
+
+
+def test_describe_marks_tied_tensors_and_counts_them_once(tmp_path):
+    save(cases.model_state_dict(), tmp_path / "m.safetensors")
+    summary = describe(tmp_path / "m.safetensors")
+    tied = [t for t in summary.tensors if t.tied_to]
+    assert [(t.key, t.tied_to) for t in tied] == [("head.weight", "embed.weight")]
+    assert summary.stored_bytes == sum(t.nbytes for t in summary.tensors) - tied[0].nbytes
+    assert summary.by_dtype()["bfloat16"] == (1, 8)
+
+
+def test_diff_finds_the_same_checkpoint_equal_across_formats(tmp_path):
+    checkpoint = cases.combined()
+    save(checkpoint, tmp_path / "a")
+    save(checkpoint, tmp_path / "b.pt")
+    result = diff(tmp_path / "a", tmp_path / "b.pt")
+    assert result.equal and result.compared > 20
+
+
+def test_diff_reports_every_kind_of_difference(tmp_path):
+    a = {"same": torch.ones(2), "gone": torch.ones(1), "shape": torch.ones(2), "dtype": torch.ones(2), "value": torch.arange(4.0), "kind": 1}
+    b = {"same": torch.ones(2), "new": torch.ones(1), "shape": torch.ones(3), "dtype": torch.ones(2, dtype=torch.float64), "value": torch.tensor([0.0, 1.0, 2.5, 3.0]), "kind": torch.ones(1)}
+    save(a, tmp_path / "a.pt")
+    save(b, tmp_path / "b.pt")
+    found = {(d.kind, d.key): d.detail for d in diff(tmp_path / "a.pt", tmp_path / "b.pt").differences}
+    assert set(found) == {("missing", "gone"), ("unexpected", "new"), ("shape", "shape"), ("dtype", "dtype"), ("value", "value"), ("type", "kind")}
+    assert found[("value", "value")] == "1 of 4 element(s) differ; first at index [2]: 2.0 vs 2.5; max |A-B| = 0.5"
+    assert found[("shape", "shape")] == "[2] vs [3]"
+    assert found[("type", "kind")] == "int 1 vs tensor [1] float32"
+
+
+def test_diff_tolerances(tmp_path):
+    save({"w": torch.tensor([1.0, 2.0])}, tmp_path / "a.pt")
+    save({"w": torch.tensor([1.0, 2.001])}, tmp_path / "b.safetensors")
+    assert not diff(tmp_path / "a.pt", tmp_path / "b.safetensors").equal
+    assert diff(tmp_path / "a.pt", tmp_path / "b.safetensors", atol=0.01).equal
+    assert diff(tmp_path / "a.pt", tmp_path / "b.safetensors", rtol=0.001).equal

@@ -1,0 +1,176 @@
+"""The command line, called in this process through ``sdtree.cli.main``.
+
+``test_subprocess.py`` runs the installed commands for real.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdtree import cli
+from sdtree.checkpoint import load, save
+from sdtree.testing import assert_state_dict_equal
+from tests.checkpoint import cases
+from tests.checkpoint.cases import Payload
+
+
+@pytest.fixture
+def ckpts(tmp_path):
+    checkpoint = cases.compiled(cases.combined())
+    save(checkpoint, tmp_path / "dcp")
+    save(checkpoint, tmp_path / "full.pt")
+    save(checkpoint["model"], tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def run(capsys, *argv):
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_error_line(status, out, err, *words):
+    assert status == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdtree: error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("name", ["dcp", "full.pt", "model.safetensors"])
+def test_inspect_prints_a_table_with_totals(ckpts, capsys, name):
+    status, out, _ = run(capsys, "inspect", ckpts / name)
+    assert status == 0
+    assert "key" in out and "shape" in out and "dtype" in out and "bytes" in out
+    assert "_orig_mod.mlp.0.weight" in out and "[5, 4]" in out and "bfloat16" in out
+    assert "total: " in out
+    if name != "model.safetensors":
+        assert "param group optim.param_groups.1: 4 params; lr=0.02" in out
+        assert "value step = 3" in out
+    else:
+        assert "tied to _orig_mod.embed.weight" in out
+
+
+def test_inspect_json(ckpts, capsys):
+    status, out, _ = run(capsys, "inspect", ckpts / "dcp", "--json")
+    report = json.loads(out)
+    assert status == 0 and report["format"] == "dcp"
+    assert {"key": "model._orig_mod.mlp.0.bias", "shape": [5], "dtype": "float32", "bytes": 20, "tied_to": None} in report["tensors"]
+    assert report["param_groups"][0]["hyper"]["lr"] == 0.01
+
+
+def test_diff_exit_status(ckpts, capsys):
+    status, out, _ = run(capsys, "diff", ckpts / "dcp", ckpts / "full.pt")
+    assert status == 0 and out.startswith("equal: ")
+    other = {**cases.compiled(cases.combined()), "step": 4}
+    save(other, ckpts / "other.pt")
+    status, out, _ = run(capsys, "diff", ckpts / "dcp", ckpts / "other.pt")
+    assert status == 1 and "value       step: 3 vs 4" in out and "1 difference(s)" in out
+
+
+def test_diff_tolerances(tmp_path, capsys):
+    save({"w": torch.tensor([1.0])}, tmp_path / "a.pt")
+    save({"w": torch.tensor([1.001])}, tmp_path / "b.pt")
+    assert run(capsys, "diff", tmp_path / "a.pt", tmp_path / "b.pt")[0] == 1
+    assert run(capsys, "diff", tmp_path / "a.pt", tmp_path / "b.pt", "--atol", "0.01")[0] == 0
+    assert run(capsys, "diff", tmp_path / "a.pt", tmp_path / "b.pt", "--rtol", "0.01")[0] == 0
+
+
+def test_convert_applies_key_options_in_order(ckpts, capsys):
+    status, out, err = run(
+        capsys, "convert", ckpts / "dcp", ckpts / "out.safetensors", "--model-only",
+        "--strip-prefix", "_orig_mod.", "--rename", r"^mlp\.(\d+)\.", r"ffn.\1.", "--add-prefix", "net.",
+    )
+    assert status == 0 and out.startswith("wrote ") and err == ""
+    expected = {f"net.{k.replace('mlp.', 'ffn.')}": v for k, v in cases.combined()["model"].items()}
+    assert_state_dict_equal(load(ckpts / "out.safetensors"), expected)
+
+
+def test_convert_to_and_force(ckpts, capsys):
+    assert run(capsys, "convert", ckpts / "model.safetensors", ckpts / "out", "--to", "torch")[0] == 0
+    assert_state_dict_equal(torch.load(ckpts / "out", weights_only=True), cases.compiled(cases.combined())["model"])
+    status, out, err = run(capsys, "convert", ckpts / "full.pt", ckpts / "out")
+    assert_one_error_line(status, out, err, "already exists", "--force")
+    assert run(capsys, "convert", ckpts / "full.pt", ckpts / "out", "--force")[0] == 0
+    assert_state_dict_equal(load(ckpts / "out"), cases.compiled(cases.combined()))
+
+
+def test_convert_dry_run_prints_the_key_mapping(ckpts, capsys):
+    status, out, _ = run(capsys, "convert", ckpts / "full.pt", ckpts / "new", "--strip-prefix", "_orig_mod.", "--dry-run")
+    assert status == 0
+    lines = out.splitlines()
+    assert "model._orig_mod.mlp.0.weight -> model.mlp.0.weight" in lines
+    assert "optim.state._orig_mod.mlp.0.weight.exp_avg -> optim.state.mlp.0.weight.exp_avg" in lines
+    assert lines[-1].startswith("dry run: would write ") and "strip_prefix('_orig_mod.', strict=False)" in lines[-1]
+    assert not (ckpts / "new").exists()
+
+
+def test_convert_progress_bar_only_when_asked_or_on_a_terminal(ckpts, capsys):
+    _, _, err = run(capsys, "convert", ckpts / "dcp", ckpts / "a.pt")
+    assert err == ""  # stderr is not a terminal here
+    _, _, err = run(capsys, "convert", ckpts / "dcp", ckpts / "b.pt", "--progress")
+    assert "convert: 100%" in err
+
+
+def test_bad_input_exits_2_with_one_line(ckpts, capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    truncated = (ckpts / "full.pt").read_bytes()[:300]
+    (tmp_path / "cut.pt").write_bytes(truncated)
+    cases_ = {
+        "missing": (["inspect", tmp_path / "nope.pt"], ["no checkpoint at"]),
+        "corrupt": (["inspect", tmp_path / "cut.pt"], ["is corrupt or truncated"]),
+        "unknown format": (["diff", tmp_path / "notes.txt", ckpts / "full.pt"], ["is not a checkpoint sdtree knows"]),
+        "collision": (["convert", ckpts / "full.pt", tmp_path / "x.pt", "--rename", r"\.(weight|bias)$", ".p"], ["both map to"]),
+        "optimizer in safetensors": (["convert", ckpts / "full.pt", tmp_path / "x.safetensors"], ["--model-only"]),
+        "bad regex": (["convert", ckpts / "full.pt", tmp_path / "x.pt", "--rename", "(", "x"], ["not a valid regular expression"]),
+    }
+    for name, (argv, words) in cases_.items():
+        status, out, err = run(capsys, *argv)
+        assert_one_error_line(status, out, err, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cut.pt", "notes.txt", "dcp", "full.pt", "model.safetensors"])
+
+
+def test_missing_shard_exits_2(ckpts, capsys):
+    (ckpts / "dcp" / "__0_0.distcp").unlink()
+    status, out, err = run(capsys, "convert", ckpts / "dcp", ckpts / "x.pt")
+    assert_one_error_line(status, out, err, "__0_0.distcp", "missing")
+    assert not (ckpts / "x.pt").exists()
+
+
+def test_pickle_that_runs_code_needs_trust_pickle(tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    torch.save({"x": Payload(marker)}, tmp_path / "evil.pt")
+    for argv in (["inspect", tmp_path / "evil.pt"], ["convert", tmp_path / "evil.pt", tmp_path / "x"]):
+        status, out, err = run(capsys, *argv)
+        assert_one_error_line(status, out, err, "--trust-pickle")
+    assert not marker.exists() and not (tmp_path / "x").exists()
+    assert run(capsys, "inspect", tmp_path / "evil.pt", "--trust-pickle")[0] == 0
+    assert marker.exists()
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["convert", "a", "b", "--to", "npz"])
+    assert exit_.value.code == 2 and "invalid choice: 'npz'" in capsys.readouterr().err
+
+
+def test_demo_runs_the_trainer_with_the_arguments_and_its_status(tmp_path, monkeypatch, capfd):
+    script = tmp_path / "train_resume.py"
+    script.write_text("import sys\nprint('args', sys.argv[1:], sys.executable)\nsys.exit(3)\n")
+    monkeypatch.setattr(cli, "demo_script", lambda: script)
+    assert cli.main(["demo", "--steps", "2", "--quiet"]) == 3
+    assert capfd.readouterr().out == f"args ['--steps', '2', '--quiet'] {sys.executable}\n"
+
+
+def test_demo_without_the_trainer_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "demo_script", lambda: tmp_path / "examples" / "train_resume.py")
+    status, out, err = run(capsys, "demo")
+    assert_one_error_line(status, out, err, "demo", "train_resume.py", "is missing")
+
+
+def test_demo_script_is_found_in_the_repository():
+    assert cli.demo_script() == Path(__file__).resolve().parents[2] / "examples" / "train_resume.py"

@@ -1,0 +1,77 @@
+"""The real commands, run as a user runs them: ``python -m sdtree`` and the
+``sdtree`` console script (installed by ``pip install -e .``).
+
+Starting Python with torch costs seconds, so the commands of this module
+start together, once, and each test checks one of them.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdtree.checkpoint import describe, load, save
+from sdtree.testing import assert_state_dict_equal
+from tests.checkpoint import cases
+from tests.checkpoint.cases import Payload
+
+REPO = Path(__file__).resolve().parents[2]
+CONSOLE_SCRIPT = Path(sys.executable).parent / "sdtree"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    checkpoint = cases.compiled(cases.combined())
+    save(checkpoint, tmp / "dcp")
+    save({**checkpoint, "step": 9}, tmp / "other.pt")
+    torch.save({"x": Payload(tmp / "code-ran")}, tmp / "evil.pt")
+    module = [sys.executable, "-m", "sdtree"]
+    commands = {
+        "inspect": module + ["inspect", tmp / "dcp", "--json"],
+        "diff": module + ["diff", tmp / "dcp", tmp / "other.pt"],
+        "unsafe": module + ["convert", tmp / "evil.pt", tmp / "out.pt"],
+    }
+    if CONSOLE_SCRIPT.exists():
+        commands["script"] = [CONSOLE_SCRIPT, "convert", tmp / "dcp", tmp / "m.safetensors", "--model-only", "--strip-prefix", "_orig_mod."]
+    procs = {
+        name: subprocess.Popen([str(a) for a in argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, argv in commands.items()
+    }
+    done = {name: (proc.wait(timeout=240), proc.stdout.read(), proc.stderr.read()) for name, proc in procs.items()}
+    for proc in procs.values():
+        proc.stdout.close()
+        proc.stderr.close()
+    return tmp, done
+
+
+def test_python_m_sdtree_inspect_prints_json(runs):
+    tmp, done = runs
+    status, out, err = done["inspect"]
+    assert status == 0, err
+    assert json.loads(out) == json.loads(json.dumps(describe(tmp / "dcp").to_json()))
+
+
+def test_diff_exits_1_when_checkpoints_differ(runs):
+    status, out, _ = runs[1]["diff"]
+    assert status == 1 and "value       step: 3 vs 9" in out
+
+
+def test_unsafe_pickle_exits_2_with_one_line_and_runs_nothing(runs):
+    tmp, done = runs
+    status, out, err = done["unsafe"]
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("sdtree: error: ") and "--trust-pickle" in err
+    assert not (tmp / "code-ran").exists() and not (tmp / "out.pt").exists()
+
+
+def test_console_script_converts(runs):
+    tmp, done = runs
+    if "script" not in done:
+        pytest.skip(f"no console script at {CONSOLE_SCRIPT}: run `pip install -e .`")
+    status, out, err = done["script"]
+    assert status == 0 and out.startswith("wrote "), err
+    assert_state_dict_equal(load(tmp / "m.safetensors"), cases.combined()["model"])
