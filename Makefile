@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/python examples/pipeline_demo.py
+	$(BIN)/sdtree demo
 
 test: install
 	$(BIN)/python -m mypy --strict sdtree
@@ -27,3 +27,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_pipeline.py
 	$(BIN)/python benchmarks/bench_adapters.py
 	$(BIN)/python benchmarks/bench_collectives.py
+	$(BIN)/python benchmarks/bench_checkpoint.py

@@ -502,7 +502,7 @@ def broadcast_state_dict(
 
     broadcast = broadcast_from_rank0(group=pg, place=place if templates else None)
     received = broadcast(full_state_dict if dist.get_rank(pg) == 0 else {})
-    if not templates:
+    if not templates and device != pg_device(pg):
         received = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in received.items()}
     for key, value in received.items():
         if key not in local_state_dict:
