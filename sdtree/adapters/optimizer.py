@@ -35,7 +35,7 @@ from sdtree.transforms import (
     unflatten_optimizer,
 )
 from sdtree.transforms._forms import PARAMS, PG, STATE, is_optim_state_dict
-from sdtree.transforms.distributed import is_dtensor, shard_as
+from sdtree.transforms.distributed import is_dtensor, local_slice, shard_as
 from sdtree.transforms.tensors import allocate
 
 __all__ = [
@@ -381,6 +381,18 @@ def _cast_sharded(param: torch.Tensor, value: torch.Tensor, key: Any, group: Map
     return value.to(dtype=dtype, device=device, copy=True)
 
 
+def _into_shard(cur: Any, value: torch.Tensor, key: Any, group: Mapping[str, Any], param: torch.Tensor) -> Any:
+    """This rank's slice of the full tensor ``value`` when it can be copied
+    into the current DTensor state ``cur`` in place (same shape and target
+    dtype, FSDP2's layout); else None."""
+    if not is_dtensor(cur) or is_dtensor(value) or cur.shape != value.shape:
+        return None
+    if cur.dtype != _target(param, value, key, group)[0]:
+        return None
+    local = local_slice(value.to(cur.dtype), cur)
+    return local if local is not None and local.shape == cur._local_tensor.shape else None
+
+
 def _target(param: torch.Tensor, value: torch.Tensor, key: Any, group: Mapping[str, Any]) -> tuple[torch.dtype, torch.device]:
     """Where torch's ``Optimizer.load_state_dict`` puts a state tensor: floating
     state follows the parameter's dtype, everything its device, and ``step``
@@ -457,7 +469,14 @@ def write_optimizer(optim: torch.optim.Optimizer, plan: OptimPlan) -> None:
                 new[key] = cur
                 continue
             if is_dtensor(param) or is_dtensor(value):
-                new[key] = _cast_sharded(param, value, key, group)
+                local = _into_shard(cur, value, key, group, param)
+                if local is None:
+                    new[key] = _cast_sharded(param, value, key, group)
+                    continue
+                state_dtensor: Any = cur  # a full tensor into the current DTensor state: copy this rank's slice
+                new[key] = state_dtensor
+                dsts.append(state_dtensor._local_tensor)
+                srcs.append(local)
                 continue
             dtype, device = _target(param, value, key, group)
             if isinstance(cur, torch.Tensor) and cur.shape == value.shape and cur.dtype == dtype and cur.device == device:

@@ -34,6 +34,7 @@ __all__ = [
     "broadcast_from_rank0",
     "shard_like",
     "shard_as",
+    "local_slice",
     "gather_state_dict",
     "distribute_state_dict",
     "broadcast_state_dict",
@@ -361,6 +362,28 @@ def broadcast_from_rank0(
     return _BroadcastFromRank0(bucket_bytes, group, place)
 
 
+def local_slice(full: torch.Tensor, template: Any) -> Optional[torch.Tensor]:
+    """This rank's part of ``full`` as the DTensor ``template`` lays it out,
+    as a view of ``full`` (no copy), for FSDP2's and DDP-like layouts (a 1-D
+    mesh, ``Shard(0)`` or ``Replicate``, same shape and dtype); ``None`` for
+    any other layout. Not a collective."""
+    spec = template._spec  # not the public properties: this runs once per tensor of a load
+    placements = spec.placements
+    if len(placements) != 1 or full.dtype != template.dtype or full.shape != template.shape:
+        return None
+    dtensor: Any = sys.modules["torch.distributed.tensor"]
+    placement = placements[0]
+    if type(placement) is dtensor.Replicate:
+        return full.detach()
+    if type(placement) is dtensor.Shard and placement.dim == 0:
+        mesh = spec.mesh
+        counts = _row_counts(full.shape[0], mesh.size())
+        (rank,) = mesh.get_coordinate()
+        start = sum(counts[:rank])
+        return full.detach()[start : start + counts[rank]]
+    return None
+
+
 def shard_as(full: torch.Tensor, template: Any) -> Any:
     """The local shard of ``full`` laid out as the DTensor ``template`` is
     (mesh and placements, strided shards included), as a new DTensor that
@@ -369,24 +392,14 @@ def shard_as(full: torch.Tensor, template: Any) -> Any:
     Not a collective: every rank holds ``full`` and keeps its own slice.
     """
     dtensor: Any = sys.modules["torch.distributed.tensor"]  # loaded: ``template`` is a DTensor
-    mesh = template.device_mesh
-    placement = template.placements[0] if mesh.ndim == 1 else None
-    if placement is not None and full.dtype == template.dtype and full.shape == template.shape:
+    local = local_slice(full, template)
+    if local is not None:
         # FSDP2's and DDP-like layouts: slice here, reuse the template's spec
         # (DTensor.from_local and distribute_tensor cost ~70us a tensor).
         device = full.device if template.is_meta else template._local_tensor.device
-        if type(placement) is dtensor.Shard and placement.dim == 0:
-            counts = _row_counts(full.shape[0], mesh.size())
-            (rank,) = mesh.get_coordinate()
-            start = sum(counts[:rank])
-            local = full.detach()[start : start + counts[rank]]
-        elif type(placement) is dtensor.Replicate:
-            local = full.detach()
-        else:
-            local = None
-        if local is not None:
-            local = local.to(device=device, copy=True, memory_format=torch.contiguous_format)
-            return dtensor.DTensor(local, template._spec, requires_grad=False)
+        local = local.to(device=device, copy=True, memory_format=torch.contiguous_format)
+        return dtensor.DTensor(local, template._spec, requires_grad=False)
+    mesh = template.device_mesh
     sharded: Any = dtensor.distribute_tensor(full.detach(), mesh, template.placements, src_data_rank=None)
     if sharded._local_tensor.untyped_storage().data_ptr() == full.untyped_storage().data_ptr():
         sharded = sharded.clone()
