@@ -11,7 +11,8 @@ Shapes: (a) 1,024 tensors of 16 KiB, (b) 4 tensors of 64 MiB (float32).
 "flat, new buffer" is the same collective into a freshly allocated buffer, as
 any call that returns new tensors must receive into (its pages are faulted
 in during the transfer). Peak extra memory: the highest resident set size sampled (every ms) during
-the call, minus the size before it, on rank 0. The variants of one operation
+one more call, minus the size before it, on rank 0 (the times come from runs
+without the sampler, whose wake-ups tax Python-heavy code). The variants of one operation
 run in interleaved rounds (best of 3), so none pays alone for the process's
 first large allocations.
 
@@ -43,44 +44,51 @@ def _rss() -> int:
 
 
 def measure_rounds(fns: dict, reps: int = 3) -> dict:
-    """Best (seconds, peak extra RSS) of each of ``fns``, run in interleaved
+    """Best seconds and peak extra RSS of each of ``fns``, run in interleaved
     rounds so that no one pays alone for the process's first large allocations."""
     best: dict = {}
     for _ in range(reps):
         for label, fn in fns.items():
-            secs, mem = measure(fn, reps=1)
-            if label not in best or secs < best[label][0]:
-                best[label] = (secs, mem)
-    return best
+            secs = timed(fn)
+            best[label] = min(best.get(label, float("inf")), secs)
+    return {label: (secs, peak_memory(fns[label])) for label, secs in best.items()}
 
 
 def measure(fn, reps: int = 3):
-    """(best seconds, peak extra RSS bytes of the best run) of ``fn``; all ranks call it."""
-    best, best_mem = float("inf"), 0
-    for _ in range(reps):
-        dist.barrier()
-        base = _rss()
-        peak = [base]
-        stop = threading.Event()
+    """(best seconds of ``reps`` runs, peak extra RSS bytes of one more run); all ranks call it."""
+    return min(timed(fn) for _ in range(reps)), peak_memory(fn)
 
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], _rss())
-                time.sleep(0.001)
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        start = time.perf_counter()
-        fn()
-        took = time.perf_counter() - start
-        stop.set()
-        sampler.join()
-        peak[0] = max(peak[0], _rss())
-        t = torch.tensor([took])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if t.item() < best:
-            best, best_mem = t.item(), peak[0] - base
-    return best, best_mem
+def timed(fn) -> float:
+    """Seconds of one call of ``fn`` on the slowest rank (no sampler running:
+    its wake-ups would tax Python-heavy code for the GIL)."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    t = torch.tensor([time.perf_counter() - start])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def peak_memory(fn) -> int:
+    """The highest RSS sampled (every ms) during one call of ``fn``, minus the RSS before it."""
+    dist.barrier()
+    base = _rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    fn()
+    stop.set()
+    sampler.join()
+    dist.barrier()
+    return max(peak[0], _rss()) - base
 
 
 def shapes(kind: str):
@@ -181,7 +189,7 @@ def main() -> None:
     rows = q.get()
     for p in procs:
         p.join()
-    print(f"torch {torch.__version__}, 2 gloo processes on CPU; best of 3; peak extra RSS on rank 0\n")
+    print(f"torch {torch.__version__}, 2 gloo processes on CPU; best of 3; peak extra RSS on rank 0 (a separate run)\n")
     print(f"{'shape':<6}{'operation':<30}{'ms':>10}{'peak MiB':>10}")
     times = {}
     for kind, label, secs, mem in rows:
