@@ -136,7 +136,7 @@ def _hidden_children(module: nn.Module, modifiers: str) -> tuple[set[str], set[s
     if ac is not None and isinstance(module, ac.ActivationWrapper):
         hidden.add(_AC_CHILD)
         unkeyed.add(_AC_CHILD)
-    if _flat_param_of(module) is not None or _is_fsdp1(module):
+    if _is_fsdp1(module):
         hidden.add(_FSDP1_CHILD)  # FSDP1's own state-dict hooks drop it from keys too
         unkeyed.add(_FSDP1_CHILD)
     modifier = getattr(module, modifiers, None)
@@ -205,7 +205,7 @@ def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> 
         flat_param = _flat_param_of(module)
         if flat_param is not None and id(flat_param) not in flat_members:
             flat_members[id(flat_param)] = _register_flat(flat_param, held)
-        for name, param, stand_in in _params_of(module, held.get(id(module))):
+        for name, param, stand_in in _params_of(module, held.get(id(module)), flat_members):
             canonical = fqn + name
             entries[canonical] = Entry(canonical, module, name, attr, "param", stand_in if stand_in is not None else param)
             key_to_fqn[key + name] = canonical
@@ -271,23 +271,21 @@ def _register_flat(flat_param: Any, held: dict[int, dict[str, Any]]) -> list[tup
     return members
 
 
-def _params_of(module: nn.Module, held: Mapping[str, Any] | None) -> Iterator[tuple[str, Any, Any]]:
+def _params_of(
+    module: nn.Module, held: Mapping[str, Any] | None, flat_params: Mapping[int, Any]
+) -> Iterator[tuple[str, Any, Any]]:
     """``(name, parameter, full-shape stand-in or None)`` for a module's
     parameters as ``model.state_dict()`` lists them: under FSDP1 the
     parameters a flat parameter holds (present, or only a stand-in), never
-    the flat parameter itself."""
+    the flat parameters themselves (``flat_params``, by id: their FSDP module
+    is walked before the module holding them)."""
     for name, param in module._parameters.items():
-        if param is not None and not (held and name in held) and not _is_flat(param):
+        if param is not None and not (held and name in held) and id(param) not in flat_params:
             yield name, param, None
     if held:
         for name, stand_in in held.items():
             param = module._parameters.get(name)
             yield name, stand_in if param is None else param, stand_in
-
-
-def _is_flat(param: Any) -> bool:
-    flat = sys.modules.get("torch.distributed.fsdp._flat_param")
-    return flat is not None and isinstance(param, flat.FlatParameter)
 
 
 def index_params(

@@ -7,6 +7,7 @@ first collective, because a raise on one rank is a hang on the others.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from sdtree._tree import tree_flatten, tree_unflatten
 from sdtree.errors import NotAMappingError
 from sdtree.transforms.compose import Transform
-from sdtree.transforms.tensors import is_sharded_tensor
+from sdtree.transforms.tensors import is_sharded_tensor, sharded_tensor_type
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 # Broadcast packs on rank 0 while the previous bucket is on the wire: with
@@ -73,10 +74,13 @@ def keep_on_ranks(ranks: tuple[int, ...], *, group: Optional[dist.ProcessGroup] 
     return _KeepOnRanks(tuple(ranks), group)
 
 
-def _row_counts(rows: int, world: int) -> list[int]:
-    """Rows each rank holds when ``rows`` are split as torch.chunk splits them."""
+@functools.lru_cache(maxsize=4096)
+def _row_counts(rows: int, world: int) -> tuple[int, ...]:
+    """Rows each rank holds when ``rows`` are split as torch.chunk splits them
+    (cached: a model's tensors share few leading sizes, and this runs once
+    per tensor of a gather or a sharded load)."""
     chunk = -(-rows // world)
-    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+    return tuple(max(0, min(chunk, rows - r * chunk)) for r in range(world))
 
 
 @attrs.frozen(repr=False)
@@ -88,12 +92,11 @@ class _GatherDTensors(Transform):
     def __call__(self, state_dict: Any, /) -> Any:
         leaves, spec = tree_flatten(state_dict)
         dtensor: Any = sys.modules.get("torch.distributed.tensor")
-        sharded_tensor: Any = sys.modules.get("torch.distributed._shard.sharded_tensor")
-        if dtensor is None and sharded_tensor is None:
+        sharded_tensor_cls = sharded_tensor_type()
+        if dtensor is None and not sharded_tensor_cls:
             return tree_unflatten(spec, leaves)
         dtensor_cls = dtensor.DTensor if dtensor is not None else ()
         shard_cls = dtensor.Shard if dtensor is not None else ()
-        sharded_tensor_cls = sharded_tensor.ShardedTensor if sharded_tensor is not None else ()
         batches: dict[tuple[int, torch.dtype], list[int]] = {}
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, dtensor_cls):
@@ -134,10 +137,9 @@ class _GatherDTensors(Transform):
         world = dist.get_world_size(group)
         even: dict[int, list[int]] = {}  # shard length -> tensors
         uneven = []
-        counts_of: dict[int, list[int]] = {}
         for i in indices:
             shape = leaves[i].shape
-            counts = counts_of.get(shape[0]) or counts_of.setdefault(shape[0], _row_counts(shape[0], world))
+            counts = _row_counts(shape[0], world)
             if counts.count(counts[0]) == world:
                 even.setdefault(counts[0] * math.prod(shape[1:]), []).append(i)
             else:
@@ -174,7 +176,7 @@ class _GatherDTensors(Transform):
         work: Any,
         recv: torch.Tensor,
         even: dict[int, list[int]],
-        uneven: list[tuple[int, list[int], int]],
+        uneven: list[tuple[int, tuple[int, ...], int]],
         widths: list[int],
     ) -> None:
         work.wait()
@@ -206,8 +208,7 @@ def _gather_sharded_tensor(value: Any) -> torch.Tensor:
         by_rank[dist.get_group_rank(group, global_rank) if group is not None else global_rank].append(shard)
     for shards in by_rank:  # the same order on every rank, whatever order they were listed in
         shards.sort(key=lambda s: tuple(s.shard_offsets))
-    widths = [sum(math.prod(s.shard_sizes) for s in shards) for shards in by_rank]
-    width = max(widths)
+    width = max(sum(math.prod(s.shard_sizes) for s in shards) for shards in by_rank)
     local = sorted(value.local_shards(), key=lambda s: tuple(s.metadata.shard_offsets))
     device = local[0].tensor.device if local else pg_device(group)
     send = torch.zeros(width, dtype=value.dtype, device=device)

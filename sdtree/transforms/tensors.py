@@ -81,12 +81,13 @@ def allocate(
         for i, numel in zip(indices, numels):
             shape = specs[i][0]
             # as_strided: several times cheaper than split() + view() per tensor
-            out[i] = buffer.as_strided(shape, _contiguous_strides(shape), offset)
+            out[i] = buffer.as_strided(shape, contiguous_strides(shape), offset)
             offset += numel
     return out  # type: ignore[return-value]
 
 
-def _contiguous_strides(shape: Any) -> tuple[int, ...]:
+def contiguous_strides(shape: Any) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``, as torch computes them."""
     strides = []
     step = 1
     for size in reversed(shape):
@@ -120,10 +121,16 @@ def _meta_error(fn: str, state_dict: Any) -> UnsupportedLeafError:
     )
 
 
+def sharded_tensor_type() -> Any:
+    """The legacy ``ShardedTensor`` class once torch has loaded it, else ``()``
+    (for ``isinstance``: nothing is one before its module is imported)."""
+    sharded = sys.modules.get("torch.distributed._shard.sharded_tensor")
+    return sharded.ShardedTensor if sharded is not None else ()
+
+
 def is_sharded_tensor(value: Any) -> bool:
     """Whether ``value`` is a legacy ``ShardedTensor`` (FSDP1's sharded state dicts)."""
-    sharded = sys.modules.get("torch.distributed._shard.sharded_tensor")
-    return sharded is not None and isinstance(value, sharded.ShardedTensor)
+    return isinstance(value, sharded_tensor_type())
 
 
 def _sharded_tensor_to_cpu(value: Any, pin: bool, share: bool) -> Any:
@@ -161,8 +168,7 @@ class _OffloadToCpu(Transform):
         pin = self.pin_memory and _pinning_available()
         share = self.share_memory
         leaves, spec = tree_flatten(state_dict)
-        sharded_tensor = sys.modules.get("torch.distributed._shard.sharded_tensor")
-        sharded_cls = sharded_tensor.ShardedTensor if sharded_tensor is not None else ()
+        sharded_cls = sharded_tensor_type()
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, sharded_cls):
                 leaves[i] = _sharded_tensor_to_cpu(leaf, pin, share)

@@ -12,7 +12,7 @@ def test_row_counts_follow_torch_chunk():
         for world in (1, 2, 3, 4):
             expected = [c.shape[0] for c in torch.arange(rows).chunk(world)] if rows else []
             expected += [0] * (world - len(expected))
-            assert _row_counts(rows, world) == expected, (rows, world)
+            assert _row_counts(rows, world) == tuple(expected), (rows, world)
 
 
 def test_buckets_split_by_dtype_and_size():
