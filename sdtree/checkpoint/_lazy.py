@@ -23,7 +23,7 @@ from sdtree._tree import tree_flatten_with_path, tree_map
 from sdtree.checkpoint._formats import Format
 from sdtree.errors import CorruptCheckpointError, UnsupportedLeafError
 
-__all__ = ["Checkpoint", "Fetch", "read_range", "read_into", "contiguous_strides", "tensor_from_bytes", "plain_cpu", "alias_key", "dotted", "tensor_items"]
+__all__ = ["Checkpoint", "Fetch", "read_range", "read_into", "tensor_from_bytes", "plain_cpu", "alias_key", "dotted", "tensor_items"]
 
 Fetch = Callable[[torch.Tensor], torch.Tensor]
 
@@ -107,15 +107,6 @@ def read_into(path: Path, offset: int, out: torch.Tensor, *, what: str) -> torch
                 )
             done += got
     return out
-
-
-def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The strides of a contiguous tensor of ``shape``, as torch computes them."""
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
 
 
 def tensor_from_bytes(

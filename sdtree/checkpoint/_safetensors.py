@@ -31,12 +31,12 @@ from sdtree.checkpoint._lazy import (
     Checkpoint,
     Fetch,
     alias_key,
-    contiguous_strides,
     plain_cpu,
     read_range,
     tensor_from_bytes,
 )
 from sdtree.errors import CheckpointFormatError, CorruptCheckpointError
+from sdtree.transforms.tensors import contiguous_strides
 
 __all__ = ["open_safetensors", "write_safetensors", "check_model_state_dict", "ALIASES_KEY"]
 

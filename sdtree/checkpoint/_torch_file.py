@@ -35,7 +35,6 @@ from sdtree.checkpoint._lazy import (
     Checkpoint,
     Fetch,
     alias_key,
-    contiguous_strides,
     dotted,
     plain_cpu,
     read_range,
@@ -43,6 +42,7 @@ from sdtree.checkpoint._lazy import (
 )
 from sdtree.checkpoint._pickle import torch_load
 from sdtree.errors import CorruptCheckpointError, UnsupportedLeafError
+from sdtree.transforms.tensors import contiguous_strides
 
 __all__ = ["open_torch_file", "write_torch_file", "byteorder"]
 
