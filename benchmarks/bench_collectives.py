@@ -10,11 +10,20 @@ Shapes: (a) 1,024 tensors of 16 KiB, (b) 4 tensors of 64 MiB (float32).
   200 parameters with Adam: sdtree vs torch.
 "flat, new buffer" is the same collective into a freshly allocated buffer, as
 any call that returns new tensors must receive into (its pages are faulted
-in during the transfer). Peak extra memory: the highest resident set size sampled (every ms) during
-one more call, minus the size before it, on rank 0 (the times come from runs
-without the sampler, whose wake-ups tax Python-heavy code). The variants of one operation
-run in interleaved rounds (best of 3), so none pays alone for the process's
-first large allocations.
+in during the transfer). "bare bucket" is what any bucketed implementation
+that returns new tensors does at least, with no per-tensor work: the
+metadata broadcast, one pack of all tensors on the sending side, one
+collective into a new buffer (and, for the gather, the one copy that turns
+rank-major gathered data into whole tensors).
+
+Each variant of an operation runs once per round, the rounds interleaved
+(7 rounds), so none pays alone for the process's first large allocations;
+the table gives the best and the median round, and the ratios use the
+median (the best is shown too: on a 2-core VM one quiet round can halve a
+time). Templates are built before the clock starts (they are the input).
+Peak extra memory: the highest resident set size sampled (every ms) during
+one more call, minus the size before it, on rank 0 (the times come from
+runs without the sampler, whose wake-ups tax Python-heavy code).
 
 Targets: (a) >= 20x faster than torch, (b) no slower, both within 2x of the
 flat collective; FSDP2 get/set >= 10x faster than torch.
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import os
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -43,20 +53,21 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_rounds(fns: dict, reps: int = 3) -> dict:
-    """Best seconds and peak extra RSS of each of ``fns``, run in interleaved
-    rounds so that no one pays alone for the process's first large allocations."""
-    best: dict = {}
+def measure_rounds(fns: dict, reps: int = 7) -> dict:
+    """(best seconds, median seconds, peak extra RSS) of each of ``fns``, run
+    in interleaved rounds so that no one pays alone for the process's first
+    large allocations."""
+    runs: dict = {label: [] for label in fns}
     for _ in range(reps):
         for label, fn in fns.items():
-            secs = timed(fn)
-            best[label] = min(best.get(label, float("inf")), secs)
-    return {label: (secs, peak_memory(fns[label])) for label, secs in best.items()}
+            runs[label].append(timed(fn))
+    return {label: (min(t), statistics.median(t), peak_memory(fns[label])) for label, t in runs.items()}
 
 
-def measure(fn, reps: int = 3):
-    """(best seconds of ``reps`` runs, peak extra RSS bytes of one more run); all ranks call it."""
-    return min(timed(fn) for _ in range(reps)), peak_memory(fn)
+def measure(fn, reps: int = 7):
+    """(best seconds, median seconds, peak extra RSS bytes of one more run); all ranks call it."""
+    t = [timed(fn) for _ in range(reps)]
+    return min(t), statistics.median(t), peak_memory(fn)
 
 
 def timed(fn) -> float:
@@ -115,14 +126,18 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
         nbytes = sum(t.numel() * 4 for t in full.values())
         flat = torch.empty(nbytes // 4)
 
-        # broadcast into a plain template
+        # broadcast into a plain template (built once: it is the input, and
+        # both utilities only replace its values)
+        ours_local = {k: torch.empty(0) for k in full}
+        torch_local = {k: torch.empty(0) for k in full}
+        leaves = list(full.values())
+        header = {k: (tuple(t.shape), t.dtype) for k, t in full.items()}
+
         def ours_b():
-            local = {k: torch.empty(0) for k in full}
-            sdtree.broadcast_state_dict(full if rank == 0 else {}, local, cpu)
+            sdtree.broadcast_state_dict(full if rank == 0 else {}, ours_local, cpu)
 
         def torch_b():
-            local = {k: torch.empty(0) for k in full}
-            torch_utils._broadcast_state_dict(full if rank == 0 else {}, local, cpu)
+            torch_utils._broadcast_state_dict(full if rank == 0 else {}, torch_local, cpu)
 
         def flat_b():
             dist.broadcast(flat, src=0)
@@ -130,12 +145,19 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
         def flat_fresh_b():  # what any receiver of new tensors pays too: memory allocated (and faulted in) anew
             dist.broadcast(flat if rank == 0 else torch.empty(nbytes // 4), src=0)
 
+        def bare_b():  # metadata, one pack, one broadcast into a new buffer; no per-tensor work
+            dist.broadcast_object_list([header if rank == 0 else None], src=0)
+            packed = torch._C._nn.flatten_dense_tensors(leaves) if rank == 0 else torch.empty(nbytes // 4)
+            dist.broadcast(packed, src=0)
+
         results = measure_rounds(
             {
                 "broadcast sdtree": ours_b,
                 "broadcast torch": torch_b,
                 "broadcast flat": flat_b,
                 "broadcast flat, new buffer": flat_fresh_b,
+                # (b): every tensor is a bucket of its own, so "flat, new buffer" is the floor
+                **({"broadcast bare bucket": bare_b} if kind == "a" else {}),
             }
         )
         rows.extend((kind, label, *value) for label, value in results.items())
@@ -150,6 +172,16 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
             fns["gather torch" + suffix] = lambda offload=offload: torch_utils._gather_state_dict(sharded, cpu_offload=offload)
         fns["gather flat"] = lambda: dist.all_gather_single(gathered, shard_flat)
         fns["gather flat, new buffer"] = lambda: dist.all_gather_single(torch.empty(nbytes // 4), shard_flat)
+        locals_ = [t._local_tensor for t in sharded.values()]
+        n, length = len(locals_), locals_[0].numel()
+
+        def bare_g():  # one pack, one all_gather into a new buffer, one rank-major -> tensor-major copy
+            recv = torch.empty(world, n * length)
+            dist.all_gather_single(recv.view(-1), torch._C._nn.flatten_dense_tensors(locals_))
+            recv.view(world, n, length).transpose(0, 1).contiguous()
+
+        if kind == "a":
+            fns["gather bare bucket"] = bare_g
         rows.extend((kind, label, *value) for label, value in measure_rounds(fns).items())
 
     # FSDP2 model of 200 parameters, Adam
@@ -189,27 +221,32 @@ def main() -> None:
     rows = q.get()
     for p in procs:
         p.join()
-    print(f"torch {torch.__version__}, 2 gloo processes on CPU; best of 3; peak extra RSS on rank 0 (a separate run)\n")
-    print(f"{'shape':<6}{'operation':<30}{'ms':>10}{'peak MiB':>10}")
-    times = {}
-    for kind, label, secs, mem in rows:
-        times[(kind, label)] = secs
-        print(f"{kind:<6}{label:<30}{secs * 1e3:>10.1f}{mem / MIB:>10.1f}")
-    print("\nratios")
-    for kind in ("a", "b"):
-        b = times[(kind, "broadcast torch")] / times[(kind, "broadcast sdtree")]
-        bf = times[(kind, "broadcast sdtree")] / times[(kind, "broadcast flat")]
-        bn = times[(kind, "broadcast sdtree")] / times[(kind, "broadcast flat, new buffer")]
-        print(f"  ({kind}) broadcast{'':<13}: torch/sdtree {b:6.1f}x   sdtree/flat {bf:5.2f}x   sdtree/flat new buffer {bn:5.2f}x")
-        for suffix in ("", " +cpu_offload"):
-            g = times[(kind, "gather torch" + suffix)] / times[(kind, "gather sdtree" + suffix)]
-            gf = times[(kind, "gather sdtree" + suffix)] / times[(kind, "gather flat")]
-            gn = times[(kind, "gather sdtree" + suffix)] / times[(kind, "gather flat, new buffer")]
-            print(f"  ({kind}) gather{suffix:<16}: torch/sdtree {g:6.1f}x   sdtree/flat {gf:5.2f}x   sdtree/flat new buffer {gn:5.2f}x")
-    for op in ("get_state_dict", "set_state_dict"):
-        r = times[("fsdp2", f"{op} torch")] / times[("fsdp2", f"{op} sdtree")]
-        print(f"  fsdp2 {op}: torch/sdtree {r:6.1f}x")
+    print(f"torch {torch.__version__}, 2 gloo processes on CPU; 7 interleaved rounds; peak extra RSS on rank 0 (a separate run)\n")
+    print(f"{'shape':<6}{'operation':<30}{'best ms':>10}{'median ms':>11}{'peak MiB':>10}")
+    best, median = {}, {}
+    for kind, label, low, mid, mem in rows:
+        best[(kind, label)], median[(kind, label)] = low, mid
+        print(f"{kind:<6}{label:<30}{low * 1e3:>10.1f}{mid * 1e3:>11.1f}{mem / MIB:>10.1f}")
 
+    def ratio(kind: str, num: str, den: str) -> str:
+        return f"{median[(kind, num)] / median[(kind, den)]:5.2f}x ({best[(kind, num)] / best[(kind, den)]:4.2f}x)"
+
+    print("\nratios of medians (of best rounds)")
+    for kind in ("a", "b"):
+        ops = [("broadcast", "broadcast sdtree", "broadcast")]
+        ops += [("gather" + suffix, "gather sdtree" + suffix, "gather") for suffix in ("", " +cpu_offload")]
+        for name, ours, op in ops:
+            theirs = ours.replace("sdtree", "torch")
+            print(
+                f"  ({kind}) {name:<20}: torch/sdtree {ratio(kind, theirs, ours)}"
+                f"   sdtree/flat {ratio(kind, ours, op + ' flat')}"
+                f"   sdtree/flat new buffer {ratio(kind, ours, op + ' flat, new buffer')}"
+                + (f"   sdtree/bare bucket {ratio(kind, ours, op + ' bare bucket')}" if kind == "a" else "")
+            )
+    for op in ("broadcast", "gather"):
+        print(f"  (a) {op} bare bucket/flat: {ratio('a', op + ' bare bucket', op + ' flat')}")
+    for op in ("get_state_dict", "set_state_dict"):
+        print(f"  fsdp2 {op}: torch/sdtree {ratio('fsdp2', f'{op} torch', f'{op} sdtree')}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from sdtree.errors import IncompatibleStateDictError, SdtreeError
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, identity, offload_to_cpu
-from sdtree.transforms.distributed import broadcast_from_rank0, gather_dtensors, is_distributed, keep_on_ranks
+from sdtree.transforms.distributed import broadcast_from_rank0, gather_dtensors, is_distributed, keep_on_ranks, pg_device
 
 T = TypeVar("T")
 
@@ -129,14 +129,17 @@ def agree(fn: str, needed: bool, plan: Callable[[], T]) -> T:
         result = plan()
     except (SdtreeError, ValueError, TypeError) as err:
         problem = f"{type(err).__name__}: {err}"
+    # One tiny all_reduce says whether any rank failed; only then do the
+    # ranks exchange their reports (every rank takes the same branch).
+    failed = torch.tensor([problem is not None], dtype=torch.int32, device=pg_device())
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return result  # type: ignore[return-value]  # no rank reported a problem, so plan() returned
     reports: list[Optional[str]] = [None] * dist.get_world_size()
     dist.all_gather_object(reports, problem)
     bad = [(rank, text) for rank, text in enumerate(reports) if text]
-    if bad:
-        ranks = ", ".join(str(rank) for rank, _ in bad)
-        details = " | ".join(f"rank {rank}: {text}" for rank, text in bad)
-        raise IncompatibleStateDictError(
-            f"{fn}: rank(s) {ranks} of {len(reports)} cannot load; nothing was written on any "
-            f"rank. {details}"
-        )
-    return result  # type: ignore[return-value]  # no rank reported a problem, so plan() returned
+    ranks = ", ".join(str(rank) for rank, _ in bad)
+    details = " | ".join(f"rank {rank}: {text}" for rank, text in bad)
+    raise IncompatibleStateDictError(
+        f"{fn}: rank(s) {ranks} of {len(reports)} cannot load; nothing was written on any rank. {details}"
+    )

@@ -33,3 +33,8 @@ def test_broadcast_with_empty_rank0_raises_the_same_error_everywhere(pool2):
 
 def test_broadcast_transform_keeps_structure_and_dtypes(pool2):
     assert pool2.run(bodies.broadcast_transform) == [["7", "a", "b", "c", "d"]] * 2
+
+
+def test_broadcast_of_a_flat_state_dict_keeps_its_type_order_and_rank0_tensors(pool2):
+    keys = ["w", "step", "lr", "note", "half", "5", "scalar"]
+    assert pool2.run(bodies.broadcast_flat_state_dict) == [keys] * 2

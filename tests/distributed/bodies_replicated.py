@@ -130,3 +130,40 @@ def broadcast_transform(rank: int, world_size: int) -> list:
     assert_state_dict_equal(out, sd)
     assert isinstance(out["c"], tuple) and isinstance(out["d"], OrderedDict)
     return sorted(map(str, out))
+
+
+def broadcast_flat_state_dict(rank: int, world_size: int) -> list:
+    """A one-level dict of tensors and scalars travels as its keys: same
+    type, order, values and dtypes on every rank; rank 0 keeps its own
+    tensors (detached) rather than views of the bucket it sent."""
+    from collections import OrderedDict
+
+    from sdtree.transforms.distributed import broadcast_from_rank0
+
+    sd = OrderedDict(
+        [
+            ("w", torch.nn.Parameter(torch.arange(6.0).view(2, 3))),
+            ("step", 3),
+            ("lr", 0.5),
+            ("note", None),
+            ("half", torch.ones(3, dtype=torch.float16)),
+            (5, torch.tensor([1, 2], dtype=torch.int64)),
+            ("scalar", torch.tensor(2.0)),
+        ]
+    )
+    seen = []
+
+    def place(path, tensor):
+        seen.append(path)
+        return tensor
+
+    out = broadcast_from_rank0(bucket_bytes=32, place=place)(sd if rank == 0 else {})
+    assert type(out) is OrderedDict and list(out) == list(sd)
+    assert_state_dict_equal(out, sd)
+    assert seen == [("w",), ("half",), (5,), ("scalar",)]
+    assert not out["w"].requires_grad and out["w"].shape == (2, 3)
+    if rank == 0:
+        assert out["w"].data_ptr() == sd["w"].data_ptr() and out["half"] is sd["half"]
+    plain = broadcast_from_rank0()(dict(sd) if rank == 0 else {})
+    assert type(plain) is dict and list(plain) == list(sd)
+    return [str(k) for k in out]
