@@ -17,3 +17,15 @@ def pool4():
     pool = WorkerPool(4)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def pool_cuda():
+    """One NCCL worker on the first GPU (tests that ask for it skip without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pool = WorkerPool(1, backend="nccl")
+    yield pool
+    pool.close()

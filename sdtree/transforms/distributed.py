@@ -32,6 +32,10 @@ from sdtree.transforms.tensors import sharded_tensor_type
 # bandwidth of NCCL.
 DEFAULT_BUCKET_BYTES = 16 * 1024 * 1024
 
+# torch 2.13 renamed all_gather_into_tensor (and deprecated the old name);
+# sdtree supports torch from 2.6.
+_all_gather_single: Callable[..., Any] = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 __all__ = [
     "keep_on_ranks",
     "gather_dtensors",
@@ -157,7 +161,7 @@ class _GatherDTensors(Transform):
         if len(indices) == 1 and even:
             (i,) = indices
             full = torch.empty(leaves[i].shape, dtype=first.dtype, device=device)
-            work = dist.all_gather_single(full, leaves[i]._local_tensor.contiguous(), group=group, async_op=True)
+            work = _all_gather_single(full, leaves[i]._local_tensor.contiguous(), group=group, async_op=True)
 
             def finish_one() -> None:
                 work.wait()
@@ -176,7 +180,7 @@ class _GatherDTensors(Transform):
         send = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         size = send.numel()
         recv = torch.empty(world * size, dtype=first.dtype, device=device).view(world, size)
-        work = dist.all_gather_single(recv.view(-1), send, group=group, async_op=True)
+        work = _all_gather_single(recv.view(-1), send, group=group, async_op=True)
         return lambda: self._unpack(leaves, work, recv, even, uneven, widths)
 
     def _unpack(
@@ -226,7 +230,7 @@ def _gather_sharded_tensor(value: Any) -> torch.Tensor:
     if local:
         torch.cat([s.tensor.reshape(-1) for s in local], out=send[: sum(s.tensor.numel() for s in local)])
     recv = torch.empty(world * width, dtype=value.dtype, device=device)
-    dist.all_gather_single(recv, send, group=group)
+    _all_gather_single(recv, send, group=group)
     full = torch.empty(value.size(), dtype=value.dtype, device=device)
     for rank, shards in enumerate(by_rank):
         offset = rank * width
@@ -610,16 +614,18 @@ def broadcast_state_dict(
     templates = _dtensors(local_state_dict)
 
     def place(path: tuple[Any, ...], tensor: torch.Tensor) -> Any:
+        if tensor.dim() == 0:  # torch sends these with the metadata: they land on CPU
+            return tensor.cpu()
         # into the local shard as soon as the bucket arrives, as torch does
         local = templates.get(path[0]) if len(path) == 1 else None
-        if local is not None and tensor.dim() > 0:
+        if local is not None:
             return _place(tensor, local, device)
         return tensor if tensor.device == device else tensor.to(device)
 
-    broadcast = broadcast_from_rank0(group=pg, place=place if templates else None)
+    # on CPU without templates every tensor stays as it arrives: no call per tensor
+    as_arrived = not templates and device.type == "cpu" and pg_device(pg).type == "cpu"
+    broadcast = broadcast_from_rank0(group=pg, place=None if as_arrived else place)
     received = broadcast(full_state_dict if dist.get_rank(pg) == 0 else {})
-    if not templates and device != pg_device(pg):
-        received = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in received.items()}
     for key, value in received.items():
         if key not in local_state_dict:
             continue

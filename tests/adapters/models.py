@@ -60,8 +60,9 @@ def batch(seed: int = 0, n: int = 6) -> torch.Tensor:
 def train(model: nn.Module, optims, steps: int = 2, seed: int = 0) -> list[float]:
     optims = optims if isinstance(optims, (list, tuple)) else [optims]
     losses = []
+    device = next(model.parameters()).device
     for step in range(steps):
-        tokens = batch(seed + step)
+        tokens = batch(seed + step).to(device)
         loss = nn.functional.cross_entropy(model(tokens), tokens)
         loss.backward()
         for optim in optims:

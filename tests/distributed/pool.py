@@ -1,4 +1,4 @@
-"""A pool of spawned gloo worker processes that runs many test bodies.
+"""A pool of spawned worker processes (gloo, or NCCL with one GPU a rank) that runs many test bodies.
 
 Starting gloo processes costs seconds; re-using one process group costs
 nothing. ``WorkerPool.run(fn, *args)`` runs ``fn(rank, world_size, *args)`` on
@@ -29,7 +29,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:
+def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any, backend: str) -> None:
     import warnings
 
     import torch
@@ -37,7 +37,9 @@ def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> 
 
     warnings.simplefilter("ignore")  # torch's own warnings are not under test here
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    if "nccl" in backend:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     while True:
         task = tasks.get()
         if task is None:
@@ -52,8 +54,9 @@ def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> 
 
 
 class WorkerPool:
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, backend: str = "gloo") -> None:
         self.world_size = world_size
+        self.backend = backend
         self.procs: list[Any] = []
         self._start()
 
@@ -67,7 +70,9 @@ class WorkerPool:
             for rank in range(self.world_size):
                 os.environ["PYTHONHASHSEED"] = str(rank + 1)
                 proc = ctx.Process(
-                    target=_worker, args=(rank, self.world_size, port, self.tasks[rank], self.results), daemon=True
+                    target=_worker,
+                    args=(rank, self.world_size, port, self.tasks[rank], self.results, self.backend),
+                    daemon=True,
                 )
                 proc.start()
                 self.procs.append(proc)
