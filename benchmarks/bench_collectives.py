@@ -3,6 +3,9 @@
 Shapes: (a) 1,024 tensors of 16 KiB, (b) 4 tensors of 64 MiB (float32).
 - broadcast from rank 0 into a template: sdtree.broadcast_state_dict vs torch's
   _broadcast_state_dict vs one flat dist.broadcast of the same bytes;
+- a broadcast_from_rank0 load (set_model_state_dict, full_state_dict) into a
+  model whose parameters have those shapes: sdtree vs torch vs the same flat
+  broadcast (sdtree receives into the parameters themselves);
 - full-state-dict gather of the same shapes sharded Shard(0) (with and without
   cpu_offload): sdtree.gather_state_dict vs torch's _gather_state_dict vs one
   flat all_gather of the same bytes;
@@ -22,8 +25,9 @@ the table gives the best and the median round, and the ratios use the
 median (the best is shown too: on a 2-core VM one quiet round can halve a
 time). Templates are built before the clock starts (they are the input).
 Peak extra memory: the highest resident set size sampled (every ms) during
-one more call, minus the size before it, on rank 0 (the times come from
-runs without the sampler, whose wake-ups tax Python-heavy code).
+one more call, minus the size before it, on the rank where it is highest
+(the times come from runs without the sampler, whose wake-ups tax
+Python-heavy code).
 
 Targets: (a) >= 20x faster than torch, (b) no slower, both within 2x of the
 flat collective; FSDP2 get/set >= 10x faster than torch.
@@ -83,7 +87,8 @@ def timed(fn) -> float:
 
 
 def peak_memory(fn) -> int:
-    """The highest RSS sampled (every ms) during one call of ``fn``, minus the RSS before it."""
+    """The highest RSS sampled (every ms) during one call of ``fn``, minus the
+    RSS before it, on the rank where that is largest."""
     dist.barrier()
     base = _rss()
     peak = [base]
@@ -99,8 +104,9 @@ def peak_memory(fn) -> int:
     fn()
     stop.set()
     sampler.join()
-    dist.barrier()
-    return max(peak[0], _rss()) - base
+    extra = torch.tensor([max(peak[0], _rss()) - base], dtype=torch.float64)
+    dist.all_reduce(extra, op=dist.ReduceOp.MAX)  # the rank that needed the most
+    return int(extra.item())
 
 
 def shapes(kind: str):
@@ -114,6 +120,7 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from torch.distributed import _state_dict_utils as torch_utils
+    from torch.distributed.checkpoint import state_dict as dsd
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -163,6 +170,26 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
         )
         rows.extend((kind, label, *value) for label, value in results.items())
 
+        # a broadcast_from_rank0 load into a model whose parameters have these shapes
+        def model():
+            module = torch.nn.Module()
+            for key, tensor in full.items():
+                module.register_parameter(key, torch.nn.Parameter(torch.zeros_like(tensor)))
+            return module
+
+        ours_model, torch_model = model(), model()
+        opts = sdtree.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        topts = dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        loads = {
+            "load sdtree": lambda: sdtree.set_model_state_dict(ours_model, full if rank == 0 else {}, options=opts),
+            "load torch": lambda: dsd.set_model_state_dict(torch_model, dict(full) if rank == 0 else {}, options=topts),
+            "load flat": flat_b,
+        }
+        rows.extend((kind, label, *value) for label, value in measure_rounds(loads).items())
+        for loaded in (ours_model, torch_model):
+            assert all(torch.equal(loaded.get_parameter(k), v) for k, v in full.items())
+        del ours_model, torch_model
+
         sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
         shard_flat = torch.empty(nbytes // 4 // world)
         gathered = torch.empty(nbytes // 4)
@@ -187,7 +214,6 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
 
     # FSDP2 model of 200 parameters, Adam
     from torch import nn
-    from torch.distributed.checkpoint import state_dict as dsd
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
@@ -222,7 +248,7 @@ def main() -> None:
     rows = q.get()
     for p in procs:
         p.join()
-    print(f"torch {torch.__version__}, 2 gloo processes on CPU; 7 interleaved rounds; peak extra RSS on rank 0 (a separate run)\n")
+    print(f"torch {torch.__version__}, 2 gloo processes on CPU; 7 interleaved rounds; peak extra RSS of the worst rank (a separate run)\n")
     print(f"{'shape':<6}{'operation':<30}{'best ms':>10}{'median ms':>11}{'peak MiB':>10}")
     best, median = {}, {}
     for kind, label, low, mid, mem in rows:
@@ -234,6 +260,10 @@ def main() -> None:
 
     print("\nratios of medians (of best rounds)")
     for kind in ("a", "b"):
+        print(
+            f"  ({kind}) {'load (set_model_state_dict)':<20}: torch/sdtree {ratio(kind, 'load torch', 'load sdtree')}"
+            f"   sdtree/flat {ratio(kind, 'load sdtree', 'load flat')}"
+        )
         ops = [("broadcast", "broadcast sdtree", "broadcast")]
         ops += [("gather" + suffix, "gather sdtree" + suffix, "gather") for suffix in ("", " +cpu_offload")]
         for name, ours, op in ops:

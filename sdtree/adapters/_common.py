@@ -16,7 +16,7 @@ import torch.distributed as dist
 from sdtree.errors import IncompatibleStateDictError, SdtreeError
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, identity, offload_to_cpu
-from sdtree.transforms.distributed import broadcast_from_rank0, gather_dtensors, is_distributed, keep_on_ranks, pg_device
+from sdtree.transforms.distributed import Announcement, announce, gather_dtensors, is_distributed, keep_on_ranks, pg_device
 
 T = TypeVar("T")
 
@@ -93,24 +93,25 @@ def without_gc(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-Placer = Callable[[tuple[Any, ...], Any], Any]
-
-
-def receive(state_dict: Any, options: StateDictOptions, fn: str, place: Optional[Placer] = None) -> Any:
-    """With ``broadcast_from_rank0``, give every rank rank 0's state dict;
-    ``place`` keeps each rank's shard of a tensor as soon as it arrives.
+def announce_load(state_dict: Any, options: StateDictOptions, fn: str) -> tuple[Any, Optional[Announcement]]:
+    """With ``broadcast_from_rank0``: announce rank 0's state dict to every
+    rank (structure, shapes and dtypes; no tensor data) and return its
+    placeholders (meta tensors) with the announcement. The load is planned
+    and agreed on the placeholders; then :meth:`Announcement.deliver` moves
+    the tensors. Without the option: ``(state_dict, None)``.
 
     Collective when the option is set: call on every rank.
     """
     if not options.broadcast_from_rank0:
-        return state_dict
-    received = broadcast_from_rank0(place=place)(state_dict)
-    if not received:
+        return state_dict, None
+    announced = announce(state_dict)
+    placeholders = announced.placeholders()
+    if not placeholders:
         raise IncompatibleStateDictError(
             f"{fn}: broadcast_from_rank0=True but rank 0 passed an empty state dict. "
             "Rank 0 passes the full state dict; the other ranks pass {}."
         )
-    return received
+    return placeholders, announced
 
 
 def agree(fn: str, needed: bool, plan: Callable[[], T]) -> T:

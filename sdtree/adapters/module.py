@@ -20,12 +20,12 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from sdtree.adapters import fsdp1
-from sdtree.adapters._common import agree, check_model_not_empty, finish, receive, warn_submodules, without_gc
+from sdtree.adapters._common import agree, announce_load, check_model_not_empty, finish, warn_submodules, without_gc
 from sdtree.adapters.index import Entry, ModelIndex, index_model, iter_modules, type_traits
 from sdtree.errors import IncompatibleStateDictError, _preview
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import Transform, drop_keys, identity, rename, select_keys
-from sdtree.transforms.distributed import shard_as, shard_like
+from sdtree.transforms.distributed import Announcement, shard_as, shard_like
 
 __all__ = ["get_model_state_dict", "set_model_state_dict", "patch_model_state_dict"]
 
@@ -124,6 +124,7 @@ class ModelPlan(NamedTuple):
     values: dict[str, Any]  # canonical FQN -> value, only keys of the model
     missing: list[str]
     unexpected: list[str]
+    sources: dict[str, str]  # canonical FQN -> the key of the state dict its value comes from
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -140,7 +141,7 @@ def value_problem(target: torch.Tensor, value: Any) -> Optional[str]:
         return f"expected a tensor, found {type(value).__name__}"
     if value.shape != target.shape:
         return f"expected shape {tuple(target.shape)}, found {tuple(value.shape)}"
-    if _kind(value.dtype) != _kind(target.dtype):
+    if value.dtype != target.dtype and _kind(value.dtype) != _kind(target.dtype):
         return f"expected dtype {target.dtype} (or another {_kind(target.dtype)} dtype), found {value.dtype}"
     return None
 
@@ -173,12 +174,14 @@ def plan_model_load(
                 bad.append(f"{key!r}: {problem}")
                 continue
         values[key] = value
+    sources = {key: key for key in values}
     for fqn in missing:  # fill tied parameters from their present alias
         entry = entries[fqn]
         if entry.kind == "param":
             for alias in params.aliases(fqn):
                 if alias in values:
                     values[fqn] = values[alias]
+                    sources[fqn] = alias
                     break
     missing = [fqn for fqn in missing if fqn not in values]
     if index.sharded:  # full tensors into sharded parameters: keep each rank's slice
@@ -202,7 +205,7 @@ def plan_model_load(
             + "; ".join(problems)
             + f". Nothing was written.{hint}"
         )
-    return ModelPlan(values, missing, unexpected)
+    return ModelPlan(values, missing, unexpected, sources)
 
 
 def model_placer(index: ModelIndex) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
@@ -219,6 +222,44 @@ def model_placer(index: ModelIndex) -> Optional[Callable[[tuple[Any, ...], Any],
         return tensor
 
     return place
+
+
+def model_destinations(index: ModelIndex, plan: ModelPlan) -> Optional[Callable[[tuple[Any, ...]], Optional[torch.Tensor]]]:
+    """For a broadcast load: the model's own tensors that a planned value may
+    be received straight into, so that the load needs no memory beyond its
+    buckets. Only plain parameters and buffers with memory, of modules that
+    load through ``nn.Module``'s own ``_load_from_state_dict`` with no load
+    pre-hooks (those must see every key); the rest goes through
+    :func:`write_model`. ``None`` when there are none."""
+    if index.fsdp1 or not index.plain_load:
+        return None
+    base = nn.Module._load_from_state_dict
+    targets: dict[str, torch.Tensor] = {}
+    for fqn in plan.values:
+        entry = index.entries[fqn]
+        value = entry.value
+        if entry.kind == "extra" or type(value) not in (torch.Tensor, nn.Parameter) or value.is_meta:
+            continue
+        module = entry.module
+        if type(module)._load_from_state_dict is base and not module._load_state_dict_pre_hooks:
+            targets[fqn] = value
+    if not targets:
+        return None
+    return lambda path: targets.get(path[0]) if len(path) == 1 else None
+
+
+def deliver_model(index: ModelIndex, announced: Announcement, plan: ModelPlan) -> ModelPlan:
+    """Move the announced tensors (the ranks have agreed on ``plan``, made
+    from the placeholders): into the model's tensors where they can go
+    straight, as this rank's shard where the model is sharded; return the
+    plan of what :func:`write_model` still writes."""
+    delivered = announced.deliver(place=model_placer(index), into=model_destinations(index, plan))
+    entries = index.entries
+    values = {fqn: delivered[key] for fqn, key in plan.sources.items()}
+    pending = {fqn: value for fqn, value in values.items() if value is not entries[fqn].value}
+    if index.sharded:  # as plan_model_load does (tensors the placer left whole)
+        pending = shard_like(index.sharded)(pending)
+    return plan._replace(values=pending)
 
 
 def write_model(model: nn.Module, index: ModelIndex, plan: ModelPlan) -> None:
@@ -317,12 +358,11 @@ def set_model_state_dict(
     check_model_not_empty(state_dict, opts, loading=True)
     if not state_dict and not opts.broadcast_from_rank0:
         return _IncompatibleKeys([], [])
-    state_dict = receive(state_dict, opts, "set_model_state_dict", model_placer(index))
-    plan = agree(
-        "set_model_state_dict",
-        opts.broadcast_from_rank0 or index.distributed,
-        lambda: plan_model_load(index, state_dict, opts, "set_model_state_dict"),
-    )
+    fn = "set_model_state_dict"
+    planned, announced = announce_load(state_dict, opts, fn)
+    plan = agree(fn, opts.broadcast_from_rank0 or index.distributed, lambda: plan_model_load(index, planned, opts, fn))
+    if announced is not None:
+        plan = deliver_model(index, announced, plan)
     write_model(model, index, plan)
     return _IncompatibleKeys(plan.missing, plan.unexpected)
 

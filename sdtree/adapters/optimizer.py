@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from sdtree.adapters._common import agree, as_optimizers, check_optim_not_empty, finish, receive, warn_submodules, without_gc
+from sdtree.adapters._common import agree, announce_load, as_optimizers, check_optim_not_empty, finish, warn_submodules, without_gc
 from sdtree.adapters import fsdp1
 from sdtree.adapters.index import ModelIndex, ParamIndex, index_model, index_params
 from sdtree.errors import IncompatibleStateDictError, LayoutMismatchError, MissingParamIdError, _preview
@@ -35,7 +35,7 @@ from sdtree.transforms import (
     unflatten_optimizer,
 )
 from sdtree.transforms._forms import PARAMS, PG, STATE, is_optim_state_dict
-from sdtree.transforms.distributed import is_dtensor, local_slice, shard_as
+from sdtree.transforms.distributed import Announcement, is_dtensor, local_slice, shard_as
 from sdtree.transforms.tensors import allocate
 
 __all__ = [
@@ -430,6 +430,17 @@ def optim_placer(index: Index, optims: tuple[torch.optim.Optimizer, ...]) -> Opt
     return place
 
 
+def deliver_optimizers(
+    index: Index, optims: tuple[torch.optim.Optimizer, ...], announced: Announcement, options: StateDictOptions
+) -> list[OptimPlan]:
+    """Move the announced optimizer state (the ranks have agreed on a plan
+    made from its placeholders), keeping this rank's shard of each sharded
+    parameter's state as it arrives; return the plans to write."""
+    delivered = announced.deliver(place=optim_placer(index, optims))
+    # the same keys, shapes and dtypes as the agreed plans: this cannot fail
+    return plan_optimizers_load(index, optims, delivered, options)
+
+
 def optimizers_sharded(optims: tuple[torch.optim.Optimizer, ...]) -> bool:
     """Whether any optimizer holds a DTensor parameter (every rank must load)."""
     return any(is_dtensor(p) for optim in optims for group in optim.param_groups for p in group[PARAMS])
@@ -576,12 +587,14 @@ def set_optimizer_state_dict(
     index: Index = index_params(model, opts.dsd_fqn_modifiers, attr_names=_has_param_names(optims))
     if index.fsdp1:
         index = index_model(model, opts.dsd_fqn_modifiers)
-    optim_state_dict = receive(optim_state_dict, opts, "set_optimizer_state_dict", optim_placer(index, optims))
+    planned, announced = announce_load(optim_state_dict, opts, "set_optimizer_state_dict")
     plans = agree(
         "set_optimizer_state_dict",
         opts.broadcast_from_rank0 or optimizers_sharded(optims) or index.fsdp1,
-        lambda: plan_optimizers_load(index, optims, optim_state_dict, opts),
+        lambda: plan_optimizers_load(index, optims, planned, opts),
     )
+    if announced is not None:
+        plans = deliver_optimizers(index, optims, announced, opts)
     write_optimizers(model, optims, plans, index)
 
 

@@ -7,12 +7,12 @@ from typing import Any, Optional
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdtree.adapters._common import agree, as_optimizers, check_model_not_empty, check_optim_not_empty, receive, without_gc
+from sdtree.adapters._common import agree, announce_load, as_optimizers, check_model_not_empty, check_optim_not_empty, without_gc
 from sdtree.adapters.index import index_model
 from sdtree.adapters.module import (
     ModelPlan,
+    deliver_model,
     get_model_state_dict,
-    model_placer,
     module_keyed_to_fqns,
     plan_model_load,
     write_model,
@@ -20,8 +20,8 @@ from sdtree.adapters.module import (
 from sdtree.adapters.optimizer import (
     OptimPlan,
     Optimizers,
+    deliver_optimizers,
     get_optimizer_state_dict,
-    optim_placer,
     optimizers_sharded,
     plan_optimizers_load,
     write_optimizers,
@@ -73,16 +73,20 @@ def set_state_dict(
     if state_dict:
         check_model_not_empty(state_dict, opts, loading=True)
     check_optim_not_empty(optim_state_dict, opts)
-    if opts.broadcast_from_rank0:
-        state_dict = receive(state_dict, opts, "set_state_dict", model_placer(index))
-        optim_state_dict = receive(optim_state_dict, opts, "set_state_dict", optim_placer(index, optims))
+    fn = "set_state_dict"
+    planned, announced = announce_load(state_dict, opts, fn)
+    planned_optim, announced_optim = announce_load(optim_state_dict, opts, fn)
 
     def plan_both() -> tuple[Optional[ModelPlan], list[OptimPlan]]:
-        model_plan = plan_model_load(index, state_dict, opts, "set_state_dict") if state_dict else None
-        return model_plan, plan_optimizers_load(index, optims, optim_state_dict, opts)
+        model_plan = plan_model_load(index, planned, opts, fn) if planned else None
+        return model_plan, plan_optimizers_load(index, optims, planned_optim, opts)
 
     distributed = opts.broadcast_from_rank0 or index.distributed or optimizers_sharded(optims)
-    model_plan, optim_plans = agree("set_state_dict", distributed, plan_both)
+    model_plan, optim_plans = agree(fn, distributed, plan_both)
+    if announced is not None and announced_optim is not None:
+        optim_plans = deliver_optimizers(index, optims, announced_optim, opts)
+        if model_plan is not None:
+            model_plan = deliver_model(index, announced, model_plan)
     write_optimizers(model, optims, optim_plans, index)
     if model_plan is None:
         return _IncompatibleKeys([], [])

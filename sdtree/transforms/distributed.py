@@ -40,6 +40,8 @@ __all__ = [
     "keep_on_ranks",
     "gather_dtensors",
     "broadcast_from_rank0",
+    "announce",
+    "Announcement",
     "shard_like",
     "shard_as",
     "local_slice",
@@ -291,60 +293,208 @@ class _BroadcastFromRank0(Transform):
     def __call__(self, state_dict: Any, /) -> Any:
         if not is_distributed():
             return state_dict
-        group = self.group
-        rank = dist.get_rank(group)
-        leaves: list[Any] = []
-        meta: Any = None
-        if rank == 0:
-            leaves, meta = _describe(state_dict)
-        box = [meta]
-        dist.broadcast_object_list(box, group=group, group_src=0)
-        meta = box[0]
-        if "error" in meta:
-            raise NotAMappingError(f"broadcast_from_rank0: {meta['error']} (seen on rank {rank}).")
-        device = pg_device(group)
-        out = meta["values"]
-        place = self.place
-        keys = meta.get("keys")
-        paths: list[tuple[Any, ...]] = []
-        if place:
-            paths = [(key,) for key in keys] if keys is not None else meta["spec"].paths()
+        return announce(state_dict, group=self.group).deliver(bucket_bytes=self.bucket_bytes, place=self.place)
 
-        def arrived(work: Any, bucket: list[tuple[int, tuple[int, ...], torch.dtype]], buffer: torch.Tensor) -> None:
-            work.wait()
-            if rank == 0 and all(leaves[index].device == buffer.device for index, _, _ in bucket):
-                # rank 0 keeps its own tensors: no views to make, and the buffer goes now
-                for index, _, _ in bucket:
-                    leaf = leaves[index]
-                    leaf = leaf.detach() if leaf.requires_grad else leaf
-                    out[index] = place(paths[index], leaf) if place else leaf
-                return
-            views = [buffer] if len(bucket) == 1 else torch.split_with_sizes(buffer, [math.prod(s) for _, s, _ in bucket])
-            for (index, shape, _), view in zip(bucket, views):
-                tensor = view if len(shape) == 1 else view.view(shape)
+
+Path = tuple[Any, ...]
+
+
+@attrs.frozen(eq=False, repr=False)
+class Announcement:
+    """Rank 0's state dict as every rank knows it before any tensor moves:
+    its structure, its non-tensor values, and each tensor's shape and dtype
+    (what :func:`announce` broadcast). A load plans (and the ranks agree)
+    on :meth:`placeholders`; :meth:`deliver` then moves the tensors."""
+
+    meta: dict[str, Any]
+    leaves: list[Any]  # rank 0's leaves; [] on the other ranks
+    group: Optional[Any] = None
+
+    def paths(self) -> list[Path]:
+        """The path of every leaf, in leaf order."""
+        keys = self.meta.get("keys")
+        return [(key,) for key in keys] if keys is not None else self.meta["spec"].paths()
+
+    def _tree(self, leaves: list[Any]) -> Any:
+        keys = self.meta.get("keys")
+        if keys is not None:
+            return (OrderedDict if self.meta["ordered"] else dict)(zip(keys, leaves))
+        return tree_unflatten(self.meta["spec"], leaves)
+
+    def placeholders(self) -> Any:
+        """The announced state dict with a meta-device tensor of each tensor's
+        shape and dtype in its place (no memory, nothing moved). Tensors of
+        one shape and dtype share one placeholder: treat them as read-only."""
+        leaves = list(self.meta["values"])
+        made: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        for index, shape, dtype in self.meta["tensors"]:
+            placeholder = made.get((shape, dtype))
+            if placeholder is None:
+                placeholder = made[shape, dtype] = torch.empty(shape, dtype=dtype, device="meta")
+            leaves[index] = placeholder
+        return self._tree(leaves)
+
+    def deliver(
+        self,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        place: Optional[Callable[[Path, torch.Tensor], Any]] = None,
+        into: Optional[Callable[[Path], Optional[torch.Tensor]]] = None,
+    ) -> Any:
+        """Move the tensors from rank 0 and return the state dict on every rank.
+
+        Tensors travel in buckets of one dtype and at most ``bucket_bytes / 2``
+        (a larger tensor goes alone), two in flight so that packing overlaps
+        sending. Each tensor then lands in the first of:
+
+        - ``into(path)``, a tensor of the same shape and dtype, contiguous, on
+          the process group's device: written in place (a tensor alone in its
+          bucket is received straight into it) and returned;
+        - ``place(path, tensor)``: its result is kept, as soon as the bucket
+          arrives (so a rank that keeps only its shard frees each bucket);
+        - the tensor itself: a view of its bucket, on the process group's
+          device (rank 0 keeps its own tensors where they are on it already).
+
+        Collective (outside a process group, rank 0's tensors go straight to
+        ``into`` and ``place``): call on every rank, after :func:`announce`.
+        """
+        meta = self.meta
+        group = self.group
+        distributed = is_distributed()
+        rank = dist.get_rank(group) if distributed else 0
+        device = pg_device(group) if distributed else torch.device("cpu")
+        leaves = self.leaves
+        out = list(meta["values"])
+        paths = self.paths() if place or into else []
+
+        def destination(index: int, shape: tuple[int, ...], dtype: torch.dtype) -> Optional[torch.Tensor]:
+            target = into(paths[index]) if into else None
+            if target is None or target.shape != shape or target.dtype != dtype or not target.is_contiguous():
+                return None
+            return target if target.device == (device if distributed else leaves[index].device) else None
+
+        copy_to: list[torch.Tensor] = []
+        copy_from: list[torch.Tensor] = []
+
+        def land(index: int, tensor: torch.Tensor, target: Optional[torch.Tensor]) -> None:
+            if target is not None:
+                if target.data_ptr() != tensor.data_ptr():
+                    copy_to.append(target)
+                    copy_from.append(tensor)
+                out[index] = target
+            else:
                 out[index] = place(paths[index], tensor) if place else tensor
 
-        # Two buckets in flight, each at most half the budget: the next one is
-        # packed (rank 0) or allocated while the previous one is on the wire.
-        in_flight: list[tuple[Any, list[Any], torch.Tensor]] = []
+        def copy() -> None:  # one call for a bucket's tensors (each copy_ alone costs microseconds)
+            if copy_to:
+                torch._foreach_copy_(copy_to, copy_from)
+                copy_to.clear()
+                copy_from.clear()
+
+        def own(index: int) -> torch.Tensor:
+            leaf: torch.Tensor = leaves[index]
+            return leaf.detach() if leaf.requires_grad else leaf
+
         with torch.no_grad():
-            for bucket in _buckets(meta["tensors"], max(1, self.bucket_bytes // 2)):
+            if not distributed:
+                for index, shape, dtype in meta["tensors"]:
+                    land(index, own(index), destination(index, shape, dtype))
+                copy()
+                return self._tree(out)
+
+            def arrived(work: Any, bucket: list[Any], buffer: torch.Tensor, targets: list[Any]) -> None:
+                work.wait()
+                if rank == 0 and all(leaves[index].device == buffer.device for index, _, _ in bucket):
+                    # rank 0 keeps its own tensors: no views to make, and the buffer goes now
+                    for (index, _, _), target in zip(bucket, targets):
+                        land(index, own(index), target)
+                else:
+                    views = [buffer] if len(bucket) == 1 else torch.split_with_sizes(buffer, [math.prod(s) for _, s, _ in bucket])
+                    for (index, shape, _), view, target in zip(bucket, views, targets):
+                        land(index, view if len(shape) == 1 else view.view(shape), target)
+                copy()
+
+            # Two buckets in flight, each at most half the budget: the next one is
+            # packed (rank 0) or allocated while the previous one is on the wire.
+            in_flight: list[tuple[Any, list[Any], torch.Tensor, list[Any]]] = []
+            for bucket in _buckets(meta["tensors"], max(1, bucket_bytes // 2)):
+                targets: list[Any] = [destination(*spec) for spec in bucket] if into else [None] * len(bucket)
                 if rank == 0:
                     buffer = _pack([leaves[index] for index, _, _ in bucket], device)
                 elif len(bucket) == 1:
-                    buffer = torch.empty(bucket[0][1], dtype=bucket[0][2], device=device)
+                    buffer = targets[0] if targets[0] is not None else torch.empty(bucket[0][1], dtype=bucket[0][2], device=device)
                 else:
                     buffer = torch.empty(sum(math.prod(shape) for _, shape, _ in bucket), dtype=bucket[0][2], device=device)
-                in_flight.append((dist.broadcast(buffer, group=group, group_src=0, async_op=True), bucket, buffer))
+                in_flight.append((dist.broadcast(buffer, group=group, group_src=0, async_op=True), bucket, buffer, targets))
                 del buffer
                 if len(in_flight) == 2:
                     arrived(*in_flight.pop(0))
             while in_flight:
                 arrived(*in_flight.pop(0))
         # the buffers now live on only in the tensors ``place`` left as views of them
-        if keys is not None:
-            return (OrderedDict if meta["ordered"] else dict)(zip(keys, out))
-        return tree_unflatten(meta["spec"], out)
+        return self._tree(out)
+
+
+def announce(state_dict: Any, *, group: Optional[dist.ProcessGroup] = None) -> Announcement:
+    """Broadcast what rank 0's ``state_dict`` holds (structure, keys, shapes,
+    dtypes, non-tensor values) but no tensor data: the first half of
+    :func:`broadcast_from_rank0`, so that a load can be planned and agreed
+    on before any tensor moves.
+
+    Collective: one metadata broadcast; the input of ranks other than 0 is
+    ignored. A bad input on rank 0 (not a mapping, ShardedTensors) raises
+    the same error on every rank. Outside a process group, this process is rank 0.
+
+    Raises:
+        NotAMappingError: rank 0's input is not a state dict it can send.
+    """
+    distributed = is_distributed()
+    rank = dist.get_rank(group) if distributed else 0
+    leaves: list[Any] = []
+    meta: Any = None
+    if rank == 0:
+        leaves, meta = _describe(state_dict)
+    if distributed:
+        box = [meta]
+        dist.broadcast_object_list(box, group=group, group_src=0)
+        meta = box[0]
+    if "error" in meta:
+        raise NotAMappingError(f"broadcast_from_rank0: {meta['error']} (seen on rank {rank}).")
+    return Announcement(meta, leaves, group)
+
+
+def _pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One contiguous buffer on ``device``: the tensor itself when alone, else
+    the tensors flattened side by side (one C++ concatenation)."""
+    if len(tensors) == 1:
+        return tensors[0].detach().to(device).contiguous()
+    flat: torch.Tensor = torch._C._nn.flatten_dense_tensors(tensors)  # under no_grad: no graph
+    return flat.to(device)
+
+
+def broadcast_from_rank0(
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    group: Optional[dist.ProcessGroup] = None,
+    place: Optional[Callable[[tuple[Any, ...], torch.Tensor], Any]] = None,
+) -> Transform:
+    """Return a transform that gives every rank rank 0's state dict:
+    :func:`announce`, then :meth:`Announcement.deliver`.
+
+    Collective: call on every rank; the input of ranks other than 0 is
+    ignored (pass ``{}``). Rank 0 sends the structure, keys, shapes, dtypes
+    and non-tensor values first, then the tensors in buckets of one dtype and
+    at most ``bucket_bytes / 2`` (a larger tensor goes alone), two in flight
+    so that packing overlaps sending; extra memory stays near ``bucket_bytes``
+    (plus the largest tensor). Received tensors are views of their bucket, on
+    the process group's device (rank 0 keeps its own tensors where they are
+    on that device already), unless ``place(path, tensor)`` is given: it
+    is applied to each tensor as soon as its bucket arrives (its result is
+    kept), so a rank that keeps only its shard (:func:`shard_as`) frees each
+    bucket before the next. A bad input on rank 0 raises the same error on
+    every rank. Outside a process group it returns its input.
+    """
+    return _BroadcastFromRank0(bucket_bytes, group, place)
 
 
 # Values that are leaves of every tree: a dict of only these is sent as its keys.
@@ -384,39 +534,6 @@ def _describe(state_dict: Any) -> tuple[list[Any], dict[str, Any]]:
     else:  # a treespec: no per-tensor placeholder objects to pickle
         structure = {"spec": spec}
     return leaves, {**structure, "values": values, "tensors": tensors}
-
-
-def _pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """One contiguous buffer on ``device``: the tensor itself when alone, else
-    the tensors flattened side by side (one C++ concatenation)."""
-    if len(tensors) == 1:
-        return tensors[0].detach().to(device).contiguous()
-    flat: torch.Tensor = torch._C._nn.flatten_dense_tensors(tensors)  # under no_grad: no graph
-    return flat.to(device)
-
-
-def broadcast_from_rank0(
-    *,
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-    group: Optional[dist.ProcessGroup] = None,
-    place: Optional[Callable[[tuple[Any, ...], torch.Tensor], Any]] = None,
-) -> Transform:
-    """Return a transform that gives every rank rank 0's state dict.
-
-    Collective: call on every rank; the input of ranks other than 0 is
-    ignored (pass ``{}``). Rank 0 sends the structure, keys, shapes, dtypes
-    and non-tensor values first, then the tensors in buckets of one dtype and
-    at most ``bucket_bytes / 2`` (a larger tensor goes alone), two in flight
-    so that packing overlaps sending; extra memory stays near ``bucket_bytes``
-    (plus the largest tensor). Received tensors are views of their bucket, on
-    the process group's device (rank 0 keeps its own tensors where they are
-    on that device already), unless ``place(path, tensor)`` is given: it
-    is applied to each tensor as soon as its bucket arrives (its result is
-    kept), so a rank that keeps only its shard (:func:`shard_as`) frees each
-    bucket before the next. A bad input on rank 0 raises the same error on
-    every rank. Outside a process group it returns its input.
-    """
-    return _BroadcastFromRank0(bucket_bytes, group, place)
 
 
 def local_slice(full: torch.Tensor, template: Any) -> Optional[torch.Tensor]:
@@ -465,7 +582,8 @@ def shard_as(full: torch.Tensor, template: Any) -> Any:
     if local is not None:
         # FSDP2's and DDP-like layouts: slice here, reuse the template's spec
         # (DTensor.from_local and distribute_tensor cost ~70us a tensor).
-        device = full.device if template.is_meta else template._local_tensor.device
+        # a meta template takes the data's device; a meta (placeholder) full tensor gives a meta shard
+        device = full.device if template.is_meta or full.is_meta else template._local_tensor.device
         local = local.to(device=device, copy=True, memory_format=torch.contiguous_format)
         return dtensor.DTensor(local, template._spec, requires_grad=False)
     mesh = template.device_mesh

@@ -38,3 +38,14 @@ def test_broadcast_transform_keeps_structure_and_dtypes(pool2):
 def test_broadcast_of_a_flat_state_dict_keeps_its_type_order_and_rank0_tensors(pool2):
     keys = ["w", "step", "lr", "note", "half", "5", "scalar"]
     assert pool2.run(bodies.broadcast_flat_state_dict) == [keys] * 2
+
+
+def test_announce_then_deliver_writes_into_fitting_destinations(pool2):
+    assert pool2.run(bodies.announce_then_deliver_into_destinations) == [["a", "big", "n", "scalar", "strided", "wide"]] * 2
+
+
+def test_broadcast_load_is_refused_on_every_rank_before_any_tensor_moves(pool2):
+    messages = pool2.run(bodies.broadcast_load_refused_before_any_tensor_moves, timeout=60)
+    assert messages[0] == messages[1]
+    assert "rank(s) 1 of 2 cannot load; nothing was written on any rank" in messages[0]
+    assert "'head.weight': expected shape (15, 8), found (16, 8)" in messages[0]

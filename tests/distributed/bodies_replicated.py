@@ -167,3 +167,77 @@ def broadcast_flat_state_dict(rank: int, world_size: int) -> list:
     plain = broadcast_from_rank0()(dict(sd) if rank == 0 else {})
     assert type(plain) is dict and list(plain) == list(sd)
     return [str(k) for k in out]
+
+
+def announce_then_deliver_into_destinations(rank: int, world_size: int) -> list:
+    """announce() gives every rank placeholders of rank 0's state dict before
+    any tensor moves; deliver() writes each tensor into its destination when
+    shape, dtype, contiguity and device fit (a tensor alone in its bucket is
+    received straight into it), and hands the others to ``place``."""
+    from sdtree.transforms.distributed import announce
+
+    sd = {
+        "big": torch.arange(32.0),  # 128 bytes: alone in its bucket
+        "a": torch.arange(6.0).view(2, 3),
+        "wide": torch.full((4,), 2.0),  # its destination has another dtype
+        "strided": torch.arange(6.0).view(3, 2),  # its destination is not contiguous
+        "scalar": torch.tensor(5),
+        "n": 3,
+    }
+    announced = announce(sd if rank == 0 else {})
+    placeholders = announced.placeholders()
+    assert list(placeholders) == list(sd) and placeholders["n"] == 3
+    for key in ("big", "a", "wide", "strided", "scalar"):
+        ph = placeholders[key]
+        assert ph.is_meta and ph.shape == sd[key].shape and ph.dtype == sd[key].dtype, key
+    dest = {
+        "big": torch.zeros(32),
+        "a": torch.zeros(2, 3),
+        "wide": torch.zeros(4, dtype=torch.float64),
+        "strided": torch.zeros(2, 3).t(),
+        "scalar": torch.zeros((), dtype=torch.int64),
+    }
+    pointers = {key: t.data_ptr() for key, t in dest.items()}
+    placed = []
+
+    def place(path, tensor):
+        placed.append(path[0])
+        return tensor.clone()
+
+    out = announced.deliver(bucket_bytes=64, place=place, into=lambda path: dest.get(path[0]))
+    assert_state_dict_equal(out, sd)
+    for key in ("big", "a", "scalar"):
+        assert out[key] is dest[key] and dest[key].data_ptr() == pointers[key], key
+    assert placed == ["wide", "strided"]
+    assert not dest["wide"].any() and not dest["strided"].any()
+    return sorted(out)
+
+
+def broadcast_load_refused_before_any_tensor_moves(rank: int, world_size: int) -> str:
+    """A model that cannot take rank 0's state dict on one rank: every rank
+    raises the same error after the metadata alone, and no rank writes."""
+    model, _ = make(seed=rank)
+    if rank == 1:
+        model.head = torch.nn.Linear(8, 15, bias=False)
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    full, _ = make(seed=7)
+    sent = []
+    broadcast = dist.broadcast
+
+    def counting(*args, **kwargs):
+        sent.append(args[0].numel())
+        return broadcast(*args, **kwargs)
+
+    dist.broadcast = counting  # the tensor buckets; the metadata goes through broadcast_object_list
+    try:
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        sdtree.set_model_state_dict(model, full.state_dict() if rank == 0 else {}, options=opts)
+    except sdtree.errors.IncompatibleStateDictError as err:
+        message = str(err)
+    else:
+        message = "no error"
+    finally:
+        dist.broadcast = broadcast
+    assert sent == [], sent
+    assert_state_dict_equal({k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}, before)
+    return message
