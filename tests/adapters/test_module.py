@@ -220,3 +220,37 @@ def test_meta_tensors_are_kept_by_get_and_materialised_by_set():
     assert not any(p.is_meta for p in model.parameters())
     assert isinstance(model.head.weight, nn.Parameter) and model.head.weight.requires_grad
     assert_state_dict_equal(model.state_dict(), source.state_dict())
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_broadcast_load_outside_a_process_group_writes_into_the_parameters(setup):
+    model, optim = build(setup, seed=0)
+    train(model, optim)
+    sd = sdtree.get_model_state_dict(model)
+    given = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+    fresh, _ = build(setup, seed=1)
+    storage = {name: p.data_ptr() for name, p in fresh.named_parameters()}
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    result = sdtree.set_model_state_dict(fresh, sd, options=opts)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert_state_dict_equal(fresh.state_dict(), model.state_dict())
+    assert {name: p.data_ptr() for name, p in fresh.named_parameters()} == storage
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    assert_state_dict_equal(sd, given)  # loaded by copy: the given tensors are not aliased
+
+
+def test_broadcast_load_leaves_modules_with_load_pre_hooks_to_their_hooks():
+    model = Net()
+    seen = []
+
+    def hook(module, state_dict, prefix, *args):
+        seen.extend(sorted(k for k in state_dict if k.startswith(prefix)))
+
+    model.blocks[0].linear1._register_load_state_dict_pre_hook(hook, with_module=True)
+    source = sdtree.get_model_state_dict(Net())
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    sdtree.set_model_state_dict(model, source, options=opts)
+    assert seen == ["blocks.0.linear1.bias", "blocks.0.linear1.weight"]
+    assert_state_dict_equal(sdtree.get_model_state_dict(model), source)
