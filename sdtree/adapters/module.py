@@ -6,6 +6,9 @@ pipeline (canonical FQNs, submodule selection, frozen parameters,
 gather/offload). ``set``: canonical state dict -> plan (every check, no
 write) -> one write, module by module through each module's own
 ``_load_from_state_dict``, so the cost stays linear in the number of keys.
+With ``broadcast_from_rank0`` the plan is made on rank 0's announced
+shapes and dtypes, and the tensors are delivered (into the parameters
+where they fit) only once every rank has agreed to it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A pool of spawned worker processes (gloo, or NCCL with one GPU a rank) that runs many test bodies.
+"""A pool of spawned worker processes (gloo, or NCCL with a GPU a rank) that runs many test bodies.
 
 Starting gloo processes costs seconds; re-using one process group costs
 nothing. ``WorkerPool.run(fn, *args)`` runs ``fn(rank, world_size, *args)`` on
