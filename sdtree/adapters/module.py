@@ -227,39 +227,52 @@ def model_placer(index: ModelIndex) -> Optional[Callable[[tuple[Any, ...], Any],
     return place
 
 
-def model_destinations(index: ModelIndex, plan: ModelPlan) -> Optional[Callable[[tuple[Any, ...]], Optional[torch.Tensor]]]:
-    """For a broadcast load: the model's own tensors that a planned value may
-    be received straight into, so that the load needs no memory beyond its
-    buckets. Only plain parameters and buffers with memory, of modules that
-    load through ``nn.Module``'s own ``_load_from_state_dict`` with no load
-    pre-hooks (those must see every key); the rest goes through
-    :func:`write_model`. ``None`` when there are none."""
+def model_destinations(index: ModelIndex, plan: ModelPlan) -> dict[str, torch.Tensor]:
+    """For a broadcast load: the model's own tensors that values may be
+    received straight into (by state-dict key), so that the load needs no
+    memory beyond its buckets. Only plain parameters and buffers with memory,
+    not in inference mode, of modules that load through ``nn.Module``'s own
+    ``_load_from_state_dict`` with no load pre-hooks (those must see every
+    key), and each written from one key only (two keys of a tied parameter
+    go through :func:`write_model`, where the last one wins as in torch)."""
     if index.fsdp1 or not index.plain_load:
-        return None
+        return {}
     base = nn.Module._load_from_state_dict
     targets: dict[str, torch.Tensor] = {}
-    for fqn in plan.values:
+    keys_of: dict[int, list[str]] = {}
+    for fqn, key in plan.sources.items():
         entry = index.entries[fqn]
         value = entry.value
-        if entry.kind == "extra" or type(value) not in (torch.Tensor, nn.Parameter) or value.is_meta:
+        if key != fqn or entry.kind == "extra" or type(value) not in (torch.Tensor, nn.Parameter):
+            continue  # a tied parameter filled from its alias lands with the alias
+        if value.is_meta or value.is_inference():
             continue
         module = entry.module
-        if type(module)._load_from_state_dict is base and not module._load_state_dict_pre_hooks:
-            targets[fqn] = value
-    if not targets:
-        return None
-    return lambda path: targets.get(path[0]) if len(path) == 1 else None
+        if type(module)._load_from_state_dict is base and "_load_from_state_dict" not in vars(module):
+            if not module._load_state_dict_pre_hooks:
+                targets[key] = value
+                keys_of.setdefault(id(value), []).append(key)
+    for keys in keys_of.values():
+        if len(keys) > 1:
+            for key in keys:
+                del targets[key]
+    return targets
 
 
-def deliver_model(index: ModelIndex, announced: Announcement, plan: ModelPlan) -> ModelPlan:
+def deliver_model(index: ModelIndex, announced: Announcement, plan: ModelPlan, *, in_place: bool) -> ModelPlan:
     """Move the announced tensors (the ranks have agreed on ``plan``, made
-    from the placeholders): into the model's tensors where they can go
-    straight, as this rank's shard where the model is sharded; return the
-    plan of what :func:`write_model` still writes."""
-    delivered = announced.deliver(place=model_placer(index), into=model_destinations(index, plan))
-    entries = index.entries
-    values = {fqn: delivered[key] for fqn, key in plan.sources.items()}
-    pending = {fqn: value for fqn, value in values.items() if value is not entries[fqn].value}
+    from the placeholders), as this rank's shard where the model is sharded,
+    and with ``in_place`` straight into the model's tensors where they fit
+    (:func:`model_destinations`); return the plan of what :func:`write_model`
+    still writes."""
+    targets = model_destinations(index, plan) if in_place else {}
+    into = (lambda path: targets.get(path[0]) if len(path) == 1 else None) if targets else None
+    delivered = announced.deliver(place=model_placer(index), into=into)
+    pending = {}
+    for fqn, key in plan.sources.items():
+        value = delivered[key]
+        if key not in targets or targets[key] is not value:  # else written already
+            pending[fqn] = value
     if index.sharded:  # as plan_model_load does (tensors the placer left whole)
         pending = shard_like(index.sharded)(pending)
     return plan._replace(values=pending)
@@ -365,7 +378,7 @@ def set_model_state_dict(
     planned, announced = announce_load(state_dict, opts, fn)
     plan = agree(fn, opts.broadcast_from_rank0 or index.distributed, lambda: plan_model_load(index, planned, opts, fn))
     if announced is not None:
-        plan = deliver_model(index, announced, plan)
+        plan = deliver_model(index, announced, plan, in_place=True)
     write_model(model, index, plan)
     return _IncompatibleKeys(plan.missing, plan.unexpected)
 

@@ -86,7 +86,9 @@ def set_state_dict(
     if announced is not None and announced_optim is not None:
         optim_plans = deliver_optimizers(index, optims, announced_optim, opts)
         if model_plan is not None:
-            model_plan = deliver_model(index, announced, model_plan)
+            # not into the parameters: the model is written after the optimizers,
+            # so that a failing optimizer write leaves the model as it was
+            model_plan = deliver_model(index, announced, model_plan, in_place=False)
     write_optimizers(model, optims, optim_plans, index)
     if model_plan is None:
         return _IncompatibleKeys([], [])

@@ -347,13 +347,17 @@ class Announcement:
         (a larger tensor goes alone), two in flight so that packing overlaps
         sending. Each tensor then lands in the first of:
 
-        - ``into(path)``, a tensor of the same shape and dtype, contiguous, on
-          the process group's device: written in place (a tensor alone in its
-          bucket is received straight into it) and returned;
+        - ``into(path)``, a tensor of the same shape and dtype, contiguous,
+          not in inference mode, on the process group's device, and not
+          another view of the sent tensor's memory: written in place (a tensor
+          alone in its bucket is received straight into it) and returned;
         - ``place(path, tensor)``: its result is kept, as soon as the bucket
           arrives (so a rank that keeps only its shard frees each bucket);
         - the tensor itself: a view of its bucket, on the process group's
           device (rank 0 keeps its own tensors where they are on it already).
+
+        An error while landing (in ``place``, or a copy) is raised after the
+        last bucket has moved, so that the other ranks do not wait forever.
 
         Collective (outside a process group, rank 0's tensors go straight to
         ``into`` and ``place``): call on every rank, after :func:`announce`.
@@ -369,7 +373,9 @@ class Announcement:
 
         def destination(index: int, shape: tuple[int, ...], dtype: torch.dtype) -> Optional[torch.Tensor]:
             target = into(paths[index]) if into else None
-            if target is None or target.shape != shape or target.dtype != dtype or not target.is_contiguous():
+            if target is None or target.shape != shape or target.dtype != dtype:
+                return None
+            if not target.is_contiguous() or target.is_inference():
                 return None
             return target if target.device == (device if distributed else leaves[index].device) else None
 
@@ -377,10 +383,14 @@ class Announcement:
         copy_from: list[torch.Tensor] = []
 
         def land(index: int, tensor: torch.Tensor, target: Optional[torch.Tensor]) -> None:
+            if target is not None and target.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+                if target.data_ptr() == tensor.data_ptr() and target.stride() == tensor.stride():
+                    out[index] = target  # rank 0 sent the destination itself
+                    return
+                target = None  # another view of the destination's memory: not copied into itself
             if target is not None:
-                if target.data_ptr() != tensor.data_ptr():
-                    copy_to.append(target)
-                    copy_from.append(tensor)
+                copy_to.append(target)
+                copy_from.append(tensor)
                 out[index] = target
             else:
                 out[index] = place(paths[index], tensor) if place else tensor
@@ -402,17 +412,26 @@ class Announcement:
                 copy()
                 return self._tree(out)
 
+            # A failure while landing (in ``place``, or a copy) is raised only
+            # once every bucket has moved: the other ranks wait for them.
+            failures: list[Exception] = []
+
             def arrived(work: Any, bucket: list[Any], buffer: torch.Tensor, targets: list[Any]) -> None:
                 work.wait()
-                if rank == 0 and all(leaves[index].device == buffer.device for index, _, _ in bucket):
-                    # rank 0 keeps its own tensors: no views to make, and the buffer goes now
-                    for (index, _, _), target in zip(bucket, targets):
-                        land(index, own(index), target)
-                else:
-                    views = [buffer] if len(bucket) == 1 else torch.split_with_sizes(buffer, [math.prod(s) for _, s, _ in bucket])
-                    for (index, shape, _), view, target in zip(bucket, views, targets):
-                        land(index, view if len(shape) == 1 else view.view(shape), target)
-                copy()
+                if failures:
+                    return
+                try:
+                    if rank == 0 and all(leaves[index].device == buffer.device for index, _, _ in bucket):
+                        # rank 0 keeps its own tensors: no views to make, and the buffer goes now
+                        for (index, _, _), target in zip(bucket, targets):
+                            land(index, own(index), target)
+                    else:
+                        views = [buffer] if len(bucket) == 1 else torch.split_with_sizes(buffer, [math.prod(s) for _, s, _ in bucket])
+                        for (index, shape, _), view, target in zip(bucket, views, targets):
+                            land(index, view if len(shape) == 1 else view.view(shape), target)
+                    copy()
+                except Exception as err:  # raised below, after the last bucket
+                    failures.append(err)
 
             # Two buckets in flight, each at most half the budget: the next one is
             # packed (rank 0) or allocated while the previous one is on the wire.
@@ -431,6 +450,8 @@ class Announcement:
                     arrived(*in_flight.pop(0))
             while in_flight:
                 arrived(*in_flight.pop(0))
+            if failures:
+                raise failures[0]
         # the buffers now live on only in the tensors ``place`` left as views of them
         return self._tree(out)
 

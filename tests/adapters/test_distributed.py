@@ -49,3 +49,8 @@ def test_broadcast_load_is_refused_on_every_rank_before_any_tensor_moves(pool2):
     assert messages[0] == messages[1]
     assert "rank(s) 1 of 2 cannot load; nothing was written on any rank" in messages[0]
     assert "'head.weight': expected shape (15, 8), found (16, 8)" in messages[0]
+
+
+def test_a_failure_while_landing_on_one_rank_does_not_hang_the_others(pool2):
+    outcomes = pool2.run(bodies.deliver_failure_on_one_rank_is_raised_after_the_last_bucket, timeout=60)
+    assert outcomes == ["ok", "cannot place t0"]

@@ -254,3 +254,69 @@ def test_broadcast_load_leaves_modules_with_load_pre_hooks_to_their_hooks():
     sdtree.set_model_state_dict(model, source, options=opts)
     assert seen == ["blocks.0.linear1.bias", "blocks.0.linear1.weight"]
     assert_state_dict_equal(sdtree.get_model_state_dict(model), source)
+
+
+class _NoneExtraState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2, 2)
+        self.loaded: list = []
+
+    def get_extra_state(self):
+        return None
+
+    def set_extra_state(self, state) -> None:
+        self.loaded.append(state)
+
+
+BROADCAST = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+
+def test_broadcast_load_sets_extra_state_even_when_it_is_none():
+    model = _NoneExtraState()
+    sdtree.set_model_state_dict(model, sdtree.get_model_state_dict(_NoneExtraState()), options=BROADCAST)
+    assert model.loaded == [None]
+
+
+def test_broadcast_load_of_a_view_of_the_parameter_itself_fails_like_a_plain_load():
+    for opts in (StateDictOptions(), BROADCAST):
+        model = nn.Linear(3, 3, bias=False)
+        before = model.weight.detach().clone()
+        with pytest.raises(RuntimeError, match="single memory location"):
+            sdtree.set_model_state_dict(model, {"weight": model.weight.detach().t()}, options=opts)
+        assert torch.equal(model.weight, before)
+
+
+def test_broadcast_load_of_an_untied_checkpoint_into_a_tied_model_matches_a_plain_load():
+    source = sdtree.get_model_state_dict(Net())
+    assert not torch.equal(source["embed.weight"], source["head.weight"])
+    plain, broadcast = Net(tied=True), Net(tied=True)
+    sdtree.set_model_state_dict(plain, source)
+    sdtree.set_model_state_dict(broadcast, source, options=BROADCAST)
+    assert_state_dict_equal(broadcast.state_dict(), plain.state_dict())
+
+
+def test_broadcast_load_keeps_an_instance_level_load_from_state_dict():
+    model = Net()
+    seen = []
+    linear = model.blocks[0].linear1
+    original = linear._load_from_state_dict
+
+    def load(state_dict, prefix, *args):
+        seen.extend(sorted(k for k in state_dict if k.startswith(prefix)))
+        return original(state_dict, prefix, *args)
+
+    linear._load_from_state_dict = load
+    source = sdtree.get_model_state_dict(Net())
+    sdtree.set_model_state_dict(model, source, options=BROADCAST)
+    assert seen == ["blocks.0.linear1.bias", "blocks.0.linear1.weight"]
+    assert_state_dict_equal(sdtree.get_model_state_dict(model), source)
+
+
+def test_broadcast_load_into_a_model_made_in_inference_mode_fails_like_a_plain_load():
+    source = sdtree.get_model_state_dict(nn.Linear(2, 2))
+    for opts in (StateDictOptions(), BROADCAST):
+        with torch.inference_mode():
+            model = nn.Linear(2, 2)
+        with pytest.raises(RuntimeError, match="[Ii]nference"):
+            sdtree.set_model_state_dict(model, source, options=opts)

@@ -241,3 +241,28 @@ def broadcast_load_refused_before_any_tensor_moves(rank: int, world_size: int) -
     assert sent == [], sent
     assert_state_dict_equal({k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}, before)
     return message
+
+
+def deliver_failure_on_one_rank_is_raised_after_the_last_bucket(rank: int, world_size: int) -> str:
+    """``place`` fails on rank 1 for the first bucket: rank 1 still takes part
+    in every later bucket and raises at the end; rank 0 finishes; the group
+    stays in step (a later collective agrees)."""
+    from sdtree.transforms.distributed import announce
+
+    sd = {f"t{i}": torch.full((8,), float(i)) for i in range(6)}  # 32 bytes each: 3 buckets of 2
+
+    def place(path, tensor):
+        if rank == 1 and path == ("t0",):
+            raise ValueError("cannot place t0")
+        return tensor.clone()
+
+    try:
+        out = announce(sd if rank == 0 else {}).deliver(bucket_bytes=128, place=place)
+        outcome = "ok"
+        assert_state_dict_equal(out, sd)
+    except ValueError as err:
+        outcome = str(err)
+    check = torch.tensor([float(rank)])
+    dist.all_reduce(check)
+    assert check.item() == sum(range(world_size))
+    return outcome
