@@ -26,9 +26,7 @@ PROG = "sdtree"
 
 def demo_script() -> Path:
     """Where ``sdtree demo`` looks for the end-to-end demo trainer (in a source checkout)."""
-    import sdtree
-
-    return Path(sdtree.__file__).resolve().parents[1] / "examples" / "train_resume.py"
+    return Path(__file__).resolve().parents[1] / "examples" / "train_resume.py"
 
 
 # -- argument parsing -----------------------------------------------------------
@@ -109,12 +107,14 @@ def _trust_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _human(nbytes: int) -> str:
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{nbytes} B" if unit == "B" else f"{size:.1f} {unit}"
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    size = nbytes / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
         size /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
+    return f"{size:.1f} GiB"
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -15,7 +14,7 @@ from sdtree.checkpoint._dcp_read import load_dcp_into, open_dcp
 from sdtree.checkpoint._dcp_write import save_dcp, write_dcp
 from sdtree.checkpoint._formats import Format, PathLike, destination_format, detect_format
 from sdtree.checkpoint._layout import apply_transform, fit_format, keep_model
-from sdtree.checkpoint._lazy import Checkpoint, Fetch, alias_key, tensor_items
+from sdtree.checkpoint._lazy import Checkpoint, Fetch, as_is, first_aliases, tensor_items
 from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
 from sdtree.errors import CheckpointFormatError, UnsupportedLeafError
@@ -102,12 +101,8 @@ def save(
         return path
     tree = fit_format(state_dict, fmt, fn="save")
     with atomic_destination(path, force=force, directory=False, fn="save") as tmp:
-        _WRITERS[fmt](tmp, tree, _as_is, fn="save")
+        _WRITERS[fmt](tmp, tree, as_is, fn="save")
     return path
-
-
-def _as_is(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
 
 
 def load(path: PathLike, *, template: Any = None, trust_pickle: bool = False, process_group: Any = None) -> Any:
@@ -241,10 +236,7 @@ def _unique(tree: Any, fmt: Format) -> list[torch.Tensor]:
     leaves = [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
     if fmt == "dcp":
         return leaves
-    seen: dict[Hashable, torch.Tensor] = {}
-    for leaf in leaves:
-        seen.setdefault(alias_key(leaf), leaf)
-    return list(seen.values())
+    return [leaf for i, (leaf, first) in enumerate(zip(leaves, first_aliases(leaves))) if first == i]
 
 
 def _renamed(before: Any, after: Any) -> tuple[tuple[str, Optional[str]], ...]:

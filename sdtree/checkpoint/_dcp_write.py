@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from sdtree._tree import tree_flatten_with_accessor
 from sdtree.checkpoint._atomic import atomic_destination, check_destination, commit, remove, temporary_name
 from sdtree.checkpoint._dcp_read import distributed, quiet_single_process, unwrapped_errors
-from sdtree.checkpoint._lazy import Fetch
+from sdtree.checkpoint._lazy import Fetch, as_is
 from sdtree.errors import CheckpointFormatError, SdtreeError
 
 __all__ = ["check_keys", "write_dcp", "save_dcp"]
@@ -101,7 +101,7 @@ def save_dcp(state_dict: Any, path: Path, *, force: bool, fn: str, process_group
     if not distributed(process_group):
         check_keys(state_dict, fn)
         with atomic_destination(path, force=force, directory=True, fn=fn) as tmp:
-            write_dcp(tmp, state_dict, _identity, fn=fn, one_file_per_entry=False)
+            write_dcp(tmp, state_dict, as_is, fn=fn, one_file_per_entry=False)
         return
     _raise_any(_outcome(lambda: check_keys(state_dict, fn)), process_group)
     leader = dist.get_global_rank(process_group, 0) if process_group is not None else 0
@@ -109,7 +109,7 @@ def save_dcp(state_dict: Any, path: Path, *, force: bool, fn: str, process_group
     tmp = Path(_from_leader(lambda: _prepare(path, force, fn), leader, process_group))
     try:
         write_dcp(
-            tmp, state_dict, _identity, fn=fn, no_dist=False, process_group=process_group, one_file_per_entry=False
+            tmp, state_dict, as_is, fn=fn, no_dist=False, process_group=process_group, one_file_per_entry=False
         )
     except BaseException:
         if is_leader:
@@ -166,6 +166,3 @@ def _from_leader(step: Callable[[], Any], leader: int, group: Any) -> Any:
         raise value(message)
     return value
 
-
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor

@@ -23,9 +23,27 @@ from sdtree._tree import tree_flatten_with_path, tree_map
 from sdtree.checkpoint._formats import Format
 from sdtree.errors import CorruptCheckpointError, UnsupportedLeafError
 
-__all__ = ["Checkpoint", "Fetch", "read_range", "read_into", "tensor_from_bytes", "plain_cpu", "alias_key", "dotted", "tensor_items"]
+__all__ = [
+    "Checkpoint",
+    "Fetch",
+    "as_is",
+    "read_range",
+    "read_into",
+    "tensor_from_bytes",
+    "plain_cpu",
+    "fetched_plain",
+    "alias_key",
+    "first_aliases",
+    "dotted",
+    "tensor_items",
+]
 
 Fetch = Callable[[torch.Tensor], torch.Tensor]
+
+
+def as_is(tensor: torch.Tensor) -> torch.Tensor:
+    """The fetch of a state dict whose tensors are in memory already."""
+    return tensor
 
 
 @attrs.frozen(eq=False)
@@ -144,6 +162,22 @@ def plain_cpu(tensor: torch.Tensor, key: str, fn: str) -> torch.Tensor:
     return tensor
 
 
+def fetched_plain(tensor: torch.Tensor, leaf: torch.Tensor, key: str, fn: str) -> torch.Tensor:
+    """A fetched ``tensor`` as :func:`plain_cpu`, checked against ``leaf``,
+    the index entry it was fetched for.
+
+    Raises:
+        CorruptCheckpointError: it read back with another shape or dtype.
+    """
+    tensor = plain_cpu(tensor, key, fn)
+    if tensor.shape != leaf.shape or tensor.dtype != leaf.dtype:
+        raise CorruptCheckpointError(
+            f"{fn}: {key!r} read back as {tuple(tensor.shape)} {tensor.dtype}, but its index "
+            f"says {tuple(leaf.shape)} {leaf.dtype}. The source checkpoint is inconsistent."
+        )
+    return tensor
+
+
 def alias_key(tensor: torch.Tensor) -> Hashable:
     """Equal for two tensors that are the same view of the same memory (tied
     parameters), so a file stores them once; otherwise the object identity."""
@@ -157,3 +191,11 @@ def alias_key(tensor: torch.Tensor) -> Hashable:
         tensor.stride(),
         tensor.dtype,
     )
+
+
+def first_aliases(tensors: list[torch.Tensor]) -> list[int]:
+    """For each tensor, the position of the first one that is the same view
+    of the same memory (:func:`alias_key`): its own position unless it is
+    tied to an earlier one. A file stores only the firsts."""
+    first: dict[Hashable, int] = {}
+    return [first.setdefault(alias_key(tensor), i) for i, tensor in enumerate(tensors)]

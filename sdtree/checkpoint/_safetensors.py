@@ -21,7 +21,7 @@ import ctypes
 import functools
 import json
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,8 +30,8 @@ import torch
 from sdtree.checkpoint._lazy import (
     Checkpoint,
     Fetch,
-    alias_key,
-    plain_cpu,
+    fetched_plain,
+    first_aliases,
     read_range,
     tensor_from_bytes,
 )
@@ -182,14 +182,12 @@ def write_safetensors(path: Path, tree: Any, fetch: Fetch, *, fn: str) -> None:
     entries: dict[str, Any] = {}
     stored: list[tuple[str, torch.Tensor]] = []
     aliases: list[tuple[int, str, str]] = []
-    first: dict[Hashable, str] = {}
+    keys = list(model)
     offset = 0
-    for position, (key, leaf) in enumerate(model.items()):
-        alias = alias_key(leaf)
-        if alias in first:
-            aliases.append((position, key, first[alias]))
+    for position, ((key, leaf), first) in enumerate(zip(model.items(), first_aliases(list(model.values())))):
+        if first != position:
+            aliases.append((position, key, keys[first]))
             continue
-        first[alias] = key
         nbytes = leaf.numel() * leaf.element_size()
         entries[key] = {"dtype": _CODES[leaf.dtype], "shape": list(leaf.shape), "data_offsets": [offset, offset + nbytes]}
         stored.append((key, leaf))
@@ -203,12 +201,7 @@ def write_safetensors(path: Path, tree: Any, fetch: Fetch, *, fn: str) -> None:
         file.write(len(header).to_bytes(8, "little"))
         file.write(header)
         for key, leaf in stored:
-            tensor = plain_cpu(fetch(leaf), key, fn)
-            if tensor.shape != leaf.shape or tensor.dtype != leaf.dtype:
-                raise CorruptCheckpointError(
-                    f"{fn}: {key!r} read back as {tuple(tensor.shape)} {tensor.dtype}, but its index "
-                    f"says {tuple(leaf.shape)} {leaf.dtype}. The source checkpoint is inconsistent."
-                )
+            tensor = fetched_plain(fetch(leaf), leaf, key, fn)
             if tensor.nbytes:
                 file.write((ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr()))
             del tensor

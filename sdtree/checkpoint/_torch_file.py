@@ -34,14 +34,14 @@ from sdtree._tree import tree_flatten, tree_flatten_with_path, tree_unflatten
 from sdtree.checkpoint._lazy import (
     Checkpoint,
     Fetch,
-    alias_key,
+    fetched_plain,
+    first_aliases,
     dotted,
-    plain_cpu,
     read_range,
     tensor_from_bytes,
 )
 from sdtree.checkpoint._pickle import torch_load
-from sdtree.errors import CorruptCheckpointError, UnsupportedLeafError
+from sdtree.errors import UnsupportedLeafError
 from sdtree.transforms.tensors import contiguous_strides
 
 __all__ = ["open_torch_file", "write_torch_file", "byteorder"]
@@ -158,15 +158,15 @@ class _SkeletonPickler(pickle.Pickler):
 def _slots(tree: Any) -> tuple[Any, list[_Slot]]:
     """Replace each tensor leaf by its slot; one slot per distinct view of memory."""
     paths, leaves, spec = tree_flatten_with_path(tree)
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     slots: list[_Slot] = []
-    by_alias: dict[Hashable, _Slot] = {}
-    for i, (path, leaf) in enumerate(zip(paths, leaves)):
-        if isinstance(leaf, torch.Tensor):
-            alias = alias_key(leaf)
-            if alias not in by_alias:
-                by_alias[alias] = _Slot(str(len(slots)), leaf, dotted(path))
-                slots.append(by_alias[alias])
-            leaves[i] = by_alias[alias]
+    slot_of: list[_Slot] = []
+    for n, first in enumerate(first_aliases([leaves[i] for i in positions])):
+        if first == n:
+            slots.append(_Slot(str(len(slots)), leaves[positions[n]], dotted(paths[positions[n]])))
+        slot_of.append(slot_of[first] if first < n else slots[-1])
+    for i, slot in zip(positions, slot_of):
+        leaves[i] = slot
     return tree_unflatten(spec, leaves), slots
 
 
@@ -193,18 +193,8 @@ def _write_records(writer: Any, pickled: bytes, alignment: int, slots: list[_Slo
     ):
         writer.write_record(name, record, len(record))
     for slot in slots:
-        tensor = _checked(fetch(slot.leaf), slot, fn)
+        tensor = fetched_plain(fetch(slot.leaf), slot.leaf, slot.where, fn)
         # torch.save passes the storage itself too (no copy); the stubs miss that overload
         writer.write_record(f"data/{slot.key}", tensor.untyped_storage(), tensor.nbytes)
         del tensor
     writer.write_end_of_file()
-
-
-def _checked(tensor: torch.Tensor, slot: _Slot, fn: str) -> torch.Tensor:
-    tensor = plain_cpu(tensor, slot.where, fn)
-    if tensor.shape != slot.leaf.shape or tensor.dtype != slot.leaf.dtype:
-        raise CorruptCheckpointError(
-            f"{fn}: {slot.where!r} read back as {tuple(tensor.shape)} {tensor.dtype}, but its index "
-            f"says {tuple(slot.leaf.shape)} {slot.leaf.dtype}. The source checkpoint is inconsistent."
-        )
-    return tensor
