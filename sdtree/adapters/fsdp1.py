@@ -90,8 +90,9 @@ def read_optimizer(model: nn.Module, optim: torch.optim.Optimizer, index: ModelI
     reports its initial state, computed on a shadow copy (no step)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    fresh = not optim.state and not any(p.grad is not None for g in optim.param_groups for p in g[PARAMS])
-    source = _with_initial_state(optim) if fresh else optim
+    from sdtree.adapters.optimizer import needs_initial_state
+
+    source = _with_initial_state(optim) if needs_initial_state(optim) else optim
     with _state_dict_type(model, full=False):
         osd = FullyShardedDataParallel.optim_state_dict(model, source)
     named: dict[str, Any] = rename(dict(index.key_to_fqn))(osd)

@@ -66,11 +66,6 @@ class ParamIndex:
     def fqn_of_param(self, param: torch.Tensor) -> str | None:
         return self.first_fqn.get(id(param))
 
-    def fqns_of_param(self, param: torch.Tensor) -> tuple[str, ...]:
-        """Every canonical FQN of ``param`` (empty if it is not in the model)."""
-        first = self.first_fqn.get(id(param))
-        return () if first is None else self.aliases(first)
-
     def aliases(self, fqn: str) -> tuple[str, ...]:
         """Every FQN of the parameter named ``fqn`` (one, unless tied)."""
         return self.tied.get(fqn, (fqn,))
@@ -199,8 +194,8 @@ def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> 
     flat_members: dict[int, list[tuple[int, str]]] = {}
     for module, attr, key, fqn in iter_modules(model, dsd_fqn_modifiers):
         modules.append((attr, fqn, module))
-        plain, _, extra = type_traits(type(module))
-        if not plain or module._state_dict_hooks or module._state_dict_pre_hooks:
+        _, _, extra = type_traits(type(module))
+        if customises_save(module):
             plain_save = False
         flat_param = _flat_param_of(module)
         if flat_param is not None and id(flat_param) not in flat_members:
@@ -239,6 +234,12 @@ def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> 
         sharded={fqn: e.value for fqn, e in entries.items() if e.kind != "extra" and is_dtensor(e.value)},
         flat={k: tuple(owner[m] for m in members if m in owner) for k, members in flat_members.items()},
     )
+
+
+def customises_save(module: nn.Module) -> bool:
+    """Whether ``module``'s state dict must come from its own ``state_dict()``:
+    its class customises saving, or it has state-dict hooks."""
+    return not type_traits(type(module))[0] or bool(module._state_dict_hooks or module._state_dict_pre_hooks)
 
 
 def _is_fsdp1(module: nn.Module) -> bool:

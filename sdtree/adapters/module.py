@@ -24,7 +24,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from sdtree.adapters import fsdp1
 from sdtree.adapters._common import agree, announce_load, check_model_not_empty, finish, warn_submodules, without_gc
-from sdtree.adapters.index import Entry, ModelIndex, index_model, iter_modules, type_traits
+from sdtree.adapters.index import Entry, ModelIndex, customises_save, index_model, iter_modules, type_traits
 from sdtree.errors import IncompatibleStateDictError, _preview
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import Transform, drop_keys, identity, rename, select_keys
@@ -40,9 +40,9 @@ def read_model(model: nn.Module, dsd_fqn_modifiers: str) -> Optional[tuple[dict[
     out: dict[str, Any] = {}
     frozen = []
     for module, _, _, fqn in iter_modules(model, dsd_fqn_modifiers):
-        plain, _, extra = type_traits(type(module))
-        if not plain or module._state_dict_hooks or module._state_dict_pre_hooks:
+        if customises_save(module):
             return None
+        _, _, extra = type_traits(type(module))
         for name, param in module._parameters.items():
             if param is not None:
                 out[fqn + name] = param.detach()
@@ -320,7 +320,7 @@ def write_model(model: nn.Module, index: ModelIndex, plan: ModelPlan) -> None:
             hook(module, incompatible)
 
 
-def module_keyed_to_fqns(model: nn.Module, state_dict: Mapping[Any, Any], index: ModelIndex) -> Mapping[str, Any]:
+def module_keyed_to_fqns(state_dict: Mapping[Any, Any], index: ModelIndex) -> Mapping[str, Any]:
     """Accept the deprecated ``{submodule: its state dict}`` input."""
     if not state_dict or not isinstance(next(iter(state_dict)), nn.Module):
         return state_dict
@@ -370,7 +370,7 @@ def set_model_state_dict(
     """
     opts = as_options(options)
     index = index_model(model, opts.dsd_fqn_modifiers)
-    state_dict = module_keyed_to_fqns(model, model_state_dict, index)
+    state_dict = module_keyed_to_fqns(model_state_dict, index)
     check_model_not_empty(state_dict, opts, loading=True)
     if not state_dict and not opts.broadcast_from_rank0:
         return _IncompatibleKeys([], [])

@@ -117,6 +117,12 @@ def _shadow_initial_state(optim: torch.optim.Optimizer) -> dict[int, Any]:
     return {position[id(k)]: v for k, v in shadow.state.items() if id(k) in position}
 
 
+def needs_initial_state(optim: torch.optim.Optimizer) -> bool:
+    """Whether ``optim`` has no state yet and no gradient to make one: torch
+    then reports the state one step would create (see ``_shadow_initial_state``)."""
+    return not optim.state and not any(p.grad is not None for g in optim.param_groups for p in g[PARAMS])
+
+
 def read_optimizer(optim: torch.optim.Optimizer, fqns: list[list[str]]) -> dict[str, Any]:
     """``optim.state_dict()`` keyed by the FQNs ``fqns`` (one list per group),
     with the state torch's ``_init_optim_state`` would create when the
@@ -141,7 +147,7 @@ def read_optimizer(optim: torch.optim.Optimizer, fqns: list[list[str]]) -> dict[
             ],
         }
     osd = type(optim).state_dict(optim)
-    if not optim.state and not any(p.grad is not None for g in optim.param_groups for p in g[PARAMS]):
+    if needs_initial_state(optim):
         osd = {STATE: _shadow_initial_state(optim), PG: osd[PG]}
     named: dict[str, Any] = _ids_to_fqns(fqns)(osd)
     return named
@@ -198,13 +204,19 @@ class OptimPlan(NamedTuple):
     fqns: list[list[str]]  # the optimizer's parameters' FQNs, by group
 
 
+def _keyed_by_ids(osd: Mapping[str, Any]) -> bool:
+    """Whether the nested optimizer state dict ``osd`` names parameters by
+    ids (as ``optim.state_dict()`` does), not by FQNs."""
+    keys = list(osd[STATE]) + [k for g in osd[PG] for k in g[PARAMS]]
+    return bool(keys) and all(isinstance(k, int) for k in keys)
+
+
 def _split_for(
     index: ParamIndex, optim: torch.optim.Optimizer, fqns: list[list[str]], osd: Mapping[str, Any]
 ) -> Mapping[str, Any]:
     """Bring ``osd`` to the unflattened FQN-keyed form for ``optim``."""
     if is_optim_state_dict(osd):
-        keys = list(osd[STATE]) + [k for g in osd[PG] for k in g[PARAMS]]
-        if keys and all(isinstance(k, int) for k in keys):
+        if _keyed_by_ids(osd):
             # Parameter ids, as from optim.state_dict(): positional, as torch loads them.
             named: Mapping[str, Any] = _ids_to_fqns(fqns)(osd)
             return named
@@ -535,8 +547,8 @@ def plan_optimizers_load(
     plans = [plan_optim_load(index, optim, osd, options, problems) for optim in optims]
     if options.strict and is_optim_state_dict(osd) and not problems:
         known = {a for plan in plans if plan for g in plan.fqns for f in g for a in index.aliases(f)}
-        keys = list(osd[STATE]) + [k for g in osd[PG] for k in g[PARAMS]]
-        if not all(isinstance(k, int) for k in keys):
+        if not _keyed_by_ids(osd):
+            keys = list(osd[STATE]) + [k for g in osd[PG] for k in g[PARAMS]]
             unexpected = [k for k in dict.fromkeys(keys) if k not in known]
             if unexpected:
                 problems.append(

@@ -7,7 +7,7 @@ from typing import Any, Optional
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdtree.adapters._common import agree, announce_load, as_optimizers, check_model_not_empty, check_optim_not_empty, without_gc
+from sdtree.adapters._common import agree, announce_load, as_optimizers, check_optim_not_empty, without_gc
 from sdtree.adapters.index import index_model
 from sdtree.adapters.module import (
     ModelPlan,
@@ -69,9 +69,7 @@ def set_state_dict(
     opts = as_options(options)
     optims = as_optimizers(optimizers)
     index = index_model(model, opts.dsd_fqn_modifiers)
-    state_dict = module_keyed_to_fqns(model, model_state_dict, index)
-    if state_dict:
-        check_model_not_empty(state_dict, opts, loading=True)
+    state_dict = module_keyed_to_fqns(model_state_dict, index)
     check_optim_not_empty(optim_state_dict, opts)
     fn = "set_state_dict"
     planned, announced = announce_load(state_dict, opts, fn)

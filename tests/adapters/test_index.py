@@ -67,7 +67,7 @@ def test_tied_and_frozen_parameters():
     model = Net(tied=True)
     model.blocks[0].linear1.requires_grad_(False)
     index = index_model(model)
-    assert index.params.fqns_of_param(model.embed.weight) == ("embed.weight", "head.weight")
+    assert index.params.aliases(index.params.fqn_of_param(model.embed.weight)) == ("embed.weight", "head.weight")
     assert index.params.aliases("head.weight") == ("embed.weight", "head.weight")
     assert index.params.aliases("blocks.0.norm.weight") == ("blocks.0.norm.weight",)
     assert index.params.fqn_of_param(model.head.weight) == "embed.weight"
