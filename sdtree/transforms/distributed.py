@@ -158,7 +158,8 @@ class _GatherDTensors(Transform):
             if uneven_counts is None:
                 even.setdefault(length, []).append(i)
             else:
-                uneven.append((i, uneven_counts, length))
+                # every rank sends its rows padded to the most any rank holds
+                uneven.append((i, uneven_counts, length, max(uneven_counts) * length))
         device = first._local_tensor.device
         if len(indices) == 1 and even:
             (i,) = indices
@@ -173,17 +174,14 @@ class _GatherDTensors(Transform):
         pieces: list[torch.Tensor] = []
         for length, group_indices in even.items():
             pieces.append(torch._C._nn.flatten_dense_tensors([leaves[i]._local_tensor for i in group_indices]))
-        widths = []
-        for i, counts, row in uneven:
+        for i, _, _, width in uneven:
             local = leaves[i]._local_tensor.reshape(-1)
-            width = max(counts) * row
             pieces.append(torch.cat([local, local.new_zeros(width - local.numel())]) if local.numel() < width else local)
-            widths.append(width)
         send = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         size = send.numel()
         recv = torch.empty(world * size, dtype=first.dtype, device=device).view(world, size)
         work = _all_gather_single(recv.view(-1), send, group=group, async_op=True)
-        return lambda: self._unpack(leaves, work, recv, even, uneven, widths)
+        return lambda: self._unpack(leaves, work, recv, even, uneven)
 
     def _unpack(
         self,
@@ -191,8 +189,7 @@ class _GatherDTensors(Transform):
         work: Any,
         recv: torch.Tensor,
         even: dict[int, list[int]],
-        uneven: list[tuple[int, tuple[int, ...], int]],
-        widths: list[int],
+        uneven: list[tuple[int, tuple[int, ...], int, int]],  # index, rows per rank, row length, padded width
     ) -> None:
         work.wait()
         world = recv.shape[0]
@@ -207,7 +204,7 @@ class _GatherDTensors(Transform):
                 full = full if len(shape) == 1 else full.view(shape)
                 leaves[i] = full.cpu() if offload else full
             offset += n * length
-        for (i, counts, row), width in zip(uneven, widths):
+        for i, counts, row, width in uneven:
             parts = [recv[r, offset : offset + counts[r] * row] for r in range(world)]
             leaves[i] = self._done(torch.cat(parts).view(leaves[i].shape))
             offset += width

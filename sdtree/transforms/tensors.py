@@ -188,11 +188,12 @@ class _OffloadToCpu(Transform):
         sources = [leaves[i] for i in todo]
         if any(t.is_meta for t in sources):
             raise _meta_error("offload_to_cpu", state_dict)
-        plain = [t for t in sources if _bulk_ok(t)]
-        buffers = iter(_allocate_cpu(plain, pin_memory=pin, share_memory=share, bulk=self.bulk))
+        bulk_ok = [_bulk_ok(t) for t in sources]
+        plain = [(t.shape, t.dtype) for t, ok in zip(sources, bulk_ok) if ok]
+        buffers = iter(allocate(plain, pin_memory=pin, share_memory=share, bulk=self.bulk))
         non_blocking = pin
-        for i, source in zip(todo, sources):
-            if _bulk_ok(source):
+        for i, source, ok in zip(todo, sources, bulk_ok):
+            if ok:
                 leaves[i] = next(buffers).copy_(source.detach(), non_blocking=non_blocking)
             else:
                 moved = source.to(_CPU)
