@@ -20,11 +20,7 @@ from sdtree import StateDictOptions
 from sdtree._tree import tree_flatten, tree_map
 from sdtree.testing import assert_state_dict_equal
 from tests.adapters.models import make, make_optim, train
-from tests.distributed.bodies_sharded import GET_OPTIONS, check_round_trip
-
-
-def _local(tree):
-    return tree_map(lambda v: v.to_local() if isinstance(v, DTensor) else v, tree)
+from tests.distributed.bodies_sharded import GET_OPTIONS, _local, check_round_trip
 
 
 def _cpu(tree):
