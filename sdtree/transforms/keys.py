@@ -368,7 +368,9 @@ class _FilterKeys(_KeyTransform):
         return f"{self._factory}({', '.join(args)})"
 
 
-def _filter(fn: str, prefixes: tuple[str, ...], where: Any, keep: bool) -> Transform:
+def _filter(fn: str, prefixes: tuple[Any, ...], where: Any, keep: bool) -> Transform:
+    if len(prefixes) == 1 and callable(prefixes[0]) and where is None:
+        where, prefixes = prefixes[0], ()  # select_keys(predicate) reads as select_keys(where=predicate)
     if bool(prefixes) == (where is not None):
         raise TypeError(
             f"{fn}: pass key prefixes or where=predicate (exactly one of them), got "
@@ -381,14 +383,19 @@ def _filter(fn: str, prefixes: tuple[str, ...], where: Any, keep: bool) -> Trans
     return _FilterKeys(prefixes, where, keep)
 
 
-def select_keys(*prefixes: str, where: Optional[Callable[[str], bool]] = None) -> Transform:
+def select_keys(
+    *prefixes: Union[str, Callable[[str], bool]], where: Optional[Callable[[str], bool]] = None
+) -> Transform:
     """Return a transform that keeps only the keys that start with one of
-    ``prefixes``, or for which ``where(key)`` is true.
+    ``prefixes``, or for which ``where(key)`` is true (a single callable
+    passed positionally is taken as ``where``).
 
     >>> select_keys("encoder.")({"encoder.w": 1, "decoder.w": 2})
     {'encoder.w': 1}
     >>> select_keys(where=lambda k: k.endswith(".w"))({"a.w": 1, "a.b": 2})
     {'a.w': 1}
+    >>> select_keys(lambda k: k.endswith(".b"))({"a.w": 1, "a.b": 2})
+    {'a.b': 2}
 
     On an optimizer state dict, dropped FQNs leave ``state`` and every group's
     ``params``; groups themselves are kept (possibly empty).
@@ -398,9 +405,12 @@ def select_keys(*prefixes: str, where: Optional[Callable[[str], bool]] = None) -
     return _filter("select_keys", prefixes, where, True)
 
 
-def drop_keys(*prefixes: str, where: Optional[Callable[[str], bool]] = None) -> Transform:
+def drop_keys(
+    *prefixes: Union[str, Callable[[str], bool]], where: Optional[Callable[[str], bool]] = None
+) -> Transform:
     """Return a transform that drops the keys that start with one of
-    ``prefixes``, or for which ``where(key)`` is true.
+    ``prefixes``, or for which ``where(key)`` is true (a single callable
+    passed positionally is taken as ``where``).
 
     >>> drop_keys("decoder.")({"encoder.w": 1, "decoder.w": 2})
     {'encoder.w': 1}

@@ -105,6 +105,18 @@ def test_select_and_drop_by_prefix_and_predicate():
     assert drop_keys("enc.", "dec.")(sd) == {}
 
 
+def test_a_positional_predicate_works_like_where():
+    sd = {"enc.w": 1, "enc.b": 2, "dec.w": 3}
+    ends_w = lambda k: k.endswith(".w")  # noqa: E731
+    assert select_keys(ends_w)(sd) == select_keys(where=ends_w)(sd) == {"enc.w": 1, "dec.w": 3}
+    assert drop_keys(ends_w)(sd) == {"enc.b": 2}
+    assert repr(select_keys(ends_w)) == f"select_keys(where={ends_w!r})"
+    with pytest.raises(TypeError, match="exactly one"):
+        select_keys(ends_w, where=ends_w)
+    with pytest.raises(TypeError, match="every prefix must be a str"):
+        select_keys("enc.", ends_w)
+
+
 def test_select_keys_needs_exactly_one_criterion():
     with pytest.raises(TypeError, match="exactly one"):
         select_keys()
