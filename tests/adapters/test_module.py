@@ -166,6 +166,26 @@ def test_deprecated_submodules_and_module_keyed_input_warn():
         sdtree.set_model_state_dict(model, {model.blocks: ours}, options=StateDictOptions(strict=False))
 
 
+def test_ignore_frozen_params_reports_absent_frozen_params_as_missing_without_raising():
+    model, _ = make(frozen=True)
+    sd = sdtree.get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    frozen = ["blocks.0.linear1.weight", "blocks.0.linear1.bias"]
+    assert not set(frozen) & set(sd)
+    ours, _ = make(frozen=True, seed=1)
+    result = sdtree.set_model_state_dict(ours, sd, options=StateDictOptions(ignore_frozen_params=True))
+    theirs, _ = make(frozen=True, seed=1)
+    torch_result = dsd.set_model_state_dict(
+        theirs, dict(sd), options=dsd.StateDictOptions(ignore_frozen_params=True, strict=False)
+    )
+    assert result.missing_keys == torch_result.missing_keys == frozen
+    assert result.unexpected_keys == []
+    assert_state_dict_equal(ours.state_dict(), theirs.state_dict())
+    # a missing trainable parameter still raises under strict
+    partial = {k: v for k, v in sd.items() if k != "blocks.0.linear2.weight"}
+    with pytest.raises(IncompatibleStateDictError, match=r"Missing key\(s\) in state_dict: 'blocks.0.linear2.weight'\."):
+        sdtree.set_model_state_dict(ours, partial, options=StateDictOptions(ignore_frozen_params=True))
+
+
 def test_empty_state_dict_is_an_error_under_strict():
     with pytest.raises(RuntimeError, match="model state_dict is empty"):
         sdtree.set_model_state_dict(Net(), {})
