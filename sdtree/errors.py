@@ -23,6 +23,8 @@ __all__ = [
     "MissingParamIdError",
     "NotInvertibleError",
     "StructureMismatchError",
+    "PatternMatchError",
+    "TensorMismatchError",
     "IncompatibleStateDictError",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -74,6 +76,16 @@ class NotInvertibleError(SdtreeError, TypeError):
 
 class StructureMismatchError(SdtreeError, ValueError):
     """Two state dicts that must share a structure do not."""
+
+
+class PatternMatchError(SdtreeError, ValueError):
+    """A rule's key patterns match no key, match one key twice, or leave a
+    group of keys incomplete."""
+
+
+class TensorMismatchError(SdtreeError, ValueError):
+    """Tensors (or optimizer entries) do not have the shapes, dtypes or values
+    a tensor transform needs."""
 
 
 def _preview(items: Iterable[Any], limit: int = 5, *, quote: bool = True) -> str:

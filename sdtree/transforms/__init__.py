@@ -22,6 +22,18 @@ from sdtree.transforms.optim import (
     split_optimizer,
     unflatten_optimizer,
 )
+from sdtree.transforms.tensor_ops import (
+    cast,
+    fuse,
+    map_tensors,
+    permute_for_rope,
+    reshape,
+    split,
+    stack,
+    transpose,
+    unpermute_for_rope,
+    unstack,
+)
 from sdtree.transforms.tensors import offload_to_cpu, to_device
 
 __all__ = [
@@ -44,4 +56,14 @@ __all__ = [
     "unflatten_optimizer",
     "merge_optimizers",
     "split_optimizer",
+    "fuse",
+    "split",
+    "stack",
+    "unstack",
+    "permute_for_rope",
+    "unpermute_for_rope",
+    "transpose",
+    "reshape",
+    "cast",
+    "map_tensors",
 ]

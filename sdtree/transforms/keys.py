@@ -25,10 +25,12 @@ from sdtree.errors import (
     LayoutMismatchError,
     MissingPrefixError,
     NonStringKeyError,
+    PatternMatchError,
     _preview,
 )
 from sdtree.transforms._forms import PARAMS, PG, PG_DOT, STATE, STATE_DOT, form_of
 from sdtree.transforms.compose import Transform
+from sdtree.transforms.patterns import KeyPattern, PatternSet, is_pattern, key_pattern
 
 __all__ = [
     "strip_prefix",
@@ -300,21 +302,65 @@ class _RenameByRegex(_KeyTransform):
         return f"rename({list(self.rules)!r})"
 
 
+@attrs.frozen(repr=False)
+class _RenameByPattern(_KeyTransform):
+    _factory = "rename"
+    pairs: tuple[tuple[str, str], ...]
+    _compiled: tuple[PatternSet, tuple[KeyPattern, ...]] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        sources = tuple(key_pattern(old, fn="rename") for old, _ in self.pairs)
+        targets = tuple(key_pattern(new, fn="rename") for _, new in self.pairs)
+        for source, target in zip(sources, targets):
+            if source.placeholders != target.placeholders:
+                raise ValueError(
+                    f"rename: {source.text!r} -> {target.text!r}: both sides need the same placeholders, "
+                    f"got {sorted(source.placeholders)} and {sorted(target.placeholders)}."
+                )
+        try:
+            found = PatternSet(sources)
+        except ValueError as err:
+            raise ValueError(f"rename: {err}") from None
+        object.__setattr__(self, "_compiled", (found, targets))
+
+    def _map_keys(self, keys: list[str]) -> NewKeys:
+        found, targets = self._compiled
+        out: NewKeys = []
+        for key in keys:
+            try:
+                match = found.match(key)
+            except ValueError as err:
+                raise PatternMatchError(f"{self!r}: {err}") from None
+            out.append(key if match is None else targets[match[0]].format(match[1]))
+        return out
+
+    def inverse(self) -> Transform:
+        return _RenameByPattern(tuple((new, old) for old, new in self.pairs))
+
+    def __repr__(self) -> str:
+        return f"rename({dict(self.pairs)!r})"
+
+
 def rename(rules: Union[Mapping[str, str], Sequence[tuple[str, str]]]) -> Transform:
     """Return a transform that renames keys.
 
     ``rules`` is either a mapping ``{old: new}`` (keys not in it are kept) or a
     sequence of ``(pattern, replacement)`` regular-expression pairs, applied
-    in order to every key with :func:`re.sub`.
+    in order to every key with :func:`re.sub`. The keys of a mapping may be
+    key patterns with ``{placeholders}`` (see :mod:`sdtree.transforms.patterns`),
+    each mapped to a pattern with the same placeholders:
+    ``rename({"model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight"})``.
 
     >>> rename({"w": "weight"})({"w": 1, "b": 2})
     {'weight': 1, 'b': 2}
+    >>> rename({"h.{i}.w": "layers.{i}.weight"})({"h.0.w": 1, "h.1.w": 2})
+    {'layers.0.weight': 1, 'layers.1.weight': 2}
     >>> rename([(r"^layers\\.(\\d+)\\.", r"blocks.\\1.")])({"layers.0.w": 1})
     {'blocks.0.w': 1}
 
-    A mapping rename has ``inverse()``; it is exact on state dicts where no
-    key outside the mapping is also one of its targets. Regex renames have no
-    inverse.
+    A mapping rename (of keys or of patterns) has ``inverse()``; it is exact
+    on state dicts where no key outside the mapping is also one of its
+    targets. Regex renames have no inverse.
 
     Raises (when applied):
         KeyCollisionError: two keys would get the same name (both are named).
@@ -324,6 +370,8 @@ def rename(rules: Union[Mapping[str, str], Sequence[tuple[str, str]]]) -> Transf
         for pair in pairs:
             _check_str("rename", "every old and new key", pair[0])
             _check_str("rename", "every old and new key", pair[1])
+        if any(is_pattern(old) or is_pattern(new) for old, new in pairs):
+            return _RenameByPattern(pairs)
         return _RenameByMapping(pairs)
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
         raise TypeError(
