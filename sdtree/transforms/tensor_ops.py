@@ -71,10 +71,13 @@ def _copy(tensor: torch.Tensor) -> torch.Tensor:
 # -- ops ----------------------------------------------------------------------
 
 
+Sizes = Union[tuple[int, ...], str, None]  # the parts' sizes along dim, "equal", or unknown
+
+
 @attrs.frozen
 class _CatOp(Op):
     dim: int
-    sizes: Optional[tuple[int, ...]]
+    sizes: Sizes
 
     def plan(self, names: Sequence[str], specs: Sequence[Spec]) -> list[Spec]:
         dtype = _one_dtype(names, specs)
@@ -85,8 +88,11 @@ class _CatOp(Op):
         rest = {s[:d] + s[d + 1 :] for s in shapes}
         if len(rest) > 1:
             raise Misfit(f"the sources differ outside dim {d} ({_shapes(names, specs)}); only dim {d} may differ")
-        if self.sizes is not None and tuple(s[d] for s in shapes) != self.sizes:
-            raise Misfit(f"sizes={self.sizes} but the sources have {tuple(s[d] for s in shapes)} along dim {d} ({_shapes(names, specs)})")
+        found = tuple(s[d] for s in shapes)
+        if self.sizes == "equal" and len(set(found)) > 1:
+            raise Misfit(f"sizes='equal' but the sources have {found} along dim {d} ({_shapes(names, specs)})")
+        if isinstance(self.sizes, tuple) and found != self.sizes:
+            raise Misfit(f"sizes={self.sizes} but the sources have {found} along dim {d} ({_shapes(names, specs)})")
         shape = list(shapes[0])
         shape[d] = sum(s[d] for s in shapes)
         return [(tuple(shape), dtype)]
@@ -290,13 +296,14 @@ def _check_same_placeholders(fn: str, sources: Sequence[KeyPattern], targets: Se
                 )
 
 
-def _sizes(fn: str, sizes: Optional[Sequence[int]], n: int) -> Optional[tuple[int, ...]]:
-    if sizes is None:
-        return None
+def _sizes(fn: str, sizes: Union[Sequence[int], str, None], n: int) -> Sizes:
+    if sizes is None or sizes == "equal":
+        return sizes
     out = tuple(sizes)
-    if len(out) != n or not all(isinstance(s, int) and s > 0 for s in out):
-        raise ValueError(f"{fn}: sizes must be {n} positive ints (one per part), got sizes={sizes!r}.")
-    return out
+    ints = tuple(s for s in out if isinstance(s, int) and not isinstance(s, bool) and s > 0)
+    if len(out) != n or len(ints) != n:
+        raise ValueError(f"{fn}: sizes must be {n} positive ints (one per part) or 'equal', got sizes={sizes!r}.")
+    return ints
 
 
 def _check_other_entries(fn: str, value: str) -> None:
@@ -346,7 +353,7 @@ class _Fuse(_PatternRule):
     sources: tuple[str, ...]
     target: str
     dim: int = 0
-    sizes: Optional[tuple[int, ...]] = None
+    sizes: Sizes = None
     strict: bool = True
     other_entries: str = "error"
 
@@ -360,9 +367,10 @@ class _Fuse(_PatternRule):
         if self.sizes is None:
             raise NotInvertibleError(
                 f"{self!r}.inverse(): the sizes of the parts are unknown; give fuse(..., sizes=(...)) "
-                "to make it invertible (or use split(...) with sizes)."
+                "or sizes='equal' to make it invertible."
             )
-        return _Split(self.target, self.sources, self.sizes, self.dim, self.strict, self.other_entries)
+        sizes = self.sizes if isinstance(self.sizes, tuple) else None  # None: equal parts
+        return _Split(self.target, self.sources, sizes, self.dim, self.strict, self.other_entries)
 
 
 @attrs.frozen(repr=False)
@@ -382,7 +390,7 @@ class _Split(_PatternRule):
         return _SplitOp(self.dim, self.sizes, len(self.targets))
 
     def inverse(self) -> Transform:
-        return _Fuse(self.targets, self.source, self.dim, self.sizes, self.strict, self.other_entries)
+        return _Fuse(self.targets, self.source, self.dim, self.sizes or "equal", self.strict, self.other_entries)
 
 @attrs.frozen(repr=False)
 class _Stacking(_PatternRule):
@@ -639,7 +647,7 @@ def fuse(
     target: str,
     *,
     dim: int = 0,
-    sizes: Optional[Sequence[int]] = None,
+    sizes: Union[Sequence[int], str, None] = None,
     strict: bool = True,
     other_entries: str = "error",
 ) -> Transform:
@@ -656,7 +664,8 @@ def fuse(
 
     The fused tensor takes the place of the first source (in the state dict,
     and in its optimizer's ``param_groups``). ``sizes`` (the parts' sizes
-    along ``dim``) is checked when given, and makes :meth:`inverse` exact.
+    along ``dim``, or ``"equal"``) is checked when given, and makes
+    :meth:`inverse` exact.
     ``other_entries="drop"`` drops optimizer entries not shaped like their
     parameter instead of raising.
 
@@ -679,14 +688,15 @@ def split(
     source: str,
     targets: Sequence[str],
     *,
-    sizes: Optional[Sequence[int]] = None,
+    sizes: Union[Sequence[int], str, None] = None,
     dim: int = 0,
     strict: bool = True,
     other_entries: str = "error",
 ) -> Transform:
     """Return a transform that splits the tensor at ``source`` along ``dim``
-    into ``targets``: parts of ``sizes``, or equal parts (the inverse of
-    :func:`fuse`). The parts are copies (contiguous, their own memory).
+    into ``targets``: parts of ``sizes``, or equal parts (``None`` or
+    ``"equal"``); the inverse of :func:`fuse`. The parts are copies
+    (contiguous, their own memory).
 
     >>> import torch
     >>> out = split("w13", ["w1", "w3"])({"w13": torch.arange(4.0)})
@@ -703,7 +713,8 @@ def split(
     parsed = _patterns(fn, targets)
     _check_same_placeholders(fn, (key_pattern(source, fn=fn),), parsed)
     _check_other_entries(fn, other_entries)
-    return _Split(source, tuple(targets), _sizes(fn, sizes, len(parsed)), _int(fn, "dim", dim), strict, other_entries)
+    parts = _sizes(fn, sizes, len(parsed))
+    return _Split(source, tuple(targets), parts if isinstance(parts, tuple) else None, _int(fn, "dim", dim), strict, other_entries)
 
 
 def _check_over(fn: str, over: str, stacked: KeyPattern, single: KeyPattern) -> None:

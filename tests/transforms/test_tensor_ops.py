@@ -315,3 +315,13 @@ def test_reprs_are_the_calls():
     assert repr(permute_for_rope("q", n_heads=8)) == "permute_for_rope('q', n_heads=8)"
     assert repr(cast(torch.bfloat16, where="l.{i}.q")) == "cast(torch.bfloat16, where='l.{i}.q')"
     assert repr(unstack("w", "e.{n}.w", over="n")) == "unstack('w', 'e.{n}.w', over='n')"
+
+
+def test_fuse_of_equal_parts_inverts_to_an_equal_split():
+    t = fuse(["{m}.w1", "{m}.w3"], "{m}.w13", sizes="equal")
+    sd = {"f.w1": torch.zeros(2, 3), "f.w3": torch.ones(2, 3)}
+    assert t.inverse() == split("{m}.w13", ["{m}.w1", "{m}.w3"])
+    assert split("{m}.w13", ["{m}.w1", "{m}.w3"]).inverse() == t
+    assert_state_dict_equal(t.inverse()(t(sd)), sd)
+    with pytest.raises(TensorMismatchError, match=r"sizes='equal' but the sources have \(2, 1\)"):
+        t({"f.w1": torch.zeros(2, 3), "f.w3": torch.ones(1, 3)})
