@@ -49,6 +49,7 @@ __all__ = ["Op", "Misfit", "Spec", "Derivation", "derivation_of", "materialize",
 
 Spec = tuple[tuple[int, ...], torch.dtype]  # an output's shape and dtype
 _DERIVED = "_sdtree_derivation"
+_NAMES = "param_names"  # what optimizers built from named_parameters() keep per group
 
 
 class Misfit(ValueError):
@@ -472,7 +473,10 @@ class TensorRule(Transform):
                     params.append(fqn)
                 elif fqn == groups[i].members[0]:
                     params.extend(targets_of[i])
-            new_groups.append({**param_group, PARAMS: params})
+            new_group = {**param_group, PARAMS: params}
+            if param_group.get(_NAMES) == param_group[PARAMS]:  # FQNs in both: names follow
+                new_group[_NAMES] = list(params)
+            new_groups.append(new_group)
         return {STATE: new_state, PG: new_groups}
 
     def _apply_flat(self, flat: Mapping[str, Any], shapes: Optional[Mapping[str, tuple[int, ...]]]) -> dict[str, Any]:
@@ -497,27 +501,27 @@ class TensorRule(Transform):
         mapped = [self._map_entries(g, [state.get(m) for m in g.members], shapes) for g in groups]
         out: dict[str, Any] = {}
         n_out = 0
+        done: set[tuple[int, str]] = set()  # (group, section) already written
         for (section, fqn, rest), (key, value) in zip(parsed, flat.items()):
             i = index.get(fqn)
             if i is None:
                 out[key] = value
                 n_out += 1
                 continue
-            group, m = groups[i], mapped[i]
-            if fqn != group.members[0]:
+            if (i, section) in done:
                 continue
+            done.add((i, section))
+            group, m = groups[i], mapped[i]
             if m is None:
                 targets = self._targets(group, self._n_outputs(group, self._shapes(group, shapes)))
                 entries: list[dict[str, Any]] = [{} for _ in targets]
             else:
                 targets, entries = m
+            # each target's entries (or hyper-parameters) together, where the group's section began
             for target, entry in zip(targets, entries):
-                if section == STATE_DOT:
-                    if rest in entry:
-                        out[f"{STATE_DOT}{target}.{rest}"] = entry[rest]
-                        n_out += 1
-                else:
-                    out[f"{PG_DOT}{target}.{rest}"] = value
+                items = entry if section == STATE_DOT else hypers.get(group.members[0], {})
+                for name, item in items.items():
+                    out[f"{section}{target}.{name}"] = item
                     n_out += 1
         if len(out) != n_out:
             raise KeyCollisionError(f"{self!r}: target keys already exist in the flat optimizer state dict. Drop them first.")

@@ -325,3 +325,10 @@ def test_fuse_of_equal_parts_inverts_to_an_equal_split():
     assert_state_dict_equal(t.inverse()(t(sd)), sd)
     with pytest.raises(TensorMismatchError, match=r"sizes='equal' but the sources have \(2, 1\)"):
         t({"f.w1": torch.zeros(2, 3), "f.w3": torch.ones(1, 3)})
+
+
+def test_param_names_follow_params_when_they_name_them():
+    osd = _adam(_model(1))
+    osd["param_groups"][0]["param_names"] = list(osd["param_groups"][0]["params"])
+    out = QKV(osd)
+    assert out["param_groups"][0]["param_names"] == out["param_groups"][0]["params"] == ["l.0.qkv", "l.0.o", "norm"]
