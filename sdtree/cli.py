@@ -193,11 +193,7 @@ def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int], None]], 
 
 
 def _convert(args: argparse.Namespace) -> int:
-    try:
-        transform = _transform(args.steps)
-    except ValueError as err:  # a --rename pattern that is not a regular expression
-        _error(f"convert: {err}")
-        return 2
+    transform = _transform(args.steps)  # a bad --rename rule raises here, before any file is read
     show = sys.stderr.isatty() if args.progress is None else args.progress
     progress, close = _progress_bar(show and not args.dry_run)
     start = time.perf_counter()

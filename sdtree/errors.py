@@ -22,6 +22,7 @@ __all__ = [
     "LayoutMismatchError",
     "MissingParamIdError",
     "NotInvertibleError",
+    "InvalidRuleError",
     "StructureMismatchError",
     "IncompatibleStateDictError",
     "CheckpointError",
@@ -70,6 +71,11 @@ class MissingParamIdError(SdtreeError, ValueError):
 
 class NotInvertibleError(SdtreeError, TypeError):
     """``inverse()`` was asked of a transform that has no exact inverse."""
+
+
+class InvalidRuleError(SdtreeError, ValueError):
+    """A transform's rule is malformed (a bad regular expression, a
+    replacement that refers to a group its pattern lacks)."""
 
 
 class StructureMismatchError(SdtreeError, ValueError):

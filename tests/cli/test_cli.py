@@ -127,6 +127,10 @@ def test_bad_input_exits_2_with_one_line(ckpts, capsys, tmp_path):
         "collision": (["convert", ckpts / "full.pt", tmp_path / "x.pt", "--rename", r"\.(weight|bias)$", ".p"], ["both map to"]),
         "optimizer in safetensors": (["convert", ckpts / "full.pt", tmp_path / "x.safetensors"], ["--model-only"]),
         "bad regex": (["convert", ckpts / "full.pt", tmp_path / "x.pt", "--rename", "(", "x"], ["not a valid regular expression"]),
+        "bad group reference": (
+            ["convert", ckpts / "full.pt", tmp_path / "x.pt", "--rename", "model", r"\2"],
+            [r"rename: rule ('model', '\\2'): the replacement is invalid", "invalid group reference 2"],
+        ),
     }
     for name, (argv, words) in cases_.items():
         status, out, err = run(capsys, *argv)
