@@ -138,6 +138,14 @@ def test_bad_input_exits_2_with_one_line(ckpts, capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cut.pt", "notes.txt", "dcp", "full.pt", "model.safetensors"])
 
 
+def test_diff_shows_keys_that_differ_only_in_type(tmp_path, capsys):
+    save({"state": {0: {"m": torch.ones(2)}}}, tmp_path / "int.pt")
+    save({"state": {"0": {"m": torch.ones(2)}}}, tmp_path / "str.pt")
+    status, out, _ = run(capsys, "diff", tmp_path / "int.pt", tmp_path / "str.pt")
+    assert status == 1
+    assert "key         state.0.m: A has ['state'][0]['m'], B has ['state']['0']['m']: key 0 (int) vs '0' (str)" in out.splitlines()
+
+
 def test_missing_shard_exits_2(ckpts, capsys):
     (ckpts / "dcp" / "__0_0.distcp").unlink()
     status, out, err = run(capsys, "convert", ckpts / "dcp", ckpts / "x.pt")
