@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,11 +27,13 @@ Progress = Callable[[int, int], None]
 """Called after each tensor is fetched: ``progress(nbytes, total_bytes)``."""
 
 _Writer = Callable[..., None]
-_WRITERS: dict[Format, _Writer] = {
-    "dcp": write_dcp,
-    "torch": write_torch_file,
-    "safetensors": write_safetensors,
-}
+_FILE_WRITERS: dict[Format, _Writer] = {"torch": write_torch_file, "safetensors": write_safetensors}
+
+
+def _writer(fmt: Format, dst: Path) -> _Writer:
+    """``write(tmp, tree, fetch, fn=...)`` for ``fmt``; a DCP directory records
+    ``dst``, where ``tmp`` will be renamed to, as its checkpoint id."""
+    return functools.partial(write_dcp, checkpoint_id=dst) if fmt == "dcp" else _FILE_WRITERS[fmt]
 
 
 def open_checkpoint(path: PathLike, *, trust_pickle: bool = False) -> Checkpoint:
@@ -101,7 +104,7 @@ def save(
         return path
     tree = fit_format(state_dict, fmt, fn="save")
     with atomic_destination(path, force=force, directory=False, fn="save") as tmp:
-        _WRITERS[fmt](tmp, tree, as_is, fn="save")
+        _writer(fmt, path)(tmp, tree, as_is, fn="save")
     return path
 
 
@@ -212,7 +215,7 @@ def convert(
         return result
     fetch = _reporting(checkpoint.fetch, progress, total)
     with atomic_destination(dst, force=force, directory=dst_format == "dcp", fn="convert") as tmp:
-        _WRITERS[dst_format](tmp, tree, fetch, fn="convert")
+        _writer(dst_format, dst)(tmp, tree, fetch, fn="convert")
     return result
 
 

@@ -3,6 +3,8 @@ import weakref
 import attrs
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 
 from sdtree._tree import tree_map
 from sdtree.checkpoint import Checkpoint, convert, load, save
@@ -126,6 +128,10 @@ def test_a_transform_that_makes_tensors_converts_from_the_loaded_checkpoint(tmp_
     assert_state_dict_equal(load(tmp_path / "b.safetensors"), {"w": torch.full((3,), 2.0), "n": torch.arange(2)})
 
 
+class _Memory(bytearray):
+    """The bytes of one fetched tensor; a weak reference to it tells when they are freed."""
+
+
 @pytest.mark.parametrize("dst_fmt", sorted(FORMATS))
 @pytest.mark.parametrize("src_fmt", ["dcp", "torch", "safetensors"])
 def test_conversion_holds_one_fetched_tensor_at_a_time(tmp_path, monkeypatch, src_fmt, dst_fmt):
@@ -133,11 +139,17 @@ def test_conversion_holds_one_fetched_tensor_at_a_time(tmp_path, monkeypatch, sr
     alive, most = [], []
     fetch = Checkpoint.fetch
 
-    def tracking_fetch(self, tensor):  # tensors hold no cycles: refcounting frees them at once
+    def tracking_fetch(self, tensor):
+        # Track the memory, not the tensor object: a writer may keep a view
+        # (tensor.detach()) of it. Tensors hold no cycles: refcounting frees them at once.
         most.append(sum(ref() is not None for ref in alive))
         out = fetch(self, tensor)
-        alive.append(weakref.ref(out))
-        return out
+        if out.numel() == 0:
+            return out
+        memory = _Memory(out.numel() * out.element_size())
+        tracked = torch.frombuffer(memory, dtype=out.dtype).view(out.shape).copy_(out)
+        alive.append(weakref.ref(memory))
+        return tracked
 
     monkeypatch.setattr(Checkpoint, "fetch", tracking_fetch)
     convert(src, tmp_path / FORMATS[dst_fmt], model_only=True)
@@ -149,3 +161,22 @@ def test_progress_reports_every_byte(tmp_path):
     calls = []
     done = convert(src, tmp_path / "out.pt", progress=lambda n, total: calls.append((n, total)))
     assert sum(n for n, _ in calls) == done.nbytes and {t for _, t in calls} == {done.nbytes}
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.load(no_dist=True) warns anyway
+@pytest.mark.parametrize("how", ["convert", "save"])
+def test_a_dcp_checkpoint_is_one_data_file_that_names_its_final_path(tmp_path, how):
+    checkpoint = cases.combined()
+    dst = tmp_path / "ckpt"
+    if how == "convert":
+        save(checkpoint, tmp_path / "src.pt")
+        convert(tmp_path / "src.pt", dst)
+    else:
+        save(checkpoint, dst)
+    assert sorted(p.name for p in dst.iterdir()) == [".metadata", "__0_0.distcp"]
+    assert FileSystemReader(dst).read_metadata().storage_meta.checkpoint_id == dst
+    # torch reads it back, bit for bit
+    template = tree_map(lambda x: torch.empty_like(x) if isinstance(x, torch.Tensor) else x, checkpoint)
+    template["step"] = 0
+    dcp.load(template, storage_reader=FileSystemReader(dst), no_dist=True)
+    assert_state_dict_equal(template, checkpoint)
