@@ -31,6 +31,7 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsafeCheckpointError",
     "DestinationExistsError",
+    "NothingToWriteError",
 ]
 
 
@@ -129,3 +130,8 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
 
 class DestinationExistsError(CheckpointError, FileExistsError):
     """A checkpoint would overwrite an existing path without ``force=True``."""
+
+
+class NothingToWriteError(CheckpointError, ValueError):
+    """A conversion would write a checkpoint that holds no tensor: its transform
+    or options leave nothing of the source."""

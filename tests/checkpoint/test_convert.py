@@ -6,11 +6,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
+import sdtree
 from sdtree._tree import tree_map
 from sdtree.checkpoint import Checkpoint, convert, load, save
-from sdtree.errors import DestinationExistsError, KeyCollisionError
+from sdtree.errors import DestinationExistsError, KeyCollisionError, NothingToWriteError
 from sdtree.testing import assert_state_dict_equal
-from sdtree.transforms import Transform, rename, strip_prefix
+from sdtree.transforms import Transform, rename, select_keys, strip_prefix
 from tests.checkpoint import cases
 
 FORMATS = {"dcp": "ckpt", "torch": "ckpt.pt", "safetensors": "ckpt.safetensors"}
@@ -161,6 +162,34 @@ def test_progress_reports_every_byte(tmp_path):
     calls = []
     done = convert(src, tmp_path / "out.pt", progress=lambda n, total: calls.append((n, total)))
     assert sum(n for n, _ in calls) == done.nbytes and {t for _, t in calls} == {done.nbytes}
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_transform_that_drops_every_tensor_writes_nothing(tmp_path, dry_run):
+    src, _ = _source(tmp_path, "torch")
+    dst = tmp_path / "out" / "ckpt"
+    with pytest.raises(
+        NothingToWriteError,
+        match=r"^convert: the transform select_keys\('model\.'\) drops all 22 tensors of '.*ckpt\.pt' \('model\._orig_mod\.scale', .*\), "
+        r"so the result would hold no tensor \(only 'optim\.param_groups\.0\.lr', .* \(20 more\)\): nothing to write\. Nothing was written\. "
+        r"Check its rules .* without 'model\.' or 'optim\.' in front\.$",
+    ):
+        convert(src, dst, transform=select_keys("model."), dry_run=dry_run)
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_only_needs_a_model_entry(tmp_path):
+    save(cases.model_state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(NothingToWriteError, match=r"model_only=True \(--model-only\) writes the 'model' entry .* but '.*plain\.pt' has no 'model' state dict \(top-level keys: 'scale', 'embed\.weight', .*\)\. Nothing was written\. Convert it without model_only"):
+        convert(tmp_path / "plain.pt", tmp_path / "m.safetensors", model_only=True)
+    model, optim = cases.trained()
+    save({"model": {}, "optim": sdtree.get_optimizer_state_dict(model, optim)}, tmp_path / "no_model.pt")
+    with pytest.raises(NothingToWriteError, match=r"the 'model' entry of '.*no_model\.pt', all that model_only=True \(--model-only\) keeps, holds no tensor: nothing to write"):
+        convert(tmp_path / "no_model.pt", tmp_path / "m.pt", model_only=True)
+    save({"step": 3}, tmp_path / "step.pt")
+    with pytest.raises(NothingToWriteError, match=r"'.*step\.pt' holds no tensor \(only 'step'\): nothing to write"):
+        convert(tmp_path / "step.pt", tmp_path / "s.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_model.pt", "plain.pt", "step.pt"]
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.load(no_dist=True) warns anyway

@@ -138,6 +138,17 @@ def test_bad_input_exits_2_with_one_line(ckpts, capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cut.pt", "notes.txt", "dcp", "full.pt", "model.safetensors"])
 
 
+def test_convert_that_leaves_nothing_to_write_exits_2(tmp_path, capsys):
+    save(cases.model_state_dict(), tmp_path / "plain.pt")
+    save({"step": 3}, tmp_path / "step.pt")
+    for argv, words in [
+        (["convert", tmp_path / "plain.pt", tmp_path / "m.safetensors", "--model-only"], ["(--model-only)", "has no 'model' state dict"]),
+        (["convert", tmp_path / "step.pt", tmp_path / "out"], ["step.pt' holds no tensor (only 'step'): nothing to write"]),
+    ]:
+        assert_one_error_line(*run(capsys, *argv), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pt", "step.pt"]
+
+
 def test_diff_shows_keys_that_differ_only_in_type(tmp_path, capsys):
     save({"state": {0: {"m": torch.ones(2)}}}, tmp_path / "int.pt")
     save({"state": {"0": {"m": torch.ones(2)}}}, tmp_path / "str.pt")
