@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         "convert",
         help="convert between formats, renaming keys on the way",
         description="Convert SRC to DST, one tensor at a time. Key options apply in the order given, "
-        "to the model and optimizer of a {'model': ..., 'optim': ...} checkpoint alike.",
+        "to the model and optimizers of a {'model': ..., 'optim': ...} checkpoint alike "
+        "(every top-level entry that is an optimizer state dict keyed by FQNs, whatever its name).",
     )
     conv.set_defaults(steps=[])
     conv.add_argument("src", help="the checkpoint to read")

@@ -106,6 +106,14 @@ def test_int_keyed_optimizer_is_kept_by_key_transforms(tmp_path):
     assert_state_dict_equal(loaded["optim"], optim.state_dict())
 
 
+def test_an_optimizer_under_another_name_is_renamed_with_the_model(tmp_path):
+    checkpoint = cases.compiled(cases.combined())
+    trainer = {"model": checkpoint["model"], "optimizer": checkpoint["optim"], "step": 3}  # as trainers name it
+    save(trainer, tmp_path / "src.pt")
+    convert(tmp_path / "src.pt", tmp_path / "out.pt", transform=CLEAN)
+    assert_state_dict_equal(load(tmp_path / "out.pt"), {"model": CLEAN(trainer["model"]), "optimizer": CLEAN(trainer["optimizer"]), "step": 3})
+
+
 def test_convert_reads_legacy_torch_save_files(tmp_path):
     sd = cases.model_state_dict()
     torch.save(sd, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
