@@ -1,13 +1,16 @@
 """The ``sdtree`` command line: ``inspect``, ``diff``, ``convert`` and ``demo``.
 
 Exit status: 0 on success (``diff``: the checkpoints are equal), 1 when
-``diff`` finds differences, 2 on bad input (one error line on stderr).
+``diff`` finds differences, 2 on bad input (one error line on stderr), and
+141 (128 + SIGPIPE, as a shell reports ``yes | head``), silently, when the
+reader of the output goes away early (``sdtree convert ... --dry-run | head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from sdtree import __version__
 from sdtree.checkpoint import FORMATS, CheckpointDiff, Summary, convert, describe, diff
 from sdtree.errors import SdtreeError
 from sdtree.transforms import Transform, add_prefix, pipeline, rename, strip_prefix
@@ -22,6 +26,14 @@ from sdtree.transforms import Transform, add_prefix, pipeline, rename, strip_pre
 __all__ = ["main", "demo_script"]
 
 PROG = "sdtree"
+
+EXIT_BROKEN_PIPE = 128 + 13
+"""The status when stdout's reader went away: what a shell reports for a
+process that SIGPIPE ended (``yes | head``), and apart from 1 (differences)."""
+
+
+DEMO_PROG_VARIABLE = "SDTREE_DEMO_PROG"
+"""The environment variable that tells the demo trainer its command's name."""
 
 
 def demo_script() -> Path:
@@ -47,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Inspect, compare and convert PyTorch checkpoints: DCP directories, "
         "torch.save files and safetensors files.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="list keys, shapes, dtypes, sizes and param groups")
@@ -65,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
         "convert",
         help="convert between formats, renaming keys on the way",
         description="Convert SRC to DST, one tensor at a time. Key options apply in the order given, "
-        "to the model and optimizer of a {'model': ..., 'optim': ...} checkpoint alike.",
+        "to the model and optimizers of a {'model': ..., 'optim': ...} checkpoint alike "
+        "(every top-level entry that is an optimizer state dict keyed by FQNs, whatever its name).",
     )
     conv.set_defaults(steps=[])
     conv.add_argument("src", help="the checkpoint to read")
@@ -193,11 +207,7 @@ def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int], None]], 
 
 
 def _convert(args: argparse.Namespace) -> int:
-    try:
-        transform = _transform(args.steps)
-    except ValueError as err:  # a --rename pattern that is not a regular expression
-        _error(f"convert: {err}")
-        return 2
+    transform = _transform(args.steps)  # a bad --rename rule raises here, before any file is read
     show = sys.stderr.isatty() if args.progress is None else args.progress
     progress, close = _progress_bar(show and not args.dry_run)
     start = time.perf_counter()
@@ -236,7 +246,9 @@ def _demo(args: list[str]) -> int:
     if not script.is_file():
         _error(f"demo: the demo trainer {str(script)!r} is missing; it ships with the sdtree source repository (run from a checkout).")
         return 2
-    return subprocess.call([sys.executable, str(script), *args])
+    # The trainer's argparse names itself after this (its usage line says ``sdtree demo``).
+    env = {**os.environ, DEMO_PROG_VARIABLE: f"{PROG} demo"}
+    return subprocess.call([sys.executable, str(script), *args], env=env)
 
 
 def _error(message: str) -> None:
@@ -253,7 +265,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _demo(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        status = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:  # stdout closed early (`sdtree ... | head`): stop quietly
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (SdtreeError, OSError) as err:
         _error(str(err))
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's last flush
+    of what is still buffered does not fail again (Python's advice for EPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)

@@ -22,6 +22,7 @@ __all__ = [
     "LayoutMismatchError",
     "MissingParamIdError",
     "NotInvertibleError",
+    "InvalidRuleError",
     "StructureMismatchError",
     "PatternMatchError",
     "TensorMismatchError",
@@ -32,6 +33,7 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsafeCheckpointError",
     "DestinationExistsError",
+    "NothingToWriteError",
 ]
 
 
@@ -72,6 +74,11 @@ class MissingParamIdError(SdtreeError, ValueError):
 
 class NotInvertibleError(SdtreeError, TypeError):
     """``inverse()`` was asked of a transform that has no exact inverse."""
+
+
+class InvalidRuleError(SdtreeError, ValueError):
+    """A transform's rule is malformed (a bad regular expression, a
+    replacement that refers to a group its pattern lacks)."""
 
 
 class StructureMismatchError(SdtreeError, ValueError):
@@ -135,3 +142,8 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
 
 class DestinationExistsError(CheckpointError, FileExistsError):
     """A checkpoint would overwrite an existing path without ``force=True``."""
+
+
+class NothingToWriteError(CheckpointError, ValueError):
+    """A conversion would write a checkpoint that holds no tensor: its transform
+    or options leave nothing of the source."""

@@ -37,12 +37,20 @@ def _keyed_by_fqns(optim: Any) -> bool:
     return all(type(k) is str for k in keys)
 
 
+def _is_optimizer(value: Any) -> bool:
+    """Whether ``value`` is an optimizer state dict, nested or flat."""
+    return is_optim_state_dict(value) or (isinstance(value, Mapping) and is_flat_optim_state_dict(value))
+
+
 def apply_transform(transform: Optional[Transform], tree: Any) -> Any:
     """Apply ``transform`` to a checkpoint's state dicts.
 
-    On a combined checkpoint it maps the ``"model"`` entry and the ``"optim"``
-    entry (an optimizer keyed by parameter ids has no FQNs to rename and is
-    kept as it is); other entries are kept. Any other tree is mapped whole.
+    On a combined checkpoint it maps the ``"model"`` entry, the ``"optim"``
+    entry, and every other top-level entry that is an optimizer state dict
+    (trainers name it ``"optimizer"``, too), so that the optimizer's FQNs
+    follow the model's; an optimizer keyed by parameter ids has no FQNs to
+    rename and is kept as it is, and so are other entries. Any other tree is
+    mapped whole.
     """
     if transform is None:
         return tree
@@ -50,8 +58,9 @@ def apply_transform(transform: Optional[Transform], tree: Any) -> Any:
         return transform(tree)
     out = dict(tree)
     out[MODEL] = transform(tree[MODEL])
-    if OPTIM in tree and _keyed_by_fqns(tree[OPTIM]):
-        out[OPTIM] = transform(tree[OPTIM])
+    for key, value in tree.items():
+        if key != MODEL and (key == OPTIM or _is_optimizer(value)) and _keyed_by_fqns(value):
+            out[key] = transform(value)
     return out
 
 

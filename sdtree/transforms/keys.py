@@ -21,6 +21,7 @@ import attrs
 import torch
 
 from sdtree.errors import (
+    InvalidRuleError,
     KeyCollisionError,
     LayoutMismatchError,
     MissingPrefixError,
@@ -282,15 +283,7 @@ class _RenameByRegex(_KeyTransform):
     )
 
     def __attrs_post_init__(self) -> None:
-        compiled = []
-        for pattern, replacement in self.rules:
-            try:
-                compiled.append((re.compile(pattern), replacement))
-            except re.error as err:
-                raise ValueError(
-                    f"rename: pattern {pattern!r} is not a valid regular expression: {err}."
-                ) from None
-        object.__setattr__(self, "_compiled", tuple(compiled))
+        object.__setattr__(self, "_compiled", tuple(_compile_rule(rule) for rule in self.rules))
 
     def _map_keys(self, keys: list[str]) -> NewKeys:
         new = keys
@@ -313,14 +306,14 @@ class _RenameByPattern(_KeyTransform):
         targets = tuple(key_pattern(new, fn="rename") for _, new in self.pairs)
         for source, target in zip(sources, targets):
             if source.placeholders != target.placeholders:
-                raise ValueError(
+                raise InvalidRuleError(
                     f"rename: {source.text!r} -> {target.text!r}: both sides need the same placeholders, "
                     f"got {sorted(source.placeholders)} and {sorted(target.placeholders)}."
                 )
         try:
             found = PatternSet(sources)
         except ValueError as err:
-            raise ValueError(f"rename: {err}") from None
+            raise InvalidRuleError(f"rename: {err}") from None
         object.__setattr__(self, "_compiled", (found, targets))
 
     def _map_keys(self, keys: list[str]) -> NewKeys:
@@ -339,6 +332,33 @@ class _RenameByPattern(_KeyTransform):
 
     def __repr__(self) -> str:
         return f"rename({dict(self.pairs)!r})"
+
+
+def _compile_rule(rule: tuple[str, str]) -> tuple[re.Pattern[str], str]:
+    """Compile a ``(pattern, replacement)`` rule, checking both now rather than
+    at the first key: ``re`` parses a replacement's group references (``\\2``,
+    ``\\g<name>``) against the pattern before it looks for a match, so a
+    substitution into the empty string checks them without needing a match."""
+    pattern, replacement = rule
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise InvalidRuleError(
+            f"rename: rule {rule!r}: the pattern is not a valid regular expression: {err}."
+        ) from None
+    try:
+        compiled.sub(replacement, "")
+    except (re.error, IndexError) as err:  # IndexError: an unknown group name
+        if compiled.groups:
+            named = "".join(f", \\g<{name}>" for name in compiled.groupindex)
+            refs = f"has {compiled.groups} group(s): \\1 to \\{compiled.groups}{named}, and \\g<0> for the whole match"
+        else:
+            refs = "has no group: add one, as in (\\d+), or refer to the whole match as \\g<0>"
+        raise InvalidRuleError(
+            f"rename: rule {rule!r}: the replacement is invalid for this pattern: {err}. "
+            f"The pattern {refs}; a literal backslash is written \\\\."
+        ) from None
+    return compiled, replacement
 
 
 def rename(rules: Union[Mapping[str, str], Sequence[tuple[str, str]]]) -> Transform:
@@ -361,6 +381,11 @@ def rename(rules: Union[Mapping[str, str], Sequence[tuple[str, str]]]) -> Transf
     A mapping rename (of keys or of patterns) has ``inverse()``; it is exact
     on state dicts where no key outside the mapping is also one of its
     targets. Regex renames have no inverse.
+
+    Raises:
+        InvalidRuleError: a pattern is not a regular expression, or its
+            replacement refers to a group the pattern lacks (checked here,
+            not when applied).
 
     Raises (when applied):
         KeyCollisionError: two keys would get the same name (both are named).

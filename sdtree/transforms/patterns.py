@@ -20,6 +20,8 @@ from typing import Optional
 
 import attrs
 
+from sdtree.errors import InvalidRuleError
+
 __all__ = ["KeyPattern", "PatternSet", "key_pattern", "nearest_keys"]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -84,7 +86,7 @@ def key_pattern(text: str, *, fn: str = "key_pattern") -> KeyPattern:
 
     Raises:
         TypeError: ``text`` is not a str.
-        ValueError: a placeholder is not a whole segment, is not an
+        InvalidRuleError: a placeholder is not a whole segment, is not an
             identifier, or appears twice.
     """
     if isinstance(text, KeyPattern):
@@ -99,17 +101,17 @@ def key_pattern(text: str, *, fn: str = "key_pattern") -> KeyPattern:
         if whole:
             name = whole.group(1)
             if name in names:
-                raise ValueError(f"{fn}: placeholder {{{name}}} appears twice in pattern {text!r}.")
+                raise InvalidRuleError(f"{fn}: placeholder {{{name}}} appears twice in pattern {text!r}.")
             names.append(name)
             positions.append(i)
             segments.append(_HOLE)
         elif "{" in part or "}" in part:
-            raise ValueError(
+            raise InvalidRuleError(
                 f"{fn}: in pattern {text!r}, segment {part!r} is not a placeholder: a placeholder is a "
                 "whole dot-free segment named like an identifier, e.g. 'layers.{i}.weight'."
             )
         elif not part:
-            raise ValueError(f"{fn}: pattern {text!r} has an empty segment.")
+            raise InvalidRuleError(f"{fn}: pattern {text!r} has an empty segment.")
         else:
             segments.append(part)
     return KeyPattern(text, tuple(segments), tuple(names), tuple(positions))
@@ -137,7 +139,7 @@ class PatternSet:
             table = tables.setdefault((len(pattern.segments), pattern.positions), {})
             if pattern.segments in table:
                 other = self.patterns[table[pattern.segments]]
-                raise ValueError(
+                raise InvalidRuleError(
                     f"patterns {other.text!r} and {pattern.text!r} name the same keys; give each key one rule."
                 )
             table[pattern.segments] = index
@@ -160,7 +162,7 @@ class PatternSet:
                 index = table.get(tuple(skeleton))
                 if index is not None:
                     if found is not None:
-                        raise ValueError(
+                        raise InvalidRuleError(
                             f"key {key!r} matches both {self.patterns[found[0]].text!r} and "
                             f"{self.patterns[index].text!r}; give each key one rule."
                         )

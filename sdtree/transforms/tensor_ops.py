@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Union
 import attrs
 import torch
 
-from sdtree.errors import NotInvertibleError
+from sdtree.errors import InvalidRuleError, NotInvertibleError
 from sdtree.transforms.compose import Transform
 from sdtree.transforms.patterns import KeyPattern, PatternSet, is_pattern, key_pattern
 from sdtree.transforms.rules import Group, Misfit, Op, Spec, TensorRule
@@ -290,7 +290,7 @@ def _check_same_placeholders(fn: str, sources: Sequence[KeyPattern], targets: Se
     for target in targets:
         for source in sources:
             if source.placeholders != target.placeholders:
-                raise ValueError(
+                raise InvalidRuleError(
                     f"{fn}: source {source.text!r} and target {target.text!r} must have the same placeholders; "
                     f"the source has {sorted(source.placeholders)}, the target {sorted(target.placeholders)}."
                 )
@@ -302,13 +302,13 @@ def _sizes(fn: str, sizes: Union[Sequence[int], str, None], n: int) -> Sizes:
     out = tuple(sizes)
     ints = tuple(s for s in out if isinstance(s, int) and not isinstance(s, bool) and s > 0)
     if len(out) != n or len(ints) != n:
-        raise ValueError(f"{fn}: sizes must be {n} positive ints (one per part) or 'equal', got sizes={sizes!r}.")
+        raise InvalidRuleError(f"{fn}: sizes must be {n} positive ints (one per part) or 'equal', got sizes={sizes!r}.")
     return ints
 
 
 def _check_other_entries(fn: str, value: str) -> None:
     if value not in ("error", "drop"):
-        raise ValueError(f"{fn}: other_entries must be 'error' or 'drop', got other_entries={value!r}.")
+        raise InvalidRuleError(f"{fn}: other_entries must be 'error' or 'drop', got other_entries={value!r}.")
 
 
 class _PatternRule(TensorRule):
@@ -720,9 +720,9 @@ def split(
 def _check_over(fn: str, over: str, stacked: KeyPattern, single: KeyPattern) -> None:
     """``single`` (one key per index) has ``stacked``'s placeholders and ``over``."""
     if not isinstance(over, str) or over not in single.placeholders:
-        raise ValueError(f"{fn}: over={over!r} must be a placeholder of {single.text!r}.")
+        raise InvalidRuleError(f"{fn}: over={over!r} must be a placeholder of {single.text!r}.")
     if single.placeholders != stacked.placeholders | {over}:
-        raise ValueError(
+        raise InvalidRuleError(
             f"{fn}: {single.text!r} must have the placeholders of {stacked.text!r} and {{{over}}}, no others; "
             f"it has {sorted(single.placeholders)}, the stacked key {sorted(stacked.placeholders)}."
         )
@@ -766,9 +766,9 @@ def unstack(source: str, target: str, *, over: str, dim: int = 0, strict: bool =
 
 def _rope_args(fn: str, n_heads: int, head_dim: Optional[int]) -> None:
     if _int(fn, "n_heads", n_heads) <= 0:
-        raise ValueError(f"{fn}: n_heads must be positive, got n_heads={n_heads!r}.")
+        raise InvalidRuleError(f"{fn}: n_heads must be positive, got n_heads={n_heads!r}.")
     if head_dim is not None and (_int(fn, "head_dim", head_dim) <= 0 or head_dim % 2):
-        raise ValueError(f"{fn}: head_dim must be a positive even int, got head_dim={head_dim!r}.")
+        raise InvalidRuleError(f"{fn}: head_dim must be a positive even int, got head_dim={head_dim!r}.")
 
 
 def permute_for_rope(pattern: str, *, n_heads: int, head_dim: Optional[int] = None, strict: bool = True, other_entries: str = "error") -> Transform:
@@ -824,7 +824,7 @@ def transpose(pattern: str, dim0: int, dim1: int, *, strict: bool = True, other_
     fn = "transpose"
     key_pattern(pattern, fn=fn)
     if _int(fn, "dim0", dim0) == _int(fn, "dim1", dim1):
-        raise ValueError(f"transpose: dim0 and dim1 are both {dim0}: the transform would change nothing.")
+        raise InvalidRuleError(f"transpose: dim0 and dim1 are both {dim0}: the transform would change nothing.")
     _check_other_entries(fn, other_entries)
     return _TransposeRule(pattern, dim0, dim1, strict, other_entries)
 
@@ -832,7 +832,7 @@ def transpose(pattern: str, dim0: int, dim1: int, *, strict: bool = True, other_
 def _shape_arg(fn: str, name: str, shape: Sequence[int]) -> tuple[int, ...]:
     out = tuple(shape)
     if not all(isinstance(s, int) and (s >= 0 or s == -1) for s in out) or out.count(-1) > 1:
-        raise ValueError(f"{fn}: {name} must be ints >= 0 with at most one -1, got {name}={shape!r}.")
+        raise InvalidRuleError(f"{fn}: {name} must be ints >= 0 with at most one -1, got {name}={shape!r}.")
     return out
 
 
@@ -849,7 +849,7 @@ def reshape(pattern: str, shape: Sequence[int], *, from_shape: Optional[Sequence
     key_pattern(pattern, fn=fn)
     old = _shape_arg(fn, "from_shape", from_shape) if from_shape is not None else None
     if old is not None and -1 in old:
-        raise ValueError(f"reshape: from_shape must be a full shape, without -1, got from_shape={from_shape!r}.")
+        raise InvalidRuleError(f"reshape: from_shape must be a full shape, without -1, got from_shape={from_shape!r}.")
     _check_other_entries(fn, other_entries)
     return _ReshapeRule(pattern, _shape_arg(fn, "shape", shape), old, strict, other_entries)
 
@@ -876,7 +876,7 @@ def cast(dtype: torch.dtype, *, where: Where = None, from_dtype: Optional[torch.
         if value is not None and not isinstance(value, torch.dtype):
             raise TypeError(f"cast: {name} must be a torch.dtype, got {name}={value!r}.")
     if not (dtype.is_floating_point or dtype.is_complex):
-        raise ValueError(f"cast: dtype={dtype} is not a floating-point dtype; casting to integers is refused.")
+        raise InvalidRuleError(f"cast: dtype={dtype} is not a floating-point dtype; casting to integers is refused.")
     return _CastRule(dtype, _where_arg(fn, where), from_dtype, strict)
 
 
