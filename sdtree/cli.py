@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from sdtree import __version__
-from sdtree.checkpoint import FORMATS, CheckpointDiff, Summary, convert, describe, diff
-from sdtree.errors import SdtreeError
+from sdtree._tree import tree_flatten_with_path
+from sdtree.checkpoint import FORMATS, CheckpointDiff, Summary, convert, describe, diff, open_checkpoint
+from sdtree.checkpoint._layout import apply_transform, keep_model
+from sdtree.errors import PatternMatchError, SdtreeError, _preview
 from sdtree.transforms import Transform, add_prefix, pipeline, rename, strip_prefix
 
 __all__ = ["main", "demo_script"]
@@ -178,7 +180,7 @@ def _diff(args: argparse.Namespace) -> int:
     return 0 if result.equal else 1
 
 
-def _transform(steps: list[tuple[str, Any]]) -> Optional[Transform]:
+def _transform(steps: list[tuple[str, Any]]) -> list[Transform]:
     made: list[Transform] = []
     for option, value in steps:
         if option == "strip_prefix":
@@ -187,7 +189,29 @@ def _transform(steps: list[tuple[str, Any]]) -> Optional[Transform]:
             made.append(add_prefix(value))
         else:
             made.append(rename([(value[0], value[1])]))
-    return pipeline(*made) if made else None
+    return made
+
+
+def _check_each_step_acts(args: argparse.Namespace, made: list[Transform]) -> None:
+    """A key option that changes no key is an error, not a silent no-op (a
+    mistyped prefix would otherwise convert the checkpoint unchanged)."""
+    if not made:
+        return
+    tree = open_checkpoint(args.src, trust_pickle=args.trust_pickle).tree
+    if args.model_only:
+        tree = keep_model(tree)
+    keys = tree_flatten_with_path(tree)[0]
+    for (option, value), step in zip(args.steps, made):
+        tree = apply_transform(step, tree)
+        after = tree_flatten_with_path(tree)[0]
+        if after == keys:
+            flag = f"--{option.replace('_', '-')} {' '.join(map(repr, value)) if isinstance(value, (list, tuple)) else repr(value)}"
+            raise PatternMatchError(
+                f"convert: {flag} changes no key of {str(args.src)!r} (its keys look like "
+                f"{_preview(('.'.join(map(str, p)) for p in keys[:3]), quote=False)}). "
+                "Check the option against the keys that 'sdtree inspect' lists."
+            )
+        keys = after
 
 
 def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int], None]], Callable[[], None]]:
@@ -207,7 +231,9 @@ def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int], None]], 
 
 
 def _convert(args: argparse.Namespace) -> int:
-    transform = _transform(args.steps)  # a bad --rename rule raises here, before any file is read
+    made = _transform(args.steps)  # a bad --rename rule raises here, before any file is read
+    _check_each_step_acts(args, made)
+    transform = pipeline(*made) if made else None
     show = sys.stderr.isatty() if args.progress is None else args.progress
     progress, close = _progress_bar(show and not args.dry_run)
     start = time.perf_counter()

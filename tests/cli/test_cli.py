@@ -197,3 +197,18 @@ def test_demo_without_the_trainer_exits_2(tmp_path, monkeypatch, capsys):
 
 def test_demo_script_is_found_in_the_repository():
     assert cli.demo_script() == Path(__file__).resolve().parents[2] / "examples" / "train_resume.py"
+
+
+@pytest.mark.parametrize(
+    "option, shown",
+    [
+        (["--strip-prefix", "module."], "--strip-prefix 'module.' changes no key"),
+        (["--strip-prefix", "_orig_mod.", "--strip-prefix", "_orig_mod."], "--strip-prefix '_orig_mod.' changes no key"),
+        (["--rename", "^encoder\\.", "enc."], "--rename '^encoder\\\\.' 'enc.' changes no key"),
+    ],
+)
+def test_a_key_option_that_changes_no_key_exits_2(ckpts, capsys, option, shown):
+    status, out, err = run(capsys, "convert", ckpts / "full.pt", ckpts / "nothing.pt", *option)
+    assert_one_error_line(status, out, err, shown, "sdtree inspect")
+    assert "(its keys look like model." in err  # what the keys look like instead
+    assert not (ckpts / "nothing.pt").exists()
