@@ -93,8 +93,11 @@ def read_optimizer(model: nn.Module, optim: torch.optim.Optimizer, index: ModelI
     from sdtree.adapters.optimizer import needs_initial_state
 
     source = _with_initial_state(optim) if needs_initial_state(optim) else optim
+    # the class's state_dict, not the instance's: patch_optimizer_state_dict
+    # makes that one call back here
+    raw = type(source).state_dict(source)
     with _state_dict_type(model, full=False):
-        osd = FullyShardedDataParallel.optim_state_dict(model, source)
+        osd = FullyShardedDataParallel.optim_state_dict(model, source, optim_state_dict=raw)
     named: dict[str, Any] = rename(dict(index.key_to_fqn))(osd)
     return named
 
