@@ -59,6 +59,26 @@ def test_non_persistent_buffers_and_extra_state():
     assert fresh.extra.calls == 7
 
 
+def test_extra_state_given_to_a_class_after_its_first_use():
+    """As torch's test_extra_state does: the class gains get/set_extra_state
+    once instances exist and have been saved."""
+
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2))
+
+    model = Late()
+    assert list(sdtree.get_model_state_dict(model)) == ["w"]
+    loaded = []
+    Late.get_extra_state = lambda self: "late"
+    Late.set_extra_state = lambda self, state: loaded.append(state)
+    sd = sdtree.get_model_state_dict(model)
+    assert list(sd) == list(model.state_dict()) == ["w", "_extra_state"] and sd["_extra_state"] == "late"
+    sdtree.set_model_state_dict(model, sd)
+    assert loaded == ["late"]
+
+
 @pytest.mark.parametrize("setup", SETUPS)
 def test_round_trip_restores_model_exactly(setup):
     model, optim = build(setup, seed=0)
