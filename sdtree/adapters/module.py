@@ -205,7 +205,7 @@ def plan_model_load(
         )
         raise IncompatibleStateDictError(
             f"{fn}: cannot load into {type(index.modules[0][2]).__name__}: "
-            + "; ".join(problems)
+            + "; ".join(problems).rstrip(".")
             + f". Nothing was written.{hint}"
         )
     return ModelPlan(values, missing, unexpected, sources)

@@ -580,7 +580,7 @@ def plan_optimizers_load(
     if problems:
         hint = " Pass options=StateDictOptions(strict=False) to skip missing and unexpected keys."
         raise IncompatibleStateDictError(
-            f"{fn}: cannot load: " + "; ".join(problems) + f". Nothing was written.{hint if options.strict else ''}"
+            f"{fn}: cannot load: " + "; ".join(problems).rstrip(".") + f". Nothing was written.{hint if options.strict else ''}"
         )
     return [plan for plan in plans if plan is not None]
 

@@ -282,7 +282,7 @@ def test_param_group_layout_is_validated():
     with pytest.raises(
         IncompatibleStateDictError,
         match=r"parameters of param group 0 come from loaded param groups \[0, 1\], whose hyper-parameters differ "
-        r"\('weight_decay': 0.1 in group 0, 0 in group 1\); a group must be loaded from groups that agree. Nothing",
+        r"\('weight_decay': 0.1 in group 0, 0 in group 1\); a group must be loaded from groups that agree\. Nothing was written\. ",
     ):
         sdtree.set_optimizer_state_dict(model, optim, regrouped)
     assert_state_dict_equal(snapshot_optim(optim), before)
