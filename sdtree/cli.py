@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional
 from sdtree import __version__
 from sdtree._tree import tree_flatten_with_path
 from sdtree.checkpoint import FORMATS, CheckpointDiff, Summary, convert, describe, diff, open_checkpoint
-from sdtree.checkpoint._layout import apply_transform, keep_model
-from sdtree.errors import PatternMatchError, SdtreeError, _preview
+from sdtree.checkpoint.layout import apply_transform, keep_model
+from sdtree.errors import PatternMatchError, SdtreeError, preview
 from sdtree.transforms import Transform, add_prefix, pipeline, rename, strip_prefix
 
 __all__ = ["main", "demo_script"]
@@ -208,7 +208,7 @@ def _check_each_step_acts(args: argparse.Namespace, made: list[Transform]) -> No
             flag = f"--{option.replace('_', '-')} {' '.join(map(repr, value)) if isinstance(value, (list, tuple)) else repr(value)}"
             raise PatternMatchError(
                 f"convert: {flag} changes no key of {str(args.src)!r} (its keys look like "
-                f"{_preview(('.'.join(map(str, p)) for p in keys[:3]), quote=False)}). "
+                f"{preview(('.'.join(map(str, p)) for p in keys[:3]), quote=False)}). "
                 "Check the option against the keys that 'sdtree inspect' lists."
             )
         keys = after

@@ -4,15 +4,25 @@ Every error derives from :class:`SdtreeError` and from the built-in exception
 that fits it, so ``except ValueError`` keeps working for callers that do not
 know sdtree. Messages name the function, the offending keys (first five and a
 count), what was expected and what was found, and how to fix it.
+
+The helpers every message is written with live here too: :func:`preview`
+renders the offending items, and :func:`api_call` / :func:`api_name` carry
+the name of the public function being run down to the code that raises, so
+that an error names ``set_state_dict`` when that is what was called.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 __all__ = [
+    "preview",
+    "api_call",
+    "api_name",
     "SdtreeError",
     "KeyCollisionError",
     "MissingPrefixError",
@@ -95,10 +105,13 @@ class TensorMismatchError(SdtreeError, ValueError):
     a tensor transform needs."""
 
 
-def _preview(items: Iterable[Any], limit: int = 5, *, quote: bool = True) -> str:
+def preview(items: Iterable[Any], limit: int = 5, *, quote: bool = True) -> str:
     """Render the first ``limit`` items as ``'a', 'b', ... (N more)``.
 
     ``quote=False`` shows strings as they are (for paths already rendered).
+
+    >>> preview(["a", "b", "c"], limit=2)
+    "'a', 'b', ... (1 more)"
     """
     items = list(items)
     render = repr if quote else str
@@ -106,6 +119,35 @@ def _preview(items: Iterable[Any], limit: int = 5, *, quote: bool = True) -> str
     if len(items) > limit:
         shown += f", ... ({len(items) - limit} more)"
     return shown
+
+
+_API_NAME: contextvars.ContextVar[str] = contextvars.ContextVar("sdtree_api_name", default="")
+
+
+@contextlib.contextmanager
+def api_call(name: str) -> Iterator[None]:
+    """Run the body as the public function ``name``: errors raised inside
+    name it (:func:`api_name`). The outermost call wins, so the functions a
+    public function calls on its behalf do not rename it.
+
+    >>> with api_call("set_state_dict"):
+    ...     with api_call("set_model_state_dict"):
+    ...         api_name()
+    'set_state_dict'
+    """
+    if _API_NAME.get():
+        yield
+        return
+    token = _API_NAME.set(name)
+    try:
+        yield
+    finally:
+        _API_NAME.reset(token)
+
+
+def api_name(default: str = "sdtree") -> str:
+    """The public function being run (see :func:`api_call`), else ``default``."""
+    return _API_NAME.get() or default
 
 
 class IncompatibleStateDictError(SdtreeError, RuntimeError):

@@ -28,7 +28,7 @@ from torch import nn
 from sdtree._tree import tree_flatten, tree_map
 from sdtree.adapters.index import ModelIndex
 from sdtree.transforms import rename
-from sdtree.transforms._forms import PARAMS, PG, STATE
+from sdtree.types import PARAMS, PG, STATE
 from sdtree.transforms.distributed import gather_dtensors
 from sdtree.transforms.tensors import is_sharded_tensor
 
@@ -77,12 +77,12 @@ def read_model(model: nn.Module, index: ModelIndex) -> dict[str, Any]:
 
 def _with_initial_state(optim: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """A view of ``optim`` holding the state one zero-lr step would create
-    (see ``_shadow_initial_state``); ``optim`` itself is not touched."""
-    from sdtree.adapters.optimizer import _shadow_initial_state
+    (see ``shadow_initial_state``); ``optim`` itself is not touched."""
+    from sdtree.adapters.optimizer import shadow_initial_state
 
     params = list(dict.fromkeys(p for group in optim.param_groups for p in group[PARAMS]))
     view = copy.copy(optim)
-    view.state = defaultdict(dict, {params[i]: s for i, s in _shadow_initial_state(optim).items()})
+    view.state = defaultdict(dict, {params[i]: s for i, s in shadow_initial_state(optim).items()})
     return view
 
 

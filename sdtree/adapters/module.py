@@ -25,7 +25,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from sdtree.adapters import fsdp1
 from sdtree.adapters._common import agree, announce_load, check_model_not_empty, finish, warn_submodules, without_gc
 from sdtree.adapters.index import Entry, ModelIndex, customises_save, index_model, iter_modules, type_traits
-from sdtree.errors import IncompatibleStateDictError, _preview
+from sdtree.errors import IncompatibleStateDictError, preview
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import Transform, drop_keys, identity, rename, select_keys
 from sdtree.transforms.distributed import Announcement, shard_as, shard_like
@@ -191,11 +191,11 @@ def plan_model_load(
     required = [fqn for fqn in missing if fqn not in index.frozen] if options.ignore_frozen_params else missing
     problems = []
     if options.strict and required:
-        problems.append(f"Missing key(s) in state_dict: {_preview(required)}")
+        problems.append(f"Missing key(s) in state_dict: {preview(required)}")
     if options.strict and unexpected:
-        problems.append(f"Unexpected key(s) in state_dict: {_preview(unexpected)}")
+        problems.append(f"Unexpected key(s) in state_dict: {preview(unexpected)}")
     if bad:
-        problems.append(f"{len(bad)} value(s) do not fit: {_preview(bad, quote=False)}")
+        problems.append(f"{len(bad)} value(s) do not fit: {preview(bad, quote=False)}")
     if problems:
         hint = (
             " Pass options=StateDictOptions(strict=False) to load the keys that match and get "

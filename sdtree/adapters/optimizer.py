@@ -23,7 +23,7 @@ from torch import nn
 from sdtree.adapters._common import agree, announce_load, as_optimizers, check_optim_not_empty, finish, warn_submodules, without_gc
 from sdtree.adapters import fsdp1
 from sdtree.adapters.index import ModelIndex, ParamIndex, index_model, index_params
-from sdtree.errors import IncompatibleStateDictError, LayoutMismatchError, MissingParamIdError, _preview
+from sdtree.errors import IncompatibleStateDictError, LayoutMismatchError, MissingParamIdError, preview
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import (
     OptimizerLayout,
@@ -34,7 +34,7 @@ from sdtree.transforms import (
     select_keys,
     unflatten_optimizer,
 )
-from sdtree.transforms._forms import PARAMS, PG, STATE, is_optim_state_dict
+from sdtree.types import PARAMS, PG, STATE, is_optim_state_dict
 from sdtree.transforms.distributed import Announcement, is_dtensor, local_slice, shard_as
 from sdtree.transforms.tensors import allocate
 
@@ -70,7 +70,7 @@ def optimizer_fqns(index: ParamIndex, optim: torch.optim.Optimizer) -> list[list
     if unknown:
         raise MissingParamIdError(
             f"{type(optim).__name__}: {len(unknown)} parameter(s) of the optimizer are not "
-            f"parameters of the model: {_preview(unknown, quote=False)}. Pass the model the "
+            f"parameters of the model: {preview(unknown, quote=False)}. Pass the model the "
             "optimizer was built for, or build the optimizer from model.named_parameters()."
         )
     return groups
@@ -88,7 +88,7 @@ def _has_param_names(optims: tuple[torch.optim.Optimizer, ...]) -> bool:
 # -- reading ------------------------------------------------------------------
 
 
-def _shadow_initial_state(optim: torch.optim.Optimizer) -> dict[int, Any]:
+def shadow_initial_state(optim: torch.optim.Optimizer) -> dict[int, Any]:
     """The state one zero-lr step on zero grads creates, keyed by parameter
     position, computed on copies: ``optim`` and its parameters are not touched."""
     params = [p for group in optim.param_groups for p in group[PARAMS]]
@@ -119,7 +119,7 @@ def _shadow_initial_state(optim: torch.optim.Optimizer) -> dict[int, Any]:
 
 def needs_initial_state(optim: torch.optim.Optimizer) -> bool:
     """Whether ``optim`` has no state yet and no gradient to make one: torch
-    then reports the state one step would create (see ``_shadow_initial_state``)."""
+    then reports the state one step would create (see ``shadow_initial_state``)."""
     return not optim.state and not any(p.grad is not None for g in optim.param_groups for p in g[PARAMS])
 
 
@@ -148,7 +148,7 @@ def read_optimizer(optim: torch.optim.Optimizer, fqns: list[list[str]]) -> dict[
         }
     osd = type(optim).state_dict(optim)
     if needs_initial_state(optim):
-        osd = {STATE: _shadow_initial_state(optim), PG: osd[PG]}
+        osd = {STATE: shadow_initial_state(optim), PG: osd[PG]}
     named: dict[str, Any] = _ids_to_fqns(fqns)(osd)
     return named
 
@@ -237,7 +237,7 @@ def _split_for(
 
 
 def _flat_fqns(flat: Mapping[str, Any]) -> list[str]:
-    from sdtree.transforms.keys import split_flat_keys
+    from sdtree.fqn import split_flat_keys
 
     return [fqn for _, fqn, _ in split_flat_keys(flat, "set_optimizer_state_dict")] if flat else []
 
@@ -389,7 +389,7 @@ def plan_optim_load(
     if missing and options.strict:
         problems.append(
             f"{name}: Missing key(s) (parameters with no optimizer state or param group in the "
-            f"state dict): {_preview(list(dict.fromkeys(missing)))}"
+            f"state dict): {preview(list(dict.fromkeys(missing)))}"
         )
     return OptimPlan(plan_groups, plan_state, {STATE: osd_state, PG: osd_groups}, fqns)
 
@@ -575,7 +575,7 @@ def plan_optimizers_load(
             unexpected = [k for k in dict.fromkeys(keys) if k not in known]
             if unexpected:
                 problems.append(
-                    f"Unexpected key(s) (parameters the optimizers do not hold): {_preview(unexpected)}"
+                    f"Unexpected key(s) (parameters the optimizers do not hold): {preview(unexpected)}"
                 )
     if problems:
         hint = " Pass options=StateDictOptions(strict=False) to skip missing and unexpected keys."

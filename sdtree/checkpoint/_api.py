@@ -15,11 +15,11 @@ from sdtree.checkpoint._atomic import atomic_destination, check_destination
 from sdtree.checkpoint._dcp_read import load_dcp_into, open_dcp
 from sdtree.checkpoint._dcp_write import save_dcp, write_dcp
 from sdtree.checkpoint._formats import Format, PathLike, destination_format, detect_format
-from sdtree.checkpoint._layout import MODEL, OPTIM, apply_transform, fit_format, is_combined, keep_model
+from sdtree.checkpoint.layout import MODEL, OPTIM, apply_transform, fit_format, is_combined, keep_model
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, as_is, dotted, first_aliases, tensor_items
 from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
-from sdtree.errors import CheckpointFormatError, NothingToWriteError, UnsupportedLeafError, _preview
+from sdtree.errors import CheckpointFormatError, NothingToWriteError, UnsupportedLeafError, preview as _preview
 from sdtree.transforms.compose import Transform
 
 __all__ = ["open_checkpoint", "save", "load", "convert", "Conversion", "Progress"]

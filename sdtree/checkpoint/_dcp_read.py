@@ -51,8 +51,8 @@ from sdtree.checkpoint._formats import DCP_METADATA
 from sdtree.checkpoint._lazy import Checkpoint, read_into
 from sdtree.checkpoint._pickle import LOAD_ERRORS, load_dcp_metadata, load_error, torch_load
 from sdtree.checkpoint._torch_file import byteorder
-from sdtree.errors import CorruptCheckpointError, IncompatibleStateDictError, SdtreeError, _preview
-from sdtree.transforms._forms import PG, STATE
+from sdtree.errors import CorruptCheckpointError, IncompatibleStateDictError, SdtreeError, preview as _preview
+from sdtree.types import PG, STATE
 from sdtree.transforms.nested import unflatten_state_dict
 
 __all__ = ["open_dcp", "load_dcp_into", "distributed", "quiet_single_process", "unwrapped_errors"]

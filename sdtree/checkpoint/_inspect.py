@@ -14,7 +14,7 @@ from sdtree._tree import codify, tree_flatten_with_path
 from sdtree.checkpoint._api import open_checkpoint
 from sdtree.checkpoint._formats import Format, PathLike
 from sdtree.checkpoint._lazy import Checkpoint, dotted
-from sdtree.transforms._forms import PARAMS, PG, is_optim_state_dict
+from sdtree.types import PARAMS, PG, is_optim_state_dict
 
 __all__ = ["TensorInfo", "ParamGroupInfo", "Summary", "describe", "Difference", "CheckpointDiff", "diff"]
 

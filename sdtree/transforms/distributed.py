@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from sdtree._tree import tree_flatten, tree_unflatten
-from sdtree.errors import NotAMappingError, StructureMismatchError, _preview
+from sdtree.errors import NotAMappingError, StructureMismatchError, preview
 from sdtree.transforms.compose import Transform
 from sdtree.transforms.tensors import dtensor_type, sharded_tensor_type
 
@@ -677,10 +677,10 @@ def gather_state_dict(
     Raises:
         UnsupportedLeafError: ``type_check`` and a value DCP cannot save.
     """
-    from sdtree.transforms.tensors import _type_check, offload_to_cpu
+    from sdtree.transforms.tensors import check_leaf_types, offload_to_cpu
 
     if type_check:
-        _type_check("gather_state_dict", state_dict)
+        check_leaf_types("gather_state_dict", state_dict)
     out: dict[str, Any] = gather_dtensors(cpu_offload=cpu_offload)(state_dict)
     if cpu_offload:
         out = offload_to_cpu(bulk=False)(out)
@@ -774,7 +774,7 @@ def distribute_tensors(
     if bad:
         raise StructureMismatchError(
             f"distribute_tensors: {len(bad)} full tensor(s) do not have the shape of their DTensor: "
-            f"{_preview(bad, quote=False)}. Nothing was written."
+            f"{preview(bad, quote=False)}. Nothing was written."
         )
     for key, local, full in todo:
         local_state_dict[key] = _place(full, local, torch.device(device))

@@ -23,15 +23,15 @@ import torch
 from sdtree.errors import (
     InvalidRuleError,
     KeyCollisionError,
-    LayoutMismatchError,
     MissingPrefixError,
     NonStringKeyError,
     PatternMatchError,
-    _preview,
+    preview,
 )
-from sdtree.transforms._forms import PARAMS, PG, PG_DOT, STATE, STATE_DOT, form_of
+from sdtree.fqn import split_flat_keys
 from sdtree.transforms.compose import Transform
 from sdtree.transforms.patterns import KeyPattern, PatternSet, is_pattern, key_pattern
+from sdtree.types import PARAMS, PG, STATE, form_of
 
 __all__ = [
     "strip_prefix",
@@ -119,7 +119,7 @@ class _KeyTransform(Transform):
             )
             raise NonStringKeyError(
                 f"{self._factory}: {len(bad)} {what}(s) are not strings: "
-                f"{_preview(bad)}.{hint}"
+                f"{preview(bad)}.{hint}"
             )
 
     def _check_collisions(self, keys: list[str], new_keys: NewKeys, n_unique: int) -> None:
@@ -135,36 +135,6 @@ class _KeyTransform(Transform):
                     "Change the rules or drop one of the keys first (drop_keys)."
                 )
             seen[new] = old
-
-
-def split_flat_keys(flat: Mapping[str, Any], fn: str) -> list[tuple[str, str, str]]:
-    """Split each flat optimizer key into ``(section, fqn, rest)``.
-
-    FQNs are read off the ``param_groups.<fqn>.<hyper>`` keys (hyper-parameter
-    names hold no dot); a ``state.`` key belongs to the longest such FQN it
-    starts with.
-    """
-    fqns = {k[len(PG_DOT):].rpartition(".")[0] for k in flat if k.startswith(PG_DOT)}
-    parsed = []
-    for key in flat:
-        if key.startswith(PG_DOT):
-            fqn, _, hyper = key[len(PG_DOT):].rpartition(".")
-            parsed.append((PG_DOT, fqn, hyper))
-            continue
-        rest = key[len(STATE_DOT):]
-        cut = len(rest)
-        while True:
-            cut = rest.rfind(".", 0, cut)
-            if cut < 0:
-                raise LayoutMismatchError(
-                    f"{fn}: flat optimizer key {key!r} belongs to no parameter listed "
-                    "under 'param_groups.<fqn>.<hyper>'. Every state entry needs its "
-                    "parameter's param_groups keys; flatten with flatten_optimizer()."
-                )
-            if rest[:cut] in fqns:
-                parsed.append((STATE_DOT, rest[:cut], rest[cut + 1 :]))
-                break
-    return parsed
 
 
 # -- prefixes -----------------------------------------------------------------
@@ -183,7 +153,7 @@ class _StripPrefix(_KeyTransform):
             if missing:
                 raise MissingPrefixError(
                     f"strip_prefix: {len(missing)} of {len(keys)} keys do not start with "
-                    f"prefix={prefix!r}: {_preview(missing)}. "
+                    f"prefix={prefix!r}: {preview(missing)}. "
                     "Pass strict=False to keep them unchanged."
                 )
             return [k[n:] for k in keys]

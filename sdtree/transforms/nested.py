@@ -14,7 +14,7 @@ from typing import Any, Union
 import optree
 
 from sdtree._tree import tree_flatten_with_accessor
-from sdtree.errors import KeyCollisionError, LayoutMismatchError, NotAMappingError, _preview
+from sdtree.errors import KeyCollisionError, LayoutMismatchError, NotAMappingError, preview
 
 __all__ = ["flatten_state_dict", "unflatten_state_dict"]
 
@@ -71,7 +71,7 @@ def unflatten_state_dict(state_dict: dict[str, Any], mapping: dict[str, ObjPath]
     if missing:
         raise LayoutMismatchError(
             f"unflatten_state_dict: {len(missing)} key(s) have no path in the mapping: "
-            f"{_preview(missing)}. Pass the mapping that flatten_state_dict returned "
+            f"{preview(missing)}. Pass the mapping that flatten_state_dict returned "
             "with this state dict."
         )
     nested: dict[str, Any] = {}

@@ -26,11 +26,11 @@ from sdtree.errors import (
     MissingParamIdError,
     NotAMappingError,
     UnsupportedLeafError,
-    _preview,
+    preview,
 )
-from sdtree.transforms._forms import PARAMS, PG, PG_DOT, STATE, STATE_DOT, is_optim_state_dict
+from sdtree.fqn import parse_flat_key
 from sdtree.transforms.compose import Transform
-from sdtree.types import Key
+from sdtree.types import PARAMS, PG, STATE, STATE_DOT, Key, is_optim_state_dict
 
 __all__ = [
     "OptimizerLayout",
@@ -47,7 +47,7 @@ __all__ = [
 def _check_optim(obj: Any, fn: str) -> None:
     if not is_optim_state_dict(obj):
         found = (
-            f"keys {_preview(list(obj))}" if isinstance(obj, Mapping) else type(obj).__name__
+            f"keys {preview(list(obj))}" if isinstance(obj, Mapping) else type(obj).__name__
         )
         raise NotAMappingError(
             f"{fn}: expected an optimizer state dict {{'state': {{...}}, "
@@ -133,7 +133,7 @@ class _RekeyOptimizer(Transform):
         if missing:
             raise MissingParamIdError(
                 f"{self.factory}: {len(missing)} optimizer key(s) are not in the mapping "
-                f"of {len(table)} entries: {_preview(missing)}. Build the mapping from "
+                f"of {len(table)} entries: {preview(missing)}. Build the mapping from "
                 "the same model and optimizer that produced the state dict."
             )
         if len({table[k] for k in used}) != len(used):
@@ -291,15 +291,6 @@ def _str_table(layout: OptimizerLayout, fn: str) -> dict[str, Key]:
     return table
 
 
-def _owner(rest: str, table: Mapping[str, Key]) -> tuple[str, str] | None:
-    """Split ``"<fqn>.<name>"`` at the longest FQN of ``table`` it starts with."""
-    cut = len(rest)
-    while (cut := rest.rfind(".", 0, cut)) >= 0:
-        if rest[:cut] in table:
-            return rest[:cut], rest[cut + 1 :]
-    return None
-
-
 @attrs.frozen(repr=False)
 class _UnflattenOptimizer(Transform):
     _factory = "unflatten_optimizer"
@@ -318,28 +309,23 @@ class _UnflattenOptimizer(Transform):
             if not isinstance(key, str):
                 strays.append(key)
                 continue
-            if key.startswith(STATE_DOT):
-                owner = _owner(key[len(STATE_DOT):], table)
-                if owner is None:
-                    strays.append(key)
-                    continue
-                entry = state.setdefault(table[owner[0]], {})
-                *parents, leaf = owner[1].split(".")
+            parsed = parse_flat_key(key, table)
+            if parsed is None:
+                strays.append(key)
+                continue
+            section, fqn, name = parsed
+            if section == STATE_DOT:
+                entry = state.setdefault(table[fqn], {})
+                *parents, leaf = name.split(".")
                 for part in parents:
                     entry = entry.setdefault(part, {})
                 entry[leaf] = value
-            elif key.startswith(PG_DOT):
-                owner = _owner(key[len(PG_DOT):], table)
-                if owner is None:
-                    strays.append(key)
-                    continue
-                hypers.setdefault(owner[0], {})[owner[1]] = value
             else:
-                strays.append(key)
+                hypers.setdefault(fqn, {})[name] = value
         if strays:
             raise LayoutMismatchError(
                 f"{fn}: {len(strays)} key(s) match no parameter of the layout: "
-                f"{_preview(strays)}. Expected 'state.<fqn>.<name>' or "
+                f"{preview(strays)}. Expected 'state.<fqn>.<name>' or "
                 "'param_groups.<fqn>.<hyper>' for the FQNs in the layout."
             )
         for empty in layout.empty_states:
@@ -360,7 +346,7 @@ class _UnflattenOptimizer(Transform):
             if absent:
                 raise LayoutMismatchError(
                     f"{fn}: param group {index} lists {len(absent)} key(s) with no "
-                    f"'param_groups.<fqn>.<hyper>' entries: {_preview(absent)}. The flat "
+                    f"'param_groups.<fqn>.<hyper>' entries: {preview(absent)}. The flat "
                     "state dict and the layout come from different optimizers."
                 )
             first = hypers[names[0]]
@@ -481,7 +467,7 @@ class _SplitOptimizer(Transform):
         strays = [k for k in osd[STATE] if k not in owner]
         if strays:
             raise LayoutMismatchError(
-                f"{fn}: {len(strays)} state key(s) belong to no layout: {_preview(strays)}."
+                f"{fn}: {len(strays)} state key(s) belong to no layout: {preview(strays)}."
             )
         parts = []
         cursor = 0
@@ -490,8 +476,8 @@ class _SplitOptimizer(Transform):
             for offset, (group, keys) in enumerate(zip(mine, layout.param_groups)):
                 if list(group[PARAMS]) != list(keys):
                     raise LayoutMismatchError(
-                        f"{fn}: param group {cursor + offset} holds {_preview(group[PARAMS])}, "
-                        f"but layout {index} expects {_preview(keys)} there."
+                        f"{fn}: param group {cursor + offset} holds {preview(group[PARAMS])}, "
+                        f"but layout {index} expects {preview(keys)} there."
                     )
             cursor += len(layout.param_groups)
             state = {k: v for k, v in osd[STATE].items() if owner[k] == index}

@@ -38,11 +38,11 @@ from sdtree.errors import (
     PatternMatchError,
     TensorMismatchError,
     UnsupportedLeafError,
-    _preview,
+    preview as _preview,
 )
-from sdtree.transforms._forms import PARAMS, PG, PG_DOT, STATE, STATE_DOT, form_of
+from sdtree.types import PARAMS, PG, PG_DOT, STATE, STATE_DOT, form_of
 from sdtree.transforms.compose import Transform
-from sdtree.transforms.keys import split_flat_keys
+from sdtree.fqn import split_flat_keys
 from sdtree.transforms.patterns import KeyPattern, PatternSet, nearest_keys
 
 __all__ = ["Op", "Misfit", "Spec", "Derivation", "derivation_of", "materialize", "TensorRule", "Group"]

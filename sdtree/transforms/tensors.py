@@ -26,7 +26,7 @@ from sdtree._tree import (
     tree_map,
     tree_unflatten,
 )
-from sdtree.errors import StructureMismatchError, UnsupportedLeafError, _preview
+from sdtree.errors import StructureMismatchError, UnsupportedLeafError, preview
 from sdtree.transforms.compose import Transform
 
 __all__ = [
@@ -117,7 +117,7 @@ def _meta_error(fn: str, state_dict: Any) -> UnsupportedLeafError:
     paths, leaves, _ = tree_flatten_with_path(state_dict)
     metas = [codify(p) for p, leaf in zip(paths, leaves) if isinstance(leaf, torch.Tensor) and leaf.is_meta]
     return UnsupportedLeafError(
-        f"{fn}: {len(metas)} meta tensor(s) hold no data to copy: {_preview(metas, quote=False)}. "
+        f"{fn}: {len(metas)} meta tensor(s) hold no data to copy: {preview(metas, quote=False)}. "
         "Materialise the model first, or apply drop_meta_tensors() before."
     )
 
@@ -282,7 +282,7 @@ def to_device(device: Union[str, torch.device]) -> Transform:
 _SUPPORTED_LEAVES = (torch.Tensor, int, float, str, bytes, io.BytesIO, type(None))
 
 
-def _type_check(fn: str, state_dict: Any) -> None:
+def check_leaf_types(fn: str, state_dict: Any) -> None:
     leaves, _ = tree_flatten(state_dict)
     if all(isinstance(leaf, _SUPPORTED_LEAVES) for leaf in leaves):
         return
@@ -293,7 +293,7 @@ def _type_check(fn: str, state_dict: Any) -> None:
         if not isinstance(leaf, _SUPPORTED_LEAVES)
     ]
     raise UnsupportedLeafError(
-        f"{fn}: {len(bad)} value(s) of unsupported type: {_preview(bad, quote=False)}. Supported: "
+        f"{fn}: {len(bad)} value(s) of unsupported type: {preview(bad, quote=False)}. Supported: "
         "tensors, int, float, str, bytes, io.BytesIO and None, in dicts, lists and "
         "tuples. Pass type_check=False to pass other values through."
     )
@@ -318,7 +318,7 @@ def offload_state_dict_to_cpu(
         UnsupportedLeafError: ``type_check`` and an unsupported value.
     """
     if type_check:
-        _type_check("offload_state_dict_to_cpu", state_dict)
+        check_leaf_types("offload_state_dict_to_cpu", state_dict)
     if ranks_only:
         import torch.distributed as dist
 
@@ -406,9 +406,9 @@ def _structure_diff(a: Any, b: Any) -> str:
     extra = [p for p in b_paths if p not in a_paths]
     parts = []
     if missing:
-        parts.append(f"{len(missing)} path(s) missing from the second: {_preview(missing, quote=False)}")
+        parts.append(f"{len(missing)} path(s) missing from the second: {preview(missing, quote=False)}")
     if extra:
-        parts.append(f"{len(extra)} unexpected path(s) in the second: {_preview(extra, quote=False)}")
+        parts.append(f"{len(extra)} unexpected path(s) in the second: {preview(extra, quote=False)}")
     if not parts:
         parts.append("the containers differ in type (dict vs list vs tuple)")
     return "the state dicts differ in structure; " + "; ".join(parts) + "."
@@ -438,7 +438,7 @@ def copy_state_dict(
     """
     fn = "copy_state_dict"
     if type_check:
-        _type_check(fn, state_dict)
+        check_leaf_types(fn, state_dict)
     paths, src, dst, spec = _pair_leaves(fn, state_dict, copy_state_dict)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     bad = []
@@ -458,7 +458,7 @@ def copy_state_dict(
         pairs.extend(zip(d_local, s_local))
     if bad:
         raise StructureMismatchError(
-            f"{fn}: {len(bad)} value(s) cannot be copied: {_preview(bad, quote=False)}. "
+            f"{fn}: {len(bad)} value(s) cannot be copied: {preview(bad, quote=False)}. "
             "Allocate the copy with create_cpu_state_dict(state_dict)."
         )
     for d_tensor, s_tensor in pairs:

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from sdtree.checkpoint._formats import Format
-from sdtree.errors import CheckpointFormatError, _preview
-from sdtree.transforms._forms import PARAMS, PG, STATE, is_flat_optim_state_dict, is_optim_state_dict
+from sdtree.errors import CheckpointFormatError, preview as _preview
+from sdtree.types import PARAMS, PG, STATE, is_flat_optim_state_dict, is_optim_state_dict
 from sdtree.transforms.compose import Transform
 
 __all__ = ["MODEL", "OPTIM", "is_combined", "apply_transform", "keep_model", "fit_format"]
