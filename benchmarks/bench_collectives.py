@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sdtree.transforms.distributed import _all_gather_single  # torch 2.13 renamed all_gather_into_tensor
+from sdtree._collectives import all_gather_single  # torch 2.13 renamed all_gather_into_tensor
 
 KIB, MIB = 1024, 1024 * 1024
 
@@ -199,14 +199,14 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
             suffix = " +cpu_offload" if offload else ""
             fns["gather sdtree" + suffix] = lambda offload=offload: sdtree.gather_state_dict(sharded, cpu_offload=offload)
             fns["gather torch" + suffix] = lambda offload=offload: torch_utils._gather_state_dict(sharded, cpu_offload=offload)
-        fns["gather flat"] = lambda: _all_gather_single(gathered, shard_flat)
-        fns["gather flat, new buffer"] = lambda: _all_gather_single(torch.empty(nbytes // 4), shard_flat)
+        fns["gather flat"] = lambda: all_gather_single(gathered, shard_flat)
+        fns["gather flat, new buffer"] = lambda: all_gather_single(torch.empty(nbytes // 4), shard_flat)
         locals_ = [t._local_tensor for t in sharded.values()]
         n, length = len(locals_), locals_[0].numel()
 
         def bare_g():  # one pack, one all_gather into a new buffer, one rank-major -> tensor-major copy
             recv = torch.empty(world, n * length)
-            _all_gather_single(recv.view(-1), torch._C._nn.flatten_dense_tensors(locals_))
+            all_gather_single(recv.view(-1), torch._C._nn.flatten_dense_tensors(locals_))
             recv.view(world, n, length).transpose(0, 1).contiguous()
 
         if kind == "a":

@@ -13,19 +13,10 @@ from sdtree.adapters import (
 )
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, pipeline
-from sdtree.transforms.distributed import (
-    broadcast_state_dict,
-    distribute_state_dict,
-    distribute_tensors,
-    gather_state_dict,
-)
+from sdtree.state_dict_utils import broadcast_state_dict, copy_state_dict, distribute_state_dict, distribute_tensors
+from sdtree.transforms.gather import gather_state_dict
 from sdtree.transforms.nested import flatten_state_dict, unflatten_state_dict
-from sdtree.transforms.tensors import (
-    check_state_dict_similarity,
-    copy_state_dict,
-    create_cpu_state_dict,
-    offload_state_dict_to_cpu,
-)
+from sdtree.transforms.tensors import check_state_dict_similarity, create_cpu_state_dict, offload_state_dict_to_cpu
 
 __version__ = "0.1.0"
 

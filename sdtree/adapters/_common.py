@@ -11,12 +11,14 @@ from collections.abc import Callable, Iterable
 from typing import Any, Optional, TypeVar
 
 import torch
-import torch.distributed as dist
 
+from sdtree import _collectives
+from sdtree._collectives import is_distributed
 from sdtree.errors import IncompatibleStateDictError, SdtreeError
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, identity, offload_to_cpu
-from sdtree.transforms.distributed import Announcement, announce, gather_dtensors, is_distributed, keep_on_ranks, pg_device
+from sdtree.transforms.broadcast import Announcement, announce
+from sdtree.transforms.gather import gather_dtensors, keep_on_ranks
 
 T = TypeVar("T")
 
@@ -122,25 +124,16 @@ def agree(fn: str, needed: bool, plan: Callable[[], T]) -> T:
 
     Collective when ``needed`` and a process group is up: call on every rank.
     """
-    if not needed or not is_distributed():
+    if not needed:
         return plan()
-    result: Optional[T] = None
-    problem: Optional[str] = None
-    try:
-        result = plan()
-    except (SdtreeError, ValueError, TypeError) as err:
-        problem = f"{type(err).__name__}: {err}"
-    # One tiny all_reduce says whether any rank failed; only then do the
-    # ranks exchange their reports (every rank takes the same branch).
-    failed = torch.tensor([problem is not None], dtype=torch.int32, device=pg_device())
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if not failed.item():
-        return result  # type: ignore[return-value]  # no rank reported a problem, so plan() returned
-    reports: list[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, problem)
-    bad = [(rank, text) for rank, text in enumerate(reports) if text]
-    ranks = ", ".join(str(rank) for rank, _ in bad)
-    details = " | ".join(f"rank {rank}: {text}" for rank, text in bad)
-    raise IncompatibleStateDictError(
-        f"{fn}: rank(s) {ranks} of {len(reports)} cannot load; nothing was written on any rank. {details}"
+
+    def fail(bad: list[tuple[int, str]], world: int) -> Exception:
+        ranks = ", ".join(str(rank) for rank, _ in bad)
+        details = " | ".join(f"rank {rank}: {text}" for rank, text in bad)
+        return IncompatibleStateDictError(
+            f"{fn}: rank(s) {ranks} of {world} cannot load; nothing was written on any rank. {details}"
+        )
+
+    return _collectives.agree(
+        plan, catch=(SdtreeError, ValueError, TypeError), report=lambda err: f"{type(err).__name__}: {err}", fail=fail
     )

@@ -29,7 +29,7 @@ from sdtree._tree import tree_flatten, tree_map
 from sdtree.adapters.index import ModelIndex
 from sdtree.transforms import rename
 from sdtree.types import PARAMS, PG, STATE
-from sdtree.transforms.distributed import gather_dtensors
+from sdtree.transforms.gather import gather_dtensors
 from sdtree.transforms.tensors import is_sharded_tensor
 
 __all__ = ["read_model", "read_optimizer", "logical_optimizer", "write_model", "write_optimizer"]

@@ -23,7 +23,7 @@ import attrs
 import torch
 from torch import nn
 
-from sdtree.transforms.distributed import is_dtensor
+from sdtree.transforms.tensors import is_dtensor
 
 __all__ = ["Entry", "ModelIndex", "ParamIndex", "index_model", "index_params", "iter_modules"]
 

@@ -28,7 +28,9 @@ from sdtree.adapters.index import Entry, ModelIndex, customises_save, index_mode
 from sdtree.errors import IncompatibleStateDictError, preview
 from sdtree.options import StateDictOptions, as_options
 from sdtree.transforms import Transform, drop_keys, identity, rename, select_keys
-from sdtree.transforms.distributed import Announcement, shard_as, shard_like
+from sdtree.state_dict_utils import deliver_into
+from sdtree.transforms.broadcast import Announcement
+from sdtree.transforms.sharding import shard_as, shard_like
 
 __all__ = ["get_model_state_dict", "set_model_state_dict", "patch_model_state_dict"]
 
@@ -266,8 +268,10 @@ def deliver_model(index: ModelIndex, announced: Announcement, plan: ModelPlan, *
     (:func:`model_destinations`); return the plan of what :func:`write_model`
     still writes."""
     targets = model_destinations(index, plan) if in_place else {}
-    into = (lambda path: targets.get(path[0]) if len(path) == 1 else None) if targets else None
-    delivered = announced.deliver(place=model_placer(index), into=into)
+    if targets:
+        delivered = deliver_into(announced, place=model_placer(index), into=lambda path: targets.get(path[0]) if len(path) == 1 else None)
+    else:
+        delivered = announced.deliver(place=model_placer(index))
     pending = {}
     for fqn, key in plan.sources.items():
         value = delivered[key]

@@ -35,7 +35,9 @@ from sdtree.transforms import (
     unflatten_optimizer,
 )
 from sdtree.types import PARAMS, PG, STATE, is_optim_state_dict
-from sdtree.transforms.distributed import Announcement, is_dtensor, local_slice, shard_as
+from sdtree.transforms.broadcast import Announcement
+from sdtree.transforms.sharding import local_slice, shard_as
+from sdtree.transforms.tensors import is_dtensor
 from sdtree.transforms.tensors import allocate
 
 __all__ = [

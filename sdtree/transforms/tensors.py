@@ -1,11 +1,14 @@
 """Tensor transforms: offload to CPU, move to a device, allocate CPU copies,
-copy into a preallocated state dict, compare structures.
+compare structures; and what kind of tensor a leaf is (DTensor,
+ShardedTensor) and which local tensors hold its data.
 
 Transforms here map every tensor leaf of a state dict (model or optimizer,
 nested or flat) and keep everything else: containers are rebuilt, non-tensor
 leaves and tensors that need no change are shared, inputs are never mutated.
 When copies are needed, CPU memory comes as one allocation per dtype (a
 pinned or shared allocation is costly per call), unless ``bulk=False``.
+Copying into a preallocated state dict writes into it, so it is not here:
+see :func:`sdtree.state_dict_utils.copy_state_dict`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, Optional, Union
 import attrs
 import torch
 
+from sdtree._collectives import rank
 from sdtree._tree import (
     codify,
     tree_flatten,
@@ -33,10 +37,17 @@ __all__ = [
     "offload_to_cpu",
     "to_device",
     "create_cpu_state_dict",
-    "copy_state_dict",
     "check_state_dict_similarity",
     "offload_state_dict_to_cpu",
+    "allocate",
+    "contiguous_strides",
     "dtensor_type",
+    "is_dtensor",
+    "sharded_tensor_type",
+    "is_sharded_tensor",
+    "local_tensors",
+    "pair_leaves",
+    "check_leaf_types",
 ]
 
 _CPU = torch.device("cpu")
@@ -139,6 +150,11 @@ def dtensor_type() -> Any:
     :func:`sharded_tensor_type`)."""
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor.DTensor if dtensor is not None else ()
+
+
+def is_dtensor(value: Any) -> bool:
+    """Whether ``value`` is a ``DTensor``."""
+    return isinstance(value, dtensor_type())
 
 
 def _with_local_tensors(value: Any, tensors: list[torch.Tensor]) -> Any:
@@ -283,6 +299,7 @@ _SUPPORTED_LEAVES = (torch.Tensor, int, float, str, bytes, io.BytesIO, type(None
 
 
 def check_leaf_types(fn: str, state_dict: Any) -> None:
+    """Raise when ``state_dict`` holds a leaf DCP cannot save (``fn`` names the caller)."""
     leaves, _ = tree_flatten(state_dict)
     if all(isinstance(leaf, _SUPPORTED_LEAVES) for leaf in leaves):
         return
@@ -311,7 +328,8 @@ def offload_state_dict_to_cpu(
     Args:
         state_dict: the state dict; it is not changed.
         ranks_only: when not empty, only these ranks of the default process
-            group get the result; the others get ``{}``.
+            group get the result; the others get ``{}`` (outside a process
+            group, this process is rank 0).
         type_check: raise on values DCP cannot save.
 
     Raises:
@@ -319,16 +337,13 @@ def offload_state_dict_to_cpu(
     """
     if type_check:
         check_leaf_types("offload_state_dict_to_cpu", state_dict)
-    if ranks_only:
-        import torch.distributed as dist
-
-        if dist.get_rank() not in ranks_only:
-            return {}
+    if ranks_only and rank() not in ranks_only:
+        return {}
     result: dict[str, Any] = offload_to_cpu(bulk=False)(state_dict)
     return result
 
 
-def _local_tensors(leaf: Any) -> Optional[list[torch.Tensor]]:
+def local_tensors(leaf: Any) -> Optional[list[torch.Tensor]]:
     """The tensors that hold ``leaf``'s data on this rank: a DTensor's local
     tensor, a ShardedTensor's local shards, a tensor itself; None for other leaves."""
     if isinstance(leaf, sharded_tensor_type()):
@@ -341,7 +356,7 @@ def _local_tensors(leaf: Any) -> Optional[list[torch.Tensor]]:
 
 
 def _rewrap(leaf: Any, tensors: list[torch.Tensor]) -> Any:
-    """``leaf`` (as :func:`_local_tensors` takes it apart) over ``tensors``."""
+    """``leaf`` (as :func:`local_tensors` takes it apart) over ``tensors``."""
     if isinstance(leaf, sharded_tensor_type()):
         return _with_local_tensors(leaf, tensors)
     if isinstance(leaf, dtensor_type()):
@@ -364,14 +379,14 @@ def create_cpu_state_dict(
     local shards and other leaves are shared, as torch shares them. The new
     tensors come from one allocation per dtype, pinned (where CUDA is
     available) and/or in shared memory as asked. Pair it with
-    :func:`copy_state_dict` to fill the copy each step.
+    :func:`sdtree.state_dict_utils.copy_state_dict` to fill the copy each step.
     """
     pin = pin_memory and _pinning_available()
     leaves, spec = tree_flatten(state_dict)
     parts: list[tuple[int, list[torch.Tensor]]] = []
     wrapped = (sharded_tensor_type(), dtensor_type())
     for i, leaf in enumerate(leaves):
-        local = _local_tensors(leaf)
+        local = local_tensors(leaf)
         if local is None:
             continue
         if isinstance(leaf, wrapped) and (not local or leaf.dim() == 0):
@@ -389,7 +404,7 @@ def create_cpu_state_dict(
     return result
 
 
-def _pair_leaves(fn: str, a: Any, b: Any) -> tuple[list[Any], list[Any], list[Any], Any]:
+def pair_leaves(fn: str, a: Any, b: Any) -> tuple[list[Any], list[Any], list[Any], Any]:
     """Flatten ``a`` and ``b``, pairing leaves by dict key (not order), or raise
     with the paths that differ."""
     paths, a_leaves, a_spec = tree_flatten_keyed(a)
@@ -414,76 +429,6 @@ def _structure_diff(a: Any, b: Any) -> str:
     return "the state dicts differ in structure; " + "; ".join(parts) + "."
 
 
-@torch.no_grad()
-def copy_state_dict(
-    state_dict: dict[str, Any],
-    copy_state_dict: dict[str, Any],
-    non_blocking: bool = False,
-    type_check: bool = True,
-) -> dict[str, Any]:
-    """Copy every tensor of ``state_dict`` into the matching tensor of
-    ``copy_state_dict`` (torch's ``_copy_state_dict``), and return a state
-    dict of the same structure holding ``copy_state_dict``'s tensors.
-
-    A DTensor is copied into a DTensor (local tensor into local tensor), a
-    ShardedTensor into a ShardedTensor (shard by shard), as torch does.
-    Writes only ``copy_state_dict``'s tensors, and only after checking the
-    whole structure, every kind of tensor and every shape, so a mismatch
-    leaves it untouched.
-
-    Raises:
-        StructureMismatchError: the structures, the kinds of tensor or a pair
-            of shapes differ.
-        UnsupportedLeafError: ``type_check`` and an unsupported value.
-    """
-    fn = "copy_state_dict"
-    if type_check:
-        check_leaf_types(fn, state_dict)
-    paths, src, dst, spec = _pair_leaves(fn, state_dict, copy_state_dict)
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    bad = []
-    for path, s, d in zip(paths, src, dst):
-        s_local, d_local = _local_tensors(s), _local_tensors(d)
-        if s_local is None and d_local is None:
-            continue
-        if (
-            s_local is None
-            or d_local is None
-            or _describe(s, shapes=False) != _describe(d, shapes=False)
-            or getattr(s, "shape", None) != getattr(d, "shape", None)
-            or [t.shape for t in s_local] != [t.shape for t in d_local]
-        ):
-            bad.append(f"{codify(path)}: {_describe(s)} vs {_describe(d)}")
-            continue
-        pairs.extend(zip(d_local, s_local))
-    if bad:
-        raise StructureMismatchError(
-            f"{fn}: {len(bad)} value(s) cannot be copied: {preview(bad, quote=False)}. "
-            "Allocate the copy with create_cpu_state_dict(state_dict)."
-        )
-    for d_tensor, s_tensor in pairs:
-        d_tensor.copy_(s_tensor, non_blocking=non_blocking)
-    out = [d if _local_tensors(s) is not None else s for s, d in zip(src, dst)]
-    result: dict[str, Any] = tree_unflatten(spec, out)
-    return result
-
-
-def _describe(leaf: Any, *, shapes: bool = True) -> str:
-    """``leaf`` in an error message: its kind of tensor (DTensor with its
-    placements, ShardedTensor, tensor), shape and local shapes."""
-    local = _local_tensors(leaf)
-    if local is None:
-        return type(leaf).__name__
-    if not isinstance(leaf, (sharded_tensor_type(), dtensor_type())):
-        return f"tensor{tuple(leaf.shape)} {leaf.dtype}" if shapes else "tensor"
-    kind = "DTensor" if isinstance(leaf, dtensor_type()) else "ShardedTensor"
-    if kind == "DTensor":
-        kind += f"[{', '.join(map(repr, leaf._spec.placements))}]"
-    if not shapes:
-        return kind
-    return f"{kind}{tuple(leaf.shape)} {leaf.dtype} with local {[tuple(t.shape) for t in local]}"
-
-
 def check_state_dict_similarity(
     state_dict: dict[str, Any],
     compared_state_dict: dict[str, Any],
@@ -494,7 +439,7 @@ def check_state_dict_similarity(
     Non-tensor leaves are not compared.
     """
     try:
-        _, a, b, _ = _pair_leaves("check_state_dict_similarity", state_dict, compared_state_dict)
+        _, a, b, _ = pair_leaves("check_state_dict_similarity", state_dict, compared_state_dict)
     except StructureMismatchError:
         return False
     return all(

@@ -171,9 +171,10 @@ def broadcast_flat_state_dict(rank: int, world_size: int) -> list:
 
 def announce_then_deliver_into_destinations(rank: int, world_size: int) -> list:
     """announce() gives every rank placeholders of rank 0's state dict before
-    any tensor moves; deliver() writes each tensor into its destination when
+    any tensor moves; deliver_into() writes each tensor into its destination when
     shape, dtype, contiguity and device fit (a tensor alone in its bucket is
     received straight into it), and hands the others to ``place``."""
+    from sdtree.state_dict_utils import deliver_into
     from sdtree.transforms.distributed import announce
 
     sd = {
@@ -204,7 +205,7 @@ def announce_then_deliver_into_destinations(rank: int, world_size: int) -> list:
         placed.append(path[0])
         return tensor.clone()
 
-    out = announced.deliver(bucket_bytes=64, place=place, into=lambda path: dest.get(path[0]))
+    out = deliver_into(announced, bucket_bytes=64, place=place, into=lambda path: dest.get(path[0]))
     assert_state_dict_equal(out, sd)
     for key in ("big", "a", "scalar"):
         assert out[key] is dest[key] and dest[key].data_ptr() == pointers[key], key

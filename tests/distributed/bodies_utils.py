@@ -273,3 +273,45 @@ def distribute_tensors_matches_torch(rank: int, world_size: int) -> str:
     else:
         raise AssertionError("a pair without a DTensor was accepted")
     return "ok"
+
+
+def collective_transforms_leave_inputs_untouched(rank: int, world_size: int) -> list[str]:
+    """Every collective transform, on DTensors and full tensors: what it is
+    given (state dicts, templates, the local tensors under the DTensors)
+    comes back as it was, versions and values included."""
+    from property_tests.snapshot import assert_unchanged, snapshot
+    from sdtree.transforms import broadcast, gather, sharding
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    full, sharded = _sharded(mesh)
+    templates = {k: v for k, v in sharded.items() if isinstance(v, DTensor)}
+    locals_ = {k: v._local_tensor for k, v in templates.items()}
+    nested = {"model": sharded, "n": 3}
+    calls = {
+        "gather_dtensors": (gather.gather_dtensors(bucket_bytes=64), (sharded,)),
+        "gather_dtensors nested": (gather.gather_dtensors(cpu_offload=True), (nested,)),
+        "gather_state_dict": (lambda sd: sdtree.gather_state_dict(sd, cpu_offload=True, ranks_only=(1,)), (sharded,)),
+        "keep_on_ranks": (gather.keep_on_ranks((1,)), (sharded,)),
+        "shard_like": (sharding.shard_like(templates), (full,)),
+        "shard_as": (lambda f: {k: sharding.shard_as(f[k], t) for k, t in templates.items()}, (full,)),
+        "local_slice": (lambda f: {k: sharding.local_slice(f[k], t) for k, t in templates.items()}, (full,)),
+        "broadcast_from_rank0": (broadcast.broadcast_from_rank0(bucket_bytes=64), (full,)),
+        "broadcast_from_rank0 place": (
+            broadcast.broadcast_from_rank0(place=lambda p, t: sharding.shard_as(t, templates[p[0]]) if p[0] in templates else t),
+            (full,),
+        ),
+        "announce": (lambda f: broadcast.announce(f, sharded).placeholders(), (full,)),
+        "deliver": (lambda f: broadcast.announce(f, {"full": f, "n": 3}).deliver(bucket_bytes=64), (full,)),
+        "offload_to_cpu": (sdtree.transforms.offload_to_cpu(), (sharded,)),
+        "create_cpu_state_dict": (sdtree.create_cpu_state_dict, (sharded,)),
+    }
+    done = []
+    for name, (fn, args) in calls.items():
+        watched = (*args, templates, locals_)
+        before = [snapshot(arg) for arg in watched]
+        fn(*args)
+        for old, arg in zip(before, watched):
+            assert_unchanged(old, arg)
+        done.append(name)
+    dist.barrier()
+    return done

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sdtree.transforms.distributed import _buckets, _row_counts
+from sdtree._collectives import buckets
+from sdtree.transforms.sharding import row_counts
 from tests.distributed import bodies_utils as bodies
 
 
@@ -12,13 +13,13 @@ def test_row_counts_follow_torch_chunk():
         for world in (1, 2, 3, 4):
             expected = [c.shape[0] for c in torch.arange(rows).chunk(world)] if rows else []
             expected += [0] * (world - len(expected))
-            assert _row_counts(rows, world) == tuple(expected), (rows, world)
+            assert row_counts(rows, world) == tuple(expected), (rows, world)
 
 
 def test_buckets_split_by_dtype_and_size():
     f, i = torch.float32, torch.int64
     specs = [("a", (2,), f), ("b", (2,), f), ("c", (100,), f), ("d", (1,), i), ("e", (1,), f)]
-    assert [[k for k, _, _ in b] for b in _buckets(specs, 16)] == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert [[k for k, _, _ in b] for b in buckets(specs, 16)] == [["a", "b"], ["c"], ["d"], ["e"]]
 
 
 def test_gather_state_dict_matches_torch(pool2):
@@ -49,3 +50,9 @@ def test_cpu_copies_keep_dtensors_and_sharded_tensors(pool2):
 
 def test_distribute_tensors_matches_torch(pool2):
     assert pool2.run(bodies.distribute_tensors_matches_torch) == ["ok", "ok"]
+
+
+def test_collective_transforms_leave_their_inputs_untouched(pool2):
+    """The collective half of property_tests/test_purity.py: DTensor inputs need a process group."""
+    done = pool2.run(bodies.collective_transforms_leave_inputs_untouched)
+    assert done[0] == done[1] and {"shard_like", "shard_as", "local_slice", "deliver"} <= set(done[0])

@@ -1,0 +1,211 @@
+"""Process-group helpers, for the collective transforms, the adapters and
+``sdtree.checkpoint`` alike: whether a group is up, this rank, the group's
+device, tensors in buckets (two in flight), and :func:`agree`, which makes
+every rank raise the same error when one rank's input is bad.
+
+Outside a process group this process is rank 0 of 1, and nothing here
+communicates. Functions that communicate say "Collective": every rank of
+the group calls them, in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Optional, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DEFAULT_BUCKET_BYTES",
+    "all_gather_single",
+    "is_distributed",
+    "rank",
+    "pg_device",
+    "buckets",
+    "two_in_flight",
+    "broadcast_buckets",
+    "agree",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Two buckets of half this size are in flight in a gather or a broadcast: one
+# on the wire while the other is packed or unpacked. 16 MiB measured best of
+# 4 to 64 MiB on CPU/gloo (smaller buffers come back from the allocator
+# without fresh page faults), and a collective of 8 MiB is already near the
+# bandwidth of NCCL.
+DEFAULT_BUCKET_BYTES = 16 * 1024 * 1024
+
+# torch 2.13 renamed all_gather_into_tensor (and deprecated the old name);
+# sdtree supports torch from 2.6.
+all_gather_single: Callable[..., Any] = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def is_distributed() -> bool:
+    """Whether a default process group is up."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group: Optional[dist.ProcessGroup] = None) -> int:
+    """This process's rank in ``group`` (0 outside a process group)."""
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+def pg_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """The device the process group communicates on (CPU for gloo)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dist.distributed_c10d._get_pg_default_device(group)
+
+
+Spec = tuple[Any, Any, torch.dtype]  # (anything, shape, dtype)
+
+
+def buckets(specs: Sequence[Spec], limit: int) -> list[list[Spec]]:
+    """Split tensors (in order) into runs of one dtype of at most ``limit`` bytes
+    each; a tensor larger than ``limit`` is a bucket of its own."""
+    out: list[list[Spec]] = []
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * spec[2].itemsize
+        if not out or out[-1][0][2] != spec[2] or size + nbytes > limit:
+            out.append([])
+            size = 0
+        out[-1].append(spec)
+        size += nbytes
+    return out
+
+
+def two_in_flight(started: Iterable[Callable[[], None]]) -> None:
+    """Finish the collectives of ``started``, keeping two in flight.
+
+    Each item is what waits for one bucket's collective and unpacks it;
+    drawing the item from ``started`` (a generator) starts that collective.
+    So the next bucket is packed and sent while the previous one is on the
+    wire, and at most two buckets' buffers are alive at once.
+    """
+    pending: Optional[Callable[[], None]] = None
+    for finish in started:
+        if pending is not None:
+            pending()
+        pending = finish
+    if pending is not None:
+        pending()
+
+
+def _pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One contiguous buffer on ``device``: the tensor itself when alone, else
+    the tensors flattened side by side (one C++ concatenation)."""
+    if len(tensors) == 1:
+        return tensors[0].detach().to(device).contiguous()
+    flat: torch.Tensor = torch._C._nn.flatten_dense_tensors(tensors)  # under no_grad: no graph
+    return flat.to(device)
+
+
+def _own(leaf: torch.Tensor) -> torch.Tensor:
+    return leaf.detach() if leaf.requires_grad else leaf
+
+
+def broadcast_buckets(
+    specs: Sequence[tuple[int, tuple[int, ...], torch.dtype]],
+    sources: Sequence[Any],
+    land: Callable[[list[tuple[int, torch.Tensor]]], None],
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    group: Optional[dist.ProcessGroup] = None,
+    receive_into: Optional[Callable[[int], Optional[torch.Tensor]]] = None,
+) -> None:
+    """Send rank 0's tensors ``sources[i]`` (``specs``: ``(i, shape, dtype)``,
+    known to every rank) to every rank, in buckets of one dtype and at most
+    ``bucket_bytes / 2`` (a larger tensor goes alone), two in flight.
+
+    ``land`` gets each bucket's ``(i, tensor)`` as the bucket arrives: rank 0
+    its own tensors when they are on the group's device already, the other
+    ranks views of the bucket. A tensor alone in its bucket is received
+    straight into ``receive_into(i)`` when that gives a tensor (of its
+    shape and dtype, contiguous, on the group's device). An error in
+    ``land`` is raised after the last bucket has moved, so that the other
+    ranks do not wait forever.
+
+    Collective: call on every rank (``sources`` matters on rank 0 only).
+    Outside a process group ``land`` gets rank 0's tensors at once.
+    """
+    with torch.no_grad():
+        if not is_distributed():
+            land([(i, _own(sources[i])) for i, _, _ in specs])
+            return
+        this_rank = dist.get_rank(group)
+        device = pg_device(group)
+        failures: list[Exception] = []
+
+        def start(bucket: list[Spec]) -> Callable[[], None]:
+            if this_rank == 0:
+                buffer = _pack([sources[i] for i, _, _ in bucket], device)
+            elif len(bucket) == 1:
+                (i, shape, dtype), = bucket
+                target = receive_into(i) if receive_into else None
+                buffer = target if target is not None else torch.empty(shape, dtype=dtype, device=device)
+            else:
+                buffer = torch.empty(sum(math.prod(shape) for _, shape, _ in bucket), dtype=bucket[0][2], device=device)
+            work = dist.broadcast(buffer, group=group, group_src=0, async_op=True)
+
+            def arrived() -> None:
+                work.wait()
+                if failures:
+                    return
+                try:
+                    if this_rank == 0 and all(sources[i].device == buffer.device for i, _, _ in bucket):
+                        # rank 0 keeps its own tensors: no views to make, and the buffer goes now
+                        land([(i, _own(sources[i])) for i, _, _ in bucket])
+                    else:
+                        views = [buffer] if len(bucket) == 1 else torch.split_with_sizes(buffer, [math.prod(s) for _, s, _ in bucket])
+                        land([(i, view if len(shape) == 1 else view.view(shape)) for (i, shape, _), view in zip(bucket, views)])
+                except Exception as err:  # raised below, after the last bucket
+                    failures.append(err)
+
+            return arrived
+
+        two_in_flight(start(bucket) for bucket in buckets(specs, max(1, bucket_bytes // 2)))
+        if failures:
+            raise failures[0]
+
+
+def agree(
+    step: Callable[[], T],
+    *,
+    catch: tuple[type[Exception], ...],
+    report: Callable[[Exception], R],
+    fail: Callable[[list[tuple[int, R]], int], Exception],
+    group: Optional[dist.ProcessGroup] = None,
+) -> T:
+    """Run ``step`` and make every rank agree on the outcome: when ``step``
+    raises one of ``catch`` on any rank, every rank raises
+    ``fail([(rank, report(error)), ...], world_size)`` for the ranks that
+    failed (``report`` makes what travels: picklable, small); else every rank
+    returns its own result.
+
+    One tiny all_reduce says whether any rank failed; only then do the ranks
+    exchange their reports. Collective: call on every rank. Outside a process
+    group ``step`` runs alone and its errors propagate as they are.
+    """
+    if not is_distributed():
+        return step()
+    result: Optional[T] = None
+    problem: Optional[R] = None
+    failed = False
+    try:
+        result = step()
+    except catch as err:
+        problem, failed = report(err), True
+    flag = torch.tensor([failed], dtype=torch.int32, device=pg_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return result  # type: ignore[return-value]  # no rank failed, so step() returned
+    reports: list[Optional[tuple[bool, Optional[R]]]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reports, (failed, problem), group=group)
+    bad = [(r, entry[1]) for r, entry in enumerate(reports) if entry is not None and entry[0]]
+    raise fail(bad, len(reports))  # type: ignore[arg-type]  # a failed rank's report is set
