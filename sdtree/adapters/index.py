@@ -1,35 +1,50 @@
-"""The one walk over a model: an immutable index of its state-dict entries.
+"""What the one walk over a model records (:mod:`sdtree.adapters.walk` builds
+it), what is read off that, and the protocol of the model's reads and writes.
 
-For every entry ``model.state_dict()`` yields (parameters, persistent
-buffers, ``_extra_state``) the index records its canonical FQN, the module
-that owns it and the path through which that module's own
-``_load_from_state_dict`` expects it. Wrapper segments are removed at any
-depth and in any nesting order: DDP's ``module.``, ``torch.compile``'s
-``_orig_mod.``, activation checkpointing's ``_checkpoint_wrapped_module.``,
-FSDP's ``_fsdp_wrapped_module.``, and the hidden children a module names in
-its ``_fqn_modifiers()`` (the ``dsd_fqn_modifiers`` option).
+:class:`ModelIndex` holds every module path of the model and the
+:class:`StateDictIO` that reads and writes this model's state: the plain one
+(:mod:`sdtree.adapters.plain`) or FSDP1's (:mod:`sdtree.adapters.fsdp1`),
+chosen once, by the walk. Off the paths it reads, when first needed: for
+every entry ``model.state_dict()`` yields (parameters, persistent buffers,
+``_extra_state``) its canonical FQN, the module that owns it and the path
+through which that module's own ``_load_from_state_dict`` expects it
+(:class:`Entry`); the parameters' names (:class:`ParamIndex`, what
+optimizers are named by); frozen and sharded parameters.
+:class:`ModelWrite` and :class:`OptimWrite` are what a validated load hands
+the IO to write.
 
-The walk is linear in the number of modules, parameters and buffers, reads
-the model without changing it, and is built per call: nothing caches a model.
+Everything here is immutable and built per call: nothing caches a model.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator, Mapping
-from typing import Any, Literal, NamedTuple
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Optional, Protocol
 
 import attrs
 import torch
 from torch import nn
 
+from sdtree.errors import MissingParamIdError, preview
+from sdtree.transforms import Transform, param_ids_to_fqns
 from sdtree.transforms.tensors import is_dtensor
+from sdtree.types import PARAMS
 
-__all__ = ["Entry", "ModelIndex", "ParamIndex", "index_model", "index_params", "iter_modules"]
+__all__ = [
+    "Entry",
+    "ParamIndex",
+    "ModelIndex",
+    "ModulePath",
+    "StateDictIO",
+    "ModelWrite",
+    "OptimWrite",
+    "EXTRA_STATE",
+    "has_extra_state",
+    "ids_to_fqns",
+]
 
-_EXTRA_STATE = "_extra_state"
-_AC_CHILD = "_checkpoint_wrapped_module"
-_FSDP1_CHILD = "_fsdp_wrapped_module"
+EXTRA_STATE = "_extra_state"
 
 
 class Entry(NamedTuple):
@@ -43,25 +58,29 @@ class Entry(NamedTuple):
     value: Any  # the parameter or buffer (None for extra state)
 
 
-@attrs.frozen(eq=False)
+@attrs.frozen(eq=False, slots=False)
 class ParamIndex:
-    """The light view of a model that optimizers need: parameter names only.
+    """The parameters' names: what optimizers are named by.
 
     Parameters are keyed by ``id``: a tensor's own hash is a Python call.
 
     Attributes:
         first_fqn: ``id(parameter)`` -> its first canonical FQN (the one
             ``named_parameters()`` reaches first).
-        attr_to_fqn: name as ``model.named_parameters()`` spells it -> FQN.
         tied: FQN -> every FQN of its parameter, for tied parameters only.
-        fsdp1: the model is sharded by FSDP1; its optimizers hold flat
-            parameters or shards, named through :attr:`ModelIndex.flat`.
+        model: the index these names were read off.
     """
 
     first_fqn: Mapping[int, str]
-    attr_to_fqn: Mapping[str, str]
     tied: Mapping[str, tuple[str, ...]]
-    fsdp1: bool = False  # the model holds FSDP1 flat parameters: see ModelIndex.flat
+    model: ModelIndex
+
+    @functools.cached_property
+    def attr_to_fqn(self) -> Mapping[str, str]:
+        """Name as ``model.named_parameters()`` spells it -> FQN (read off the
+        model's paths when first needed: only optimizers built from
+        ``named_parameters()`` name their parameters so)."""
+        return self.model._attr_names()
 
     def fqn_of_param(self, param: torch.Tensor) -> str | None:
         return self.first_fqn.get(id(param))
@@ -70,252 +89,240 @@ class ParamIndex:
         """Every FQN of the parameter named ``fqn`` (one, unless tied)."""
         return self.tied.get(fqn, (fqn,))
 
+    def optimizer_fqns(self, optim: torch.optim.Optimizer) -> list[list[str]]:
+        """The canonical FQN of every parameter of each of ``optim``'s groups.
+
+        Groups that carry ``param_names`` (optimizers built from
+        ``named_parameters()``) are named by them; otherwise by the model.
+
+        Raises:
+            MissingParamIdError: a parameter of ``optim`` is not the model's.
+        """
+        groups: list[list[str]] = []
+        unknown = []
+        for g, group in enumerate(optim.param_groups):
+            names = group.get("param_names")
+            fqns: list[str] = []
+            for i, param in enumerate(group[PARAMS]):
+                fqn = self.attr_to_fqn.get(names[i]) if names else None
+                fqn = fqn or self.fqn_of_param(param) or (names[i] if names else None)
+                if fqn is None:
+                    unknown.append(f"param_groups[{g}]['params'][{i}] (shape {tuple(param.shape)})")
+                fqns.append(fqn or "")
+            groups.append(fqns)
+        if unknown:
+            raise MissingParamIdError(
+                f"{type(optim).__name__}: {len(unknown)} parameter(s) of the optimizer are not "
+                f"parameters of the model: {preview(unknown, quote=False)}. Pass the model the "
+                "optimizer was built for, or build the optimizer from model.named_parameters()."
+            )
+        return groups
+
+
+def ids_to_fqns(fqns: Sequence[Sequence[str]]) -> Transform:
+    """Re-key an optimizer state dict by position: ``Optimizer.state_dict()``
+    numbers parameters in group order (``fqns``: one list per group)."""
+    return param_ids_to_fqns(dict(enumerate(f for group in fqns for f in group)))
+
 
 @attrs.frozen(eq=False)
+class ModelWrite:
+    """What a validated model load writes (a plan bound to its tensors)."""
+
+    values: dict[str, Any]  # canonical FQN -> value, only keys of the model
+    missing: list[str]
+    unexpected: list[str]
+
+
+@attrs.frozen(eq=False)
+class OptimWrite:
+    """What a validated optimizer load writes (a plan bound to its tensors)."""
+
+    groups: list[dict[str, Any]]  # hyper-parameters for each group (no "params")
+    state: dict[int, tuple[torch.Tensor, int, Mapping[str, Any]]]  # id(param) -> (param, group, entry)
+    fqn_osd: dict[str, Any]  # the same, as an FQN-keyed state dict for Optimizer.load_state_dict
+
+
+class StateDictIO(Protocol):
+    """How a model's state is read and written: chosen once per model by the
+    walk. :class:`~sdtree.adapters.plain.PlainIO` reads and writes through
+    the modules and optimizers themselves; :class:`~sdtree.adapters.fsdp1.FSDP1IO`
+    through FSDP1's own state-dict hooks, which alone can expand its flat
+    parameters."""
+
+    @property
+    def collective(self) -> bool:
+        """Whether reads and writes run collectives (every rank must load)."""
+
+    def params_of(self, module: nn.Module) -> Iterator[tuple[str, Any, Optional[Any]]]:
+        """``(name, parameter or None, full-shape stand-in or None)`` for
+        ``module``'s parameters, as ``model.state_dict()`` lists them (a
+        ``None`` parameter is skipped)."""
+
+    def read_model(self, model: nn.Module, index: ModelIndex) -> dict[str, Any]:
+        """The model's state dict, keyed by canonical FQNs."""
+
+    def read_optimizer(self, model: nn.Module, optim: torch.optim.Optimizer, index: ModelIndex) -> dict[str, Any]:
+        """``optim``'s state dict, keyed by canonical FQNs (for an optimizer
+        with no state yet, the state one step would create)."""
+
+    def plan_view(self, optim: torch.optim.Optimizer, index: ModelIndex) -> torch.optim.Optimizer:
+        """What a load plan checks against: ``optim``, or a view of it
+        holding its parameters' full-shape stand-ins."""
+
+    def destinations(self, index: ModelIndex, sources: Mapping[str, str]) -> dict[str, torch.Tensor]:
+        """The model's own tensors a broadcast may receive straight into, by
+        state-dict key (``sources``: FQN -> the key its value comes from)."""
+
+    def write_model(self, model: nn.Module, index: ModelIndex, write: ModelWrite) -> None:
+        """Load a validated model write."""
+
+    def write_optimizer(self, model: nn.Module, optim: torch.optim.Optimizer, index: ModelIndex, write: OptimWrite) -> None:
+        """Load a validated optimizer write."""
+
+
+ModulePath = tuple[nn.Module, str, str, str]  # (module, attribute prefix, state-dict key prefix, FQN prefix)
+
+
+@attrs.frozen(eq=False, slots=False)
 class ModelIndex:
     """Immutable facts about a model's state-dict entries.
 
+    The walk records every module path and how the model's state is read
+    and written; the facts below are read off those paths the first time
+    they are needed (each once per index), so a call pays only for what it
+    uses: a ``get`` of a plain model reads its tensors straight off the
+    paths (:func:`~sdtree.adapters.plain.read_off_paths`) and builds no
+    :class:`Entry`.
+
     Attributes:
-        entries: canonical FQN -> :class:`Entry`, in ``model.state_dict()`` order
-            (the first path of a shared parameter or module owns the entry only
-            once per path; each path is its own FQN).
-        key_to_fqn: key as ``model.state_dict()`` spells it -> canonical FQN.
-        params: the parameters' names (:class:`ParamIndex`).
-        frozen: FQNs of parameters with ``requires_grad=False``.
-        modules: ``(attribute prefix, FQN prefix, module)`` for every module path, in
-            load order (a shared module appears once per path).
-        plain_save: no module customises saving (hooks or overrides), so the
-            state dict can be read off the entries without ``state_dict()``.
-        sharded: FQN -> DTensor, for every parameter and buffer that is one
-            (every rank must take part in a load of such a model).
-        flat: for FSDP1 (``FullyShardedDataParallel``): ``id(FlatParameter)`` ->
-            the FQNs of the parameters it holds, in its order; their entries'
-            values are meta tensors of the full shapes. Empty otherwise.
-        plain_load: the root does not override ``load_state_dict``, so each
-            module's ``_load_from_state_dict`` can be called with its own keys.
+        paths: ``(module, attribute prefix, state-dict key prefix, FQN
+            prefix)`` for every module path, in ``state_dict()`` order (a
+            shared module appears once per path; the root comes first).
+        io: how this model's state is read and written; it also lists each
+            module's parameters as ``state_dict()`` does (FSDP1 holds them
+            in flat parameters).
     """
 
-    entries: Mapping[str, Entry]
-    key_to_fqn: Mapping[str, str]
-    params: ParamIndex
-    frozen: frozenset[str]
-    modules: tuple[tuple[str, str, nn.Module], ...]
-    plain_save: bool
-    plain_load: bool
-    sharded: Mapping[str, Any]
-    flat: Mapping[int, tuple[str, ...]] = attrs.field(factory=dict)
+    paths: tuple[ModulePath, ...]
+    io: StateDictIO
+
+    @functools.cached_property
+    def plain_save(self) -> bool:
+        """No module customises saving (hooks or overrides), so the state dict
+        can be read off the paths without ``state_dict()``. Looked up on every
+        call, as ``nn.Module.state_dict`` does: a class may change after its
+        first use."""
+        base_save, base_save_to = nn.Module.state_dict, nn.Module._save_to_state_dict
+        for module, _, _, _ in self.paths:
+            cls: Any = type(module)
+            if cls.state_dict is not base_save or cls._save_to_state_dict is not base_save_to:
+                return False
+            if module._state_dict_hooks or module._state_dict_pre_hooks:
+                return False
+        return True
 
     @property
-    def fsdp1(self) -> bool:
-        """Whether the model is sharded by FSDP1 (its flat parameters are read
-        and written through FSDP's own state-dict hooks)."""
-        return bool(self.flat)
+    def plain_load(self) -> bool:
+        """The root does not override ``load_state_dict``, so each module's
+        ``_load_from_state_dict`` can be called with its own keys."""
+        return type(self.paths[0][0]).load_state_dict is nn.Module.load_state_dict
+
+    @functools.cached_property
+    def modules(self) -> tuple[tuple[str, str, nn.Module], ...]:
+        """``(attribute prefix, FQN prefix, module)`` for every module path, in load order."""
+        return tuple((attr, fqn, module) for module, attr, _, fqn in self.paths)
+
+    @property
+    def entries(self) -> Mapping[str, Entry]:
+        """Canonical FQN -> :class:`Entry`, in ``model.state_dict()`` order
+        (each path of a shared parameter or module is its own FQN)."""
+        return self._entries[0]
+
+    @property
+    def key_to_fqn(self) -> Mapping[str, str]:
+        """Key as ``model.state_dict()`` spells it -> canonical FQN."""
+        return self._entries[1]
+
+    @property
+    def sharded(self) -> Mapping[str, Any]:
+        """FQN -> DTensor, for every parameter and buffer that is one (every
+        rank must take part in a load of such a model)."""
+        return self._entries[2]
+
+    @functools.cached_property
+    def frozen(self) -> frozenset[str]:
+        """FQNs of parameters with ``requires_grad=False``."""
+        return frozenset(fqn + name for _, _, _, fqn, name, param, _ in self._params() if not param.requires_grad)
 
     @property
     def distributed(self) -> bool:
         """Whether every rank must take part in a load of this model."""
-        return bool(self.sharded) or self.fsdp1
+        return self.io.collective or bool(self.sharded)
 
+    def _params(self) -> Iterator[tuple[nn.Module, str, str, str, str, Any, Optional[Any]]]:
+        """``(module, attribute prefix, key prefix, FQN prefix, name, parameter,
+        stand-in or None)`` for every parameter of every path, in order."""
+        params_of = self.io.params_of
+        for module, attr, key, fqn in self.paths:
+            for name, param, stand_in in params_of(module):
+                if param is not None:
+                    yield module, attr, key, fqn, name, param, stand_in
 
-def _hidden_children(module: nn.Module, modifiers: str) -> tuple[set[str], set[str]]:
-    """Return (children dropped from FQNs, children dropped from state-dict keys)."""
-    hidden: set[str] = set()
-    unkeyed: set[str] = set()
-    ddp = sys.modules.get("torch.nn.parallel.distributed")
-    if ddp is not None and isinstance(module, ddp.DistributedDataParallel):
-        hidden.add("module")
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")
-    if dynamo is not None and isinstance(module, dynamo.OptimizedModule):
-        hidden.add("_orig_mod")
-    ac = sys.modules.get("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
-    if ac is not None and isinstance(module, ac.ActivationWrapper):
-        hidden.add(_AC_CHILD)
-        unkeyed.add(_AC_CHILD)
-    if _is_fsdp1(module):
-        hidden.add(_FSDP1_CHILD)  # FSDP1's own state-dict hooks drop it from keys too
-        unkeyed.add(_FSDP1_CHILD)
-    modifier = getattr(module, modifiers, None)
-    if modifier is not None and callable(modifier):
-        hidden.update(modifier().values())
-    return hidden, unkeyed
-
-
-def type_traits(cls: type) -> tuple[bool, bool, bool]:
-    """(saves as nn.Module does, loads as nn.Module does, has extra state) for ``cls``.
-
-    Looked up on every call, as ``nn.Module.state_dict`` does: a class may be
-    given ``get_extra_state`` (or a ``state_dict``) after its first use, and a
-    cache per class would then miss it.
-    """
-    module: Any = cls
-    save = module.state_dict is nn.Module.state_dict and module._save_to_state_dict is nn.Module._save_to_state_dict
-    load = module.load_state_dict is nn.Module.load_state_dict
-    extra = getattr(module, "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state
-    return save, load, extra
-
-
-def iter_modules(model: nn.Module, dsd_fqn_modifiers: str) -> Iterator[tuple[nn.Module, str, str, str]]:
-    """Yield ``(module, attribute prefix, state-dict key prefix, FQN prefix)`` for
-    every module path, in ``state_dict()`` order (preorder, registration order)."""
-    stack: list[tuple[nn.Module, str, str, str]] = [(model, "", "", "")]
-    while stack:
-        item = stack.pop()
-        yield item
-        module, attr, key, fqn = item
-        if not module._modules:
-            continue
-        hidden, unkeyed = _hidden_children(module, dsd_fqn_modifiers)
-        for name, child in reversed(module._modules.items()):
-            if child is None:
-                continue
-            stack.append(
-                (
-                    child,
-                    f"{attr}{name}.",
-                    key if name in unkeyed else f"{key}{name}.",
-                    fqn if name in hidden else f"{fqn}{name}.",
-                )
-            )
-
-
-def index_model(model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers") -> ModelIndex:
-    """Walk ``model`` once and return its :class:`ModelIndex`."""
-    entries: dict[str, Entry] = {}
-    key_to_fqn: dict[str, str] = {}
-    attr_to_fqn: dict[str, str] = {}
-    first_fqn: dict[int, str] = {}
-    tied: dict[int, list[str]] = {}
-    frozen: set[str] = set()
-    modules: list[tuple[str, str, nn.Module]] = []
-    owner: dict[tuple[int, str], str] = {}
-    plain_save = True
-    held: dict[int, dict[str, Any]] = {}  # id(module) -> {name: full-shape stand-in}, under FSDP1
-    flat_members: dict[int, list[tuple[int, str]]] = {}
-    for module, attr, key, fqn in iter_modules(model, dsd_fqn_modifiers):
-        modules.append((attr, fqn, module))
-        _, _, extra = type_traits(type(module))
-        if customises_save(module):
-            plain_save = False
-        flat_param = _flat_param_of(module)
-        if flat_param is not None and id(flat_param) not in flat_members:
-            flat_members[id(flat_param)] = _register_flat(flat_param, held)
-        for name, param, stand_in in _params_of(module, held.get(id(module)), flat_members):
-            canonical = fqn + name
-            entries[canonical] = Entry(canonical, module, name, attr, "param", stand_in if stand_in is not None else param)
-            key_to_fqn[key + name] = canonical
-            attr_to_fqn.setdefault(attr + name, canonical)
-            _add_param(first_fqn, tied, id(param), canonical)
-            if not param.requires_grad:
-                frozen.add(canonical)
-            if stand_in is not None:  # FSDP1: the entry reports the full shape
-                if stand_in is not param:
-                    _add_param(first_fqn, tied, id(stand_in), canonical)
-                owner.setdefault((id(module), name), canonical)
-        non_persistent = module._non_persistent_buffers_set
-        for name, buffer in module._buffers.items():
-            if buffer is None or name in non_persistent:
-                continue
-            canonical = fqn + name
-            entries[canonical] = Entry(canonical, module, name, attr, "buffer", buffer)
-            key_to_fqn[key + name] = canonical
-        if extra:
-            canonical = fqn + _EXTRA_STATE
-            entries[canonical] = Entry(canonical, module, _EXTRA_STATE, attr, "extra", None)
-            key_to_fqn[key + _EXTRA_STATE] = canonical
-    return ModelIndex(
-        entries=entries,
-        key_to_fqn=key_to_fqn,
-        params=_param_index(first_fqn, tied, attr_to_fqn, fsdp1=bool(flat_members)),
-        frozen=frozenset(frozen),
-        modules=tuple(modules),
-        plain_save=plain_save,
-        plain_load=type_traits(type(model))[1],
-        sharded={fqn: e.value for fqn, e in entries.items() if e.kind != "extra" and is_dtensor(e.value)},
-        flat={k: tuple(owner[m] for m in members if m in owner) for k, members in flat_members.items()},
-    )
-
-
-def customises_save(module: nn.Module) -> bool:
-    """Whether ``module``'s state dict must come from its own ``state_dict()``:
-    its class customises saving, or it has state-dict hooks."""
-    return not type_traits(type(module))[0] or bool(module._state_dict_hooks or module._state_dict_pre_hooks)
-
-
-def _is_fsdp1(module: nn.Module) -> bool:
-    fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
-    return fsdp is not None and isinstance(module, fsdp.FullyShardedDataParallel)
-
-
-def _flat_param_of(module: nn.Module) -> Any:
-    """The FlatParameter an FSDP1 instance manages (None for other modules)."""
-    if not _is_fsdp1(module):
-        return None
-    handle = getattr(module, "_handle", None)
-    return None if handle is None else handle.flat_param
-
-
-def _register_flat(flat_param: Any, held: dict[int, dict[str, Any]]) -> list[tuple[int, str]]:
-    """Record a meta stand-in of the full shape for every parameter that
-    ``flat_param`` holds (shared ones get their primary's); return the
-    ``(id(module), name)`` of its own parameters, in its order."""
-    params = flat_param._params  # the original parameters, with use_orig_params=True
-    members = []
-    for i, (info, shape) in enumerate(zip(flat_param._param_infos, flat_param._shapes)):
-        requires_grad = params[i].requires_grad if params is not None else flat_param.requires_grad
-        stand_in = torch.empty(shape, dtype=flat_param.dtype, device="meta").requires_grad_(requires_grad)
-        held.setdefault(id(info.module), {})[info.param_name] = stand_in
-        members.append((id(info.module), info.param_name))
-    for shared in flat_param._shared_param_infos:
-        primary = held[id(shared.prim_module)][shared.prim_param_name]
-        held.setdefault(id(shared.module), {})[shared.param_name] = primary
-    return members
-
-
-def _params_of(
-    module: nn.Module, held: Mapping[str, Any] | None, flat_params: Mapping[int, Any]
-) -> Iterator[tuple[str, Any, Any]]:
-    """``(name, parameter, full-shape stand-in or None)`` for a module's
-    parameters as ``model.state_dict()`` lists them: under FSDP1 the
-    parameters a flat parameter holds (present, or only a stand-in), never
-    the flat parameters themselves (``flat_params``, by id: their FSDP module
-    is walked before the module holding them)."""
-    for name, param in module._parameters.items():
-        if param is not None and not (held and name in held) and id(param) not in flat_params:
-            yield name, param, None
-    if held:
-        for name, stand_in in held.items():
-            param = module._parameters.get(name)
-            yield name, stand_in if param is None else param, stand_in
-
-
-def index_params(
-    model: nn.Module, dsd_fqn_modifiers: str = "_fqn_modifiers", *, attr_names: bool = True
-) -> ParamIndex:
-    """Walk ``model`` once for its parameters' canonical FQNs only (and, with
-    ``attr_names``, the ``named_parameters()`` spelling of each)."""
-    first_fqn: dict[int, str] = {}
-    tied: dict[int, list[str]] = {}
-    attr_to_fqn: dict[str, str] = {}
-    fsdp1 = False
-    for module, attr, _, fqn in iter_modules(model, dsd_fqn_modifiers):
-        fsdp1 = fsdp1 or _is_fsdp1(module)
-        for name, param in module._parameters.items():
-            if param is not None:
+    @functools.cached_property
+    def _entries(self) -> tuple[dict[str, Entry], dict[str, str], dict[str, Any]]:
+        entries: dict[str, Entry] = {}
+        key_to_fqn: dict[str, str] = {}
+        params_of = self.io.params_of
+        for module, attr, key, fqn in self.paths:
+            for name, param, stand_in in params_of(module):
+                if param is None:
+                    continue
                 canonical = fqn + name
-                _add_param(first_fqn, tied, id(param), canonical)
-                if attr_names:
-                    attr_to_fqn.setdefault(attr + name, canonical)
-    return _param_index(first_fqn, tied, attr_to_fqn, fsdp1=fsdp1)
+                entries[canonical] = Entry(canonical, module, name, attr, "param", param if stand_in is None else stand_in)
+                key_to_fqn[key + name] = canonical
+            non_persistent = module._non_persistent_buffers_set
+            for name, buffer in module._buffers.items():
+                if buffer is None or name in non_persistent:
+                    continue
+                canonical = fqn + name
+                entries[canonical] = Entry(canonical, module, name, attr, "buffer", buffer)
+                key_to_fqn[key + name] = canonical
+            if has_extra_state(module):
+                canonical = fqn + EXTRA_STATE
+                entries[canonical] = Entry(canonical, module, EXTRA_STATE, attr, "extra", None)
+                key_to_fqn[key + EXTRA_STATE] = canonical
+        sharded = {fqn: e.value for fqn, e in entries.items() if e.kind != "extra" and is_dtensor(e.value)}
+        return entries, key_to_fqn, sharded
+
+    @functools.cached_property
+    def params(self) -> ParamIndex:
+        """The parameters' names (:class:`ParamIndex`)."""
+        first_fqn: dict[int, str] = {}
+        tied: dict[int, list[str]] = {}
+        for _, _, _, fqn, name, param, stand_in in self._params():
+            canonical = fqn + name
+            _add_param(first_fqn, tied, id(param), canonical)
+            if stand_in is not None and stand_in is not param:  # FSDP1: its full-shape stand-in too
+                _add_param(first_fqn, tied, id(stand_in), canonical)
+        return ParamIndex(first_fqn, {f: tuple(fqns) for fqns in tied.values() for f in fqns}, self)
+
+    def _attr_names(self) -> dict[str, str]:
+        """Parameter name as ``model.named_parameters()`` spells it -> canonical FQN."""
+        attr_to_fqn: dict[str, str] = {}
+        for _, attr, _, fqn, name, _, _ in self._params():
+            attr_to_fqn.setdefault(attr + name, fqn + name)
+        return attr_to_fqn
+
+
+def has_extra_state(module: nn.Module) -> bool:
+    """Whether ``module``'s class gives extra state (looked up on every call,
+    as ``nn.Module.state_dict`` does: a class may be given
+    ``get_extra_state`` after its first use)."""
+    return getattr(type(module), "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state
 
 
 def _add_param(first_fqn: dict[int, str], tied: dict[int, list[str]], key: int, fqn: str) -> None:
     first = first_fqn.setdefault(key, fqn)
     if first is not fqn:
         tied.setdefault(key, [first]).append(fqn)
-
-
-def _param_index(
-    first_fqn: dict[int, str], tied: dict[int, list[str]], attr_to_fqn: dict[str, str], *, fsdp1: bool
-) -> ParamIndex:
-    aliases = {f: tuple(fqns) for fqns in tied.values() for f in fqns}
-    return ParamIndex(first_fqn, attr_to_fqn, aliases, fsdp1)

@@ -1,4 +1,6 @@
-"""``get_state_dict`` / ``set_state_dict``: model and optimizers together."""
+"""``get_state_dict`` / ``set_state_dict``: model and optimizers together,
+off one walk of the model (see :mod:`sdtree.adapters.module`,
+:mod:`sdtree.adapters.optimizer` and, for a set, :mod:`sdtree.adapters.load`)."""
 
 from __future__ import annotations
 
@@ -7,31 +9,19 @@ from typing import Any, Optional
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdtree.adapters._common import agree, announce_load, as_optimizers, check_optim_not_empty, without_gc
-from sdtree.adapters.index import index_model
-from sdtree.adapters.module import (
-    ModelPlan,
-    deliver_model,
-    get_model_state_dict,
-    module_keyed_to_fqns,
-    plan_model_load,
-    write_model,
-)
-from sdtree.adapters.optimizer import (
-    OptimPlan,
-    Optimizers,
-    deliver_optimizers,
-    get_optimizer_state_dict,
-    optimizers_sharded,
-    plan_optimizers_load,
-    write_optimizers,
-)
+from sdtree.adapters._common import as_optimizers, check_optim_not_empty, public, warn_submodules
+from sdtree.adapters.load import load
+from sdtree.adapters.model_plan import module_keyed_to_fqns
+from sdtree.adapters.module import read_model
+from sdtree.adapters.optimizer import Optimizers, read_optimizers
+from sdtree.adapters.walk import index_model
 from sdtree.options import StateDictOptions, as_options
+from sdtree.types import StateDict
 
 __all__ = ["get_state_dict", "set_state_dict"]
 
 
-@without_gc
+@public
 def get_state_dict(
     model: nn.Module,
     optimizers: Optimizers,
@@ -44,24 +34,28 @@ def get_state_dict(
     Same signature and results as torch's ``get_state_dict``; nothing is
     changed. See :func:`get_model_state_dict` and :func:`get_optimizer_state_dict`.
     """
-    model_state_dict = get_model_state_dict(model, submodules=submodules, options=options)
-    optim_state_dict = get_optimizer_state_dict(model, optimizers, options=options)
+    opts = as_options(options)
+    warn_submodules(submodules)
+    index = index_model(model, opts.dsd_fqn_modifiers)
+    model_state_dict = read_model(model, index, opts, submodules)
+    optim_state_dict = read_optimizers(model, as_optimizers(optimizers), index, opts)
     return model_state_dict, optim_state_dict
 
 
-@without_gc
+@public
 def set_state_dict(
     model: nn.Module,
     optimizers: Optimizers,
     *,
-    model_state_dict: dict[str, Any],
-    optim_state_dict: dict[str, Any],
+    model_state_dict: StateDict,
+    optim_state_dict: StateDict,
     options: Optional[StateDictOptions] = None,
 ) -> _IncompatibleKeys:
     """Load a model state dict and an optimizers' state dict.
 
     Same signature and results as torch's ``set_state_dict``. Both are
-    checked before either is written: a failing call changes nothing.
+    checked before either is written: a failing call changes nothing. With
+    ``broadcast_from_rank0``, both are announced in one metadata broadcast.
 
     Returns:
         The model's ``missing_keys`` and ``unexpected_keys``.
@@ -71,24 +65,4 @@ def set_state_dict(
     index = index_model(model, opts.dsd_fqn_modifiers)
     state_dict = module_keyed_to_fqns(model_state_dict, index)
     check_optim_not_empty(optim_state_dict, opts)
-    fn = "set_state_dict"
-    planned, announced = announce_load(state_dict, opts, fn)
-    planned_optim, announced_optim = announce_load(optim_state_dict, opts, fn)
-
-    def plan_both() -> tuple[Optional[ModelPlan], list[OptimPlan]]:
-        model_plan = plan_model_load(index, planned, opts, fn) if planned else None
-        return model_plan, plan_optimizers_load(index, optims, planned_optim, opts)
-
-    distributed = opts.broadcast_from_rank0 or index.distributed or optimizers_sharded(optims)
-    model_plan, optim_plans = agree(fn, distributed, plan_both)
-    if announced is not None and announced_optim is not None:
-        optim_plans = deliver_optimizers(index, optims, announced_optim, opts)
-        if model_plan is not None:
-            # not into the parameters: the model is written after the optimizers,
-            # so that a failing optimizer write leaves the model as it was
-            model_plan = deliver_model(index, announced, model_plan, in_place=False)
-    write_optimizers(model, optims, optim_plans, index)
-    if model_plan is None:
-        return _IncompatibleKeys([], [])
-    write_model(model, index, model_plan)
-    return _IncompatibleKeys(model_plan.missing, model_plan.unexpected)
+    return load(model, index, optims, state_dict, optim_state_dict, opts)

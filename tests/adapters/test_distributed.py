@@ -54,3 +54,8 @@ def test_broadcast_load_is_refused_on_every_rank_before_any_tensor_moves(pool2):
 def test_a_failure_while_landing_on_one_rank_does_not_hang_the_others(pool2):
     outcomes = pool2.run(bodies.deliver_failure_on_one_rank_is_raised_after_the_last_bucket, timeout=60)
     assert outcomes == ["ok", "cannot place t0"]
+
+
+def test_a_broadcast_load_makes_one_metadata_broadcast(pool2):
+    once = {"set_state_dict": 1, "set_model_state_dict": 1, "set_optimizer_state_dict": 1}
+    assert pool2.run(bodies.broadcast_load_makes_one_metadata_broadcast) == [once, once]

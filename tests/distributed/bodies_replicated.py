@@ -267,3 +267,39 @@ def deliver_failure_on_one_rank_is_raised_after_the_last_bucket(rank: int, world
     dist.all_reduce(check)
     assert check.item() == sum(range(world_size))
     return outcome
+
+
+def broadcast_load_makes_one_metadata_broadcast(rank: int, world_size: int) -> dict:
+    """A broadcast_from_rank0 load announces what rank 0 holds once: the model
+    and the optimizers in one broadcast_object_list, then only tensor buckets."""
+    trained, trained_optim = _wrap("ddp")
+    train(trained, trained_optim, steps=2, seed=0)
+    msd, osd = sdtree.get_state_dict(trained, trained_optim)
+    if rank != 0:
+        msd, osd = {}, {}
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    model, optim = _wrap("ddp", seed=3 + rank)
+    loads = {
+        "set_state_dict": lambda: sdtree.set_state_dict(model, optim, model_state_dict=msd, optim_state_dict=osd, options=opts),
+        "set_model_state_dict": lambda: sdtree.set_model_state_dict(model, msd, options=opts),
+        "set_optimizer_state_dict": lambda: sdtree.set_optimizer_state_dict(model, optim, osd, options=opts),
+    }
+    original = dist.broadcast_object_list
+    calls: list = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    counts = {}
+    dist.broadcast_object_list = counting
+    try:
+        for name, load in loads.items():
+            calls.clear()
+            load()
+            counts[name] = len(calls)
+    finally:
+        dist.broadcast_object_list = original
+    assert_state_dict_equal(model.state_dict(), trained.state_dict())
+    assert_state_dict_equal(snapshot_optim(optim), snapshot_optim(trained_optim))
+    return counts
