@@ -230,6 +230,7 @@ def _calls(name):
         "announce": [(lambda sd: broadcast.announce(sd).deliver(), (sd,)) for sd in forms]
         + [(lambda sd: broadcast.announce(sd).placeholders(), (sd,)) for sd in forms],
         "key_pattern": [(patterns.key_pattern, ("layers.{i}.q.weight",))],
+        "is_pattern": [(patterns.is_pattern, ("layers.{i}.q.weight",))],
         "nearest_keys": [(patterns.nearest_keys, ([patterns.key_pattern("layers.{i}.v.weight")], list(model)))],
         "derivation_of": [(rules.derivation_of, (planned,))],
         "materialize": [(lambda p, m: rules.materialize(p, lambda t: m[names[id(t)]]), (planned, model))],

@@ -14,7 +14,16 @@ import optree
 
 NAMESPACE = "sdtree"
 
-__all__ = ["NAMESPACE", "tree_flatten", "tree_flatten_with_path", "tree_map", "tree_unflatten", "codify"]
+__all__ = [
+    "NAMESPACE",
+    "tree_flatten",
+    "tree_flatten_with_path",
+    "tree_flatten_keyed",
+    "tree_flatten_with_accessor",
+    "tree_map",
+    "tree_unflatten",
+    "codify",
+]
 
 
 def tree_flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:

@@ -67,6 +67,50 @@ def test_no_private_name_or_module_is_imported_from_outside():
     assert not bad, "\n".join(bad)
 
 
+def _all_of(module: str) -> list[str] | None:
+    for node in TREES[module].body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return [ast.literal_eval(e) for e in node.value.elts]
+    return None
+
+
+# Left for the branches that own these modules (checkpoint/*: the hardening; patterns.py: the lead).
+NOT_YET_EXPORTED = {("sdtree.checkpoint._formats", "DCP_METADATA")}
+NOT_YET_PRIVATE = {"sdtree.checkpoint._inspect.dtype_name", "sdtree.transforms.patterns.pattern_set"}
+
+
+def test_a_modules_interface_is_its_all():
+    """Every module lists what it offers in ``__all__``; what another module
+    imports from it is listed there, and every public-looking function or
+    class is (or it is a private helper, with a leading underscore)."""
+    bad = []
+    used_exemptions = set()
+    for module in MODULES:
+        exports = _all_of(module)
+        if exports is None:
+            if module != "sdtree.__main__":
+                bad.append(f"{module} has no __all__")
+            continue
+        for node in TREES[module].body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_") and node.name not in exports:
+                name = f"{module}.{node.name}"
+                if name in NOT_YET_PRIVATE:
+                    used_exemptions.add(name)
+                else:
+                    bad.append(f"{name} is neither in __all__ nor private")
+        for target, name, line in _imports(module):
+            if not name or name.startswith("__") or target not in MODULES:
+                continue
+            target_exports = _all_of(target) or []
+            if name not in target_exports:
+                if (target, name) in NOT_YET_EXPORTED:
+                    used_exemptions.add((target, name))
+                else:
+                    bad.append(f"{module}:{line} imports {name}, which {target}.__all__ does not list")
+    assert not bad, "\n".join(bad)
+    assert used_exemptions == NOT_YET_EXPORTED | NOT_YET_PRIVATE, "drop the exemptions no longer needed"
+
+
 # -- the model is walked once per call -----------------------------------------
 
 

@@ -38,7 +38,7 @@ from sdtree.options import StateDictOptions
 from sdtree.state_dict_utils import deliver_into
 from sdtree.transforms.broadcast import announce
 from sdtree.transforms.tensors import is_dtensor
-from sdtree.types import PARAMS
+from sdtree.types import PARAMS, StateDict
 
 __all__ = ["LoadPlan", "load", "agree"]
 
@@ -108,8 +108,8 @@ def load(
     model: nn.Module,
     index: ModelIndex,
     optims: tuple[torch.optim.Optimizer, ...],
-    model_sd: Optional[Mapping[str, Any]],
-    optim_sd: Optional[Mapping[str, Any]],
+    model_sd: Optional[StateDict],
+    optim_sd: Optional[StateDict],
     options: StateDictOptions,
 ) -> _IncompatibleKeys:
     """Load ``model_sd`` (canonical FQNs) into ``model`` and ``optim_sd`` into

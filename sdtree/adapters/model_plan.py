@@ -23,6 +23,7 @@ from torch import nn
 from sdtree.adapters.index import ModelIndex, ModelWrite
 from sdtree.errors import IncompatibleStateDictError, api_name, preview
 from sdtree.transforms.sharding import shard_as, shard_like
+from sdtree.types import StateDict
 
 __all__ = ["ModelPlan", "plan_model_load", "module_keyed_to_fqns"]
 
@@ -45,7 +46,7 @@ class ModelPlan:
     missing: list[str]
     unexpected: list[str]
 
-    def bind(self, state_dict: Mapping[str, Any], written: Optional[Mapping[str, torch.Tensor]] = None) -> ModelWrite:
+    def bind(self, state_dict: StateDict, written: Optional[Mapping[str, torch.Tensor]] = None) -> ModelWrite:
         """What to write, with the values of ``state_dict`` (the one the plan
         was made on, or one of its structure: the delivered tensors), less
         those ``written`` already (received straight into the model's tensors)."""
@@ -98,7 +99,7 @@ def _value_problem(target: torch.Tensor, value: Any) -> Optional[str]:
     return None
 
 
-def plan_model_load(index: ModelIndex, state_dict: Mapping[str, Any], *, strict: bool, ignore_frozen: bool) -> ModelPlan:
+def plan_model_load(index: ModelIndex, state_dict: StateDict, *, strict: bool, ignore_frozen: bool) -> ModelPlan:
     """Check ``state_dict`` against the model; raise before anything is written.
 
     With ``ignore_frozen``, absent frozen parameters are reported as missing,
@@ -161,7 +162,7 @@ def plan_model_load(index: ModelIndex, state_dict: Mapping[str, Any], *, strict:
     return ModelPlan(index, sources, missing, unexpected)
 
 
-def module_keyed_to_fqns(state_dict: Mapping[Any, Any], index: ModelIndex) -> Mapping[str, Any]:
+def module_keyed_to_fqns(state_dict: Mapping[Any, Any], index: ModelIndex) -> StateDict:
     """Accept the deprecated ``{submodule: its state dict}`` input."""
     if not state_dict or not isinstance(next(iter(state_dict)), nn.Module):
         return state_dict

@@ -26,7 +26,7 @@ from sdtree.fqn import split_flat_keys
 from sdtree.transforms import OptimizerLayout, Transform, identity, select_keys, unflatten_optimizer
 from sdtree.transforms.sharding import shard_as
 from sdtree.transforms.tensors import is_dtensor
-from sdtree.types import PARAMS, PG, STATE, is_optim_state_dict
+from sdtree.types import PARAMS, PG, STATE, StateDict, is_optim_state_dict
 
 __all__ = ["OptimPlan", "OptimizersPlan", "plan_optimizers_load"]
 
@@ -65,7 +65,7 @@ class OptimPlan:
     state: tuple[tuple[torch.Tensor, int, str], ...]
     chosen: list[list[str]]
 
-    def bind(self, osd: Mapping[str, Any]) -> OptimWrite:
+    def bind(self, osd: StateDict) -> OptimWrite:
         """What to write, with the values of ``osd`` (the state dict the plan
         was made on, or one of its structure: the delivered tensors)."""
         mine = self.normalize(osd)
@@ -96,7 +96,7 @@ class OptimizersPlan:
     plans: tuple[OptimPlan, ...]
     params: ParamIndex
 
-    def bind(self, osd: Mapping[str, Any]) -> list[OptimWrite]:
+    def bind(self, osd: StateDict) -> list[OptimWrite]:
         return [plan.bind(osd) for plan in self.plans]
 
     def placer(self) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
@@ -123,7 +123,7 @@ class OptimizersPlan:
 
 
 def plan_optimizers_load(
-    index: ModelIndex, optims: tuple[torch.optim.Optimizer, ...], osd: Mapping[str, Any], *, strict: bool
+    index: ModelIndex, optims: tuple[torch.optim.Optimizer, ...], osd: StateDict, *, strict: bool
 ) -> OptimizersPlan:
     """Plan every optimizer's load from ``osd``, or raise with every problem found.
 
@@ -157,7 +157,7 @@ def plan_optimizers_load(
     return OptimizersPlan(tuple(plans), params)
 
 
-def _keyed_by_ids(osd: Mapping[str, Any]) -> bool:
+def _keyed_by_ids(osd: StateDict) -> bool:
     """Whether the nested optimizer state dict ``osd`` names parameters by
     ids (as ``optim.state_dict()`` does), not by FQNs."""
     keys = list(osd[STATE]) + [k for g in osd[PG] for k in g[PARAMS]]
@@ -165,7 +165,7 @@ def _keyed_by_ids(osd: Mapping[str, Any]) -> bool:
 
 
 def _normalized(
-    params: ParamIndex, optim: torch.optim.Optimizer, fqns: list[list[str]], osd: Mapping[str, Any], nested: bool, by_ids: bool
+    params: ParamIndex, optim: torch.optim.Optimizer, fqns: list[list[str]], osd: StateDict, nested: bool, by_ids: bool
 ) -> tuple[Transform, Mapping[str, Any]]:
     """The transform that brings ``osd`` to ``optim``'s part of it, FQN-keyed
     and nested, and its result on ``osd``."""
@@ -200,7 +200,7 @@ def _pick(params: ParamIndex, fqn: str, present: Any) -> str:
 def _plan_one(
     params: ParamIndex,
     optim: torch.optim.Optimizer,
-    osd: Mapping[str, Any],
+    osd: StateDict,
     nested: bool,
     by_ids: bool,
     strict: bool,

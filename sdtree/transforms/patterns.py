@@ -22,7 +22,7 @@ import attrs
 
 from sdtree.errors import InvalidRuleError
 
-__all__ = ["KeyPattern", "PatternSet", "key_pattern", "nearest_keys"]
+__all__ = ["KeyPattern", "PatternSet", "key_pattern", "is_pattern", "nearest_keys"]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HOLE = None  # a blanked-out segment in a skeleton
