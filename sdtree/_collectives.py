@@ -18,6 +18,8 @@ from typing import Any, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from sdtree.errors import SdtreeError
+
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "all_gather_single",
@@ -27,7 +29,11 @@ __all__ = [
     "buckets",
     "two_in_flight",
     "broadcast_buckets",
+    "several_ranks",
     "agree",
+    "portable_error",
+    "first_error",
+    "from_leader",
 ]
 
 T = TypeVar("T")
@@ -48,6 +54,11 @@ all_gather_single: Callable[..., Any] = getattr(dist, "all_gather_single", None)
 def is_distributed() -> bool:
     """Whether a default process group is up."""
     return dist.is_available() and dist.is_initialized()
+
+
+def several_ranks(group: Optional[dist.ProcessGroup] = None) -> bool:
+    """Whether a process group of several ranks is up (so that the ranks must act together)."""
+    return is_distributed() and dist.get_world_size(group) > 1
 
 
 def rank(group: Optional[dist.ProcessGroup] = None) -> int:
@@ -209,3 +220,41 @@ def agree(
     dist.all_gather_object(reports, (failed, problem), group=group)
     bad = [(r, entry[1]) for r, entry in enumerate(reports) if entry is not None and entry[0]]
     raise fail(bad, len(reports))  # type: ignore[arg-type]  # a failed rank's report is set
+
+
+def portable_error(err: Exception) -> tuple[type[Exception], str]:
+    """``err`` as it can travel to the other ranks (a report for :func:`agree`):
+    its type and message when it is sdtree's or an ``OSError``, else a
+    ``RuntimeError`` naming it (any type may not unpickle elsewhere)."""
+    if isinstance(err, (SdtreeError, OSError)):
+        return type(err), str(err)
+    return RuntimeError, f"{type(err).__name__}: {err}"
+
+
+def first_error(bad: list[tuple[int, tuple[type[Exception], str]]], world: int) -> Exception:
+    """What every rank raises (a ``fail`` for :func:`agree`): the first failing
+    rank's error, of its type, saying which rank it was."""
+    rank_, (kind, message) = bad[0]
+    return kind(f"rank {rank_} of {world}: {message}")
+
+
+def from_leader(step: Callable[[], T], leader: int, group: Optional[dist.ProcessGroup] = None) -> T:
+    """Run ``step`` on the ``leader`` rank only (a global rank); every rank
+    returns its result, or raises its error (:func:`portable_error`).
+
+    Collective: one object broadcast; call on every rank.
+    """
+    shared: list[Any] = [None]
+    if dist.get_rank() == leader:
+        try:
+            shared[0] = ("ok", step())
+        except Exception as err:  # any failure must reach the other ranks too, or they hang
+            shared[0] = ("error", portable_error(err))
+    dist.broadcast_object_list(shared, src=leader, group=group)
+    status, value = shared[0]
+    if status == "error":
+        kind, message = value
+        raise kind(message)
+    result: T = value
+    return result
+

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import IO, Any, Callable, Optional, cast
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -46,6 +45,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
+from sdtree._collectives import several_ranks
 from sdtree._tree import tree_map
 from sdtree.checkpoint._formats import DCP_METADATA
 from sdtree.checkpoint._lazy import Checkpoint, read_into
@@ -55,7 +55,7 @@ from sdtree.errors import CorruptCheckpointError, IncompatibleStateDictError, Sd
 from sdtree.types import PG, STATE
 from sdtree.transforms.nested import unflatten_state_dict
 
-__all__ = ["open_dcp", "load_dcp_into", "distributed", "quiet_single_process", "unwrapped_errors"]
+__all__ = ["open_dcp", "load_dcp_into", "quiet_single_process", "unwrapped_errors"]
 
 
 # -- reading ------------------------------------------------------------------
@@ -308,11 +308,6 @@ def _check_metadata(metadata: Metadata, path: Path, what: str) -> None:
 # -- calling torch's DCP API -------------------------------------------------------
 
 
-def distributed(process_group: Any) -> bool:
-    """Whether a process group of several ranks is up (so DCP calls are collective)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
-
-
 @contextmanager
 def quiet_single_process() -> Iterator[None]:
     """Silence torch's warning that a DCP call without a process group runs in one process."""
@@ -373,6 +368,6 @@ def load_dcp_into(path: Path, template: Any, *, trust_pickle: bool, process_grou
             storage_reader=_SafeReader(path, trust_pickle=trust_pickle),
             planner=_SafeLoadPlanner(trust_pickle=trust_pickle, what=what),
             process_group=process_group,
-            no_dist=not distributed(process_group),
+            no_dist=not several_ranks(process_group),
         )
     return target

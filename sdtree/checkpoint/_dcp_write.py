@@ -16,7 +16,7 @@ import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import optree
 import torch
@@ -29,11 +29,12 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from sdtree._collectives import agree, first_error, from_leader, portable_error, several_ranks
 from sdtree._tree import tree_flatten_with_accessor
 from sdtree.checkpoint._atomic import atomic_destination, check_destination, commit, remove, temporary_name
-from sdtree.checkpoint._dcp_read import distributed, quiet_single_process, unwrapped_errors
+from sdtree.checkpoint._dcp_read import quiet_single_process, unwrapped_errors
 from sdtree.checkpoint._lazy import Fetch, as_is
-from sdtree.errors import CheckpointFormatError, SdtreeError
+from sdtree.errors import CheckpointFormatError
 
 __all__ = ["check_keys", "write_dcp", "save_dcp"]
 
@@ -147,22 +148,22 @@ def save_dcp(state_dict: Any, path: Path, *, force: bool, fn: str, process_group
     the same error, or none); the lowest rank of the group creates the
     temporary directory and renames it into place once all shards are written.
     """
-    if not distributed(process_group):
+    if not several_ranks(process_group):
         check_keys(state_dict, fn)
         with atomic_destination(path, force=force, directory=True, fn=fn) as tmp:
             write_dcp(tmp, state_dict, as_is, fn=fn, checkpoint_id=path)
         return
-    _raise_any(_outcome(lambda: check_keys(state_dict, fn)), process_group)
+    agree(lambda: check_keys(state_dict, fn), catch=(Exception,), report=portable_error, fail=first_error, group=process_group)
     leader = dist.get_global_rank(process_group, 0) if process_group is not None else 0
     is_leader = dist.get_rank() == leader
-    tmp = Path(_from_leader(lambda: _prepare(path, force, fn), leader, process_group))
+    tmp = Path(from_leader(lambda: _prepare(path, force, fn), leader, process_group))
     try:
         write_dcp(tmp, state_dict, as_is, fn=fn, checkpoint_id=path, no_dist=False, process_group=process_group)
     except BaseException:
         if is_leader:
             remove(tmp)
         raise
-    _from_leader(lambda: _commit_or_remove(tmp, path, force, fn), leader, process_group)
+    from_leader(lambda: _commit_or_remove(tmp, path, force, fn), leader, process_group)
 
 
 def _prepare(path: Path, force: bool, fn: str) -> str:
@@ -179,37 +180,3 @@ def _commit_or_remove(tmp: Path, path: Path, force: bool, fn: str) -> None:
     except BaseException:
         remove(tmp)
         raise
-
-
-Outcome = tuple[str, Any, Any]  # ("ok", value, None) or ("error", exception type, message)
-
-
-def _outcome(step: Callable[[], Any]) -> Outcome:
-    """Run ``step``; describe its result or its error so that it can travel to other ranks."""
-    try:
-        return ("ok", step(), None)
-    except (SdtreeError, OSError) as err:
-        return ("error", type(err), str(err))
-    except Exception as err:  # any other failure must reach the other ranks too, or they hang
-        return ("error", RuntimeError, f"{type(err).__name__}: {err}")
-
-
-def _raise_any(outcome: Outcome, group: Any) -> None:
-    """Collective: gather every rank's outcome; all ranks raise the first error, if any."""
-    outcomes: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(outcomes, outcome, group=group)
-    for rank, (status, kind, message) in enumerate(outcomes):
-        if status == "error":
-            raise kind(f"rank {rank} of {len(outcomes)}: {message}")
-
-
-def _from_leader(step: Callable[[], Any], leader: int, group: Any) -> Any:
-    """Collective: run ``step`` on the leader rank only; every rank returns its
-    result or raises its error."""
-    shared: list[Any] = [_outcome(step) if dist.get_rank() == leader else None]
-    dist.broadcast_object_list(shared, src=leader, group=group)
-    status, value, message = shared[0]
-    if status == "error":
-        raise value(message)
-    return value
-

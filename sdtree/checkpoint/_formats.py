@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union
 
 from sdtree.errors import CheckpointFormatError, CheckpointNotFoundError
 
-__all__ = ["Format", "FORMATS", "PathLike", "detect_format", "destination_format"]
+__all__ = ["Format", "FORMATS", "PathLike", "DCP_METADATA", "detect_format", "destination_format"]
 
 Format = Literal["dcp", "torch", "safetensors"]
 FORMATS: tuple[Format, ...] = ("dcp", "torch", "safetensors")
