@@ -36,15 +36,17 @@ __all__ = [
     "ParamIndex",
     "ModelIndex",
     "ModulePath",
+    "Kind",
     "StateDictIO",
     "ModelWrite",
     "OptimWrite",
-    "EXTRA_STATE",
-    "has_extra_state",
     "ids_to_fqns",
 ]
 
-EXTRA_STATE = "_extra_state"
+_EXTRA_STATE = "_extra_state"
+
+
+Kind = Literal["param", "buffer", "extra"]
 
 
 class Entry(NamedTuple):
@@ -54,7 +56,7 @@ class Entry(NamedTuple):
     module: nn.Module  # owner
     name: str  # the owner's local name ("weight", "_extra_state")
     prefix: str  # the owner's prefix for _load_from_state_dict (attribute path)
-    kind: Literal["param", "buffer", "extra"]
+    kind: Kind
     value: Any  # the parameter or buffer (None for extra state)
 
 
@@ -269,29 +271,33 @@ class ModelIndex:
                 if param is not None:
                     yield module, attr, key, fqn, name, param, stand_in
 
+    def state(self) -> Iterator[tuple[nn.Module, str, str, str, str, Kind, Any]]:
+        """``(module, attribute prefix, key prefix, FQN prefix, name, kind,
+        value)`` for every entry of ``model.state_dict()``, in its order:
+        each path's parameters (their full-shape stand-ins under FSDP1),
+        persistent buffers and extra state (value ``None``: it is the
+        module's to give)."""
+        params_of = self.io.params_of
+        for module, attr, key, fqn in self.paths:
+            for name, param, stand_in in params_of(module):
+                if param is not None:
+                    yield module, attr, key, fqn, name, "param", param if stand_in is None else stand_in
+            if module._buffers:
+                non_persistent = module._non_persistent_buffers_set
+                for name, buffer in module._buffers.items():
+                    if buffer is not None and name not in non_persistent:
+                        yield module, attr, key, fqn, name, "buffer", buffer
+            if _has_extra_state(module):
+                yield module, attr, key, fqn, _EXTRA_STATE, "extra", None
+
     @functools.cached_property
     def _entries(self) -> tuple[dict[str, Entry], dict[str, str], dict[str, Any]]:
         entries: dict[str, Entry] = {}
         key_to_fqn: dict[str, str] = {}
-        params_of = self.io.params_of
-        for module, attr, key, fqn in self.paths:
-            for name, param, stand_in in params_of(module):
-                if param is None:
-                    continue
-                canonical = fqn + name
-                entries[canonical] = Entry(canonical, module, name, attr, "param", param if stand_in is None else stand_in)
-                key_to_fqn[key + name] = canonical
-            non_persistent = module._non_persistent_buffers_set
-            for name, buffer in module._buffers.items():
-                if buffer is None or name in non_persistent:
-                    continue
-                canonical = fqn + name
-                entries[canonical] = Entry(canonical, module, name, attr, "buffer", buffer)
-                key_to_fqn[key + name] = canonical
-            if has_extra_state(module):
-                canonical = fqn + EXTRA_STATE
-                entries[canonical] = Entry(canonical, module, EXTRA_STATE, attr, "extra", None)
-                key_to_fqn[key + EXTRA_STATE] = canonical
+        for module, attr, key, fqn, name, kind, value in self.state():
+            canonical = fqn + name
+            entries[canonical] = Entry(canonical, module, name, attr, kind, value)
+            key_to_fqn[key + name] = canonical
         sharded = {fqn: e.value for fqn, e in entries.items() if e.kind != "extra" and is_dtensor(e.value)}
         return entries, key_to_fqn, sharded
 
@@ -315,7 +321,7 @@ class ModelIndex:
         return attr_to_fqn
 
 
-def has_extra_state(module: nn.Module) -> bool:
+def _has_extra_state(module: nn.Module) -> bool:
     """Whether ``module``'s class gives extra state (looked up on every call,
     as ``nn.Module.state_dict`` does: a class may be given
     ``get_extra_state`` after its first use)."""

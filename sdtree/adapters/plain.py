@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdtree.adapters.index import EXTRA_STATE, Entry, ModelIndex, ModelWrite, OptimWrite, has_extra_state, ids_to_fqns
+from sdtree.adapters.index import Entry, ModelIndex, ModelWrite, OptimWrite, ids_to_fqns
 from sdtree.adapters.initial_state import needs_initial_state, shadow_initial_state
 from sdtree.errors import api_name
 from sdtree.transforms import rename
@@ -78,20 +78,11 @@ PLAIN = PlainIO()
 def read_off_paths(index: ModelIndex) -> dict[str, Any]:
     """The state dict ``model.state_dict()`` would give, read off the index's
     paths in one pass (when no module customises saving), keyed by
-    canonical FQNs."""
-    out: dict[str, Any] = {}
-    for module, _, _, fqn in index.paths:
-        for name, param in module._parameters.items():
-            if param is not None:
-                out[fqn + name] = param.detach()
-        if module._buffers:
-            non_persistent = module._non_persistent_buffers_set
-            for name, buffer in module._buffers.items():
-                if buffer is not None and name not in non_persistent:
-                    out[fqn + name] = buffer.detach()
-        if has_extra_state(module):
-            out[fqn + EXTRA_STATE] = module.get_extra_state()
-    return out
+    canonical FQNs; no :class:`~sdtree.adapters.index.Entry` is built."""
+    return {
+        fqn + name: value.detach() if kind != "extra" else module.get_extra_state()
+        for module, _, _, fqn, name, kind, value in index.state()
+    }
 
 
 def _read_optimizer(optim: torch.optim.Optimizer, fqns: list[list[str]]) -> dict[str, Any]:
