@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -21,7 +22,7 @@ FORMATS: tuple[Format, ...] = ("dcp", "torch", "safetensors")
 PathLike = Union[str, "os.PathLike[str]"]
 
 DCP_METADATA = ".metadata"
-_ZIP_MAGIC = b"PK\x03\x04"
+ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO_2 = b"\x80\x02"  # torch.save's legacy format starts with a protocol-2 pickle
 _TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".torch"}
 _SAFETENSORS_SUFFIX = ".safetensors"
@@ -46,28 +47,42 @@ def detect_format(path: PathLike) -> Format:
             "torch.distributed.checkpoint (DCP) checkpoint. Pass the checkpoint directory "
             "itself, or a torch.save or safetensors file."
         )
-    if not path.exists():
-        raise CheckpointNotFoundError(f"no checkpoint at {str(path)!r}: the path does not exist.")
-    size = path.stat().st_size
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no checkpoint at {str(path)!r}: the path does not exist.") from None
+    if not stat.S_ISREG(info.st_mode):  # opening a named pipe would wait for a writer
+        raise CheckpointFormatError(
+            f"{str(path)!r} is not a checkpoint: it is {_KINDS.get(stat.S_IFMT(info.st_mode), 'not a regular file')}. "
+            "Pass a torch.save or safetensors file, or a DCP directory holding '.metadata'."
+        )
+    size = info.st_size
     with open(path, "rb") as file:
         head = file.read(16)
-    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO_2):
+    if head.startswith(ZIP_MAGIC) or head.startswith(_PICKLE_PROTO_2):
         return "torch"
-    if _is_safetensors_head(head, size):
+    if _is_safetensors_head(head):
         return "safetensors"
     what = "is empty" if size == 0 else f"starts with {head[:8]!r}"
     raise CheckpointFormatError(
         f"{str(path)!r} is not a checkpoint sdtree knows: the file {what}. Expected a "
-        f"torch.save file (a zip archive, {_ZIP_MAGIC!r}), a safetensors file (an 8-byte "
+        f"torch.save file (a zip archive, {ZIP_MAGIC!r}), a safetensors file (an 8-byte "
         "header size, then '{'), or a DCP directory holding '.metadata'."
     )
 
 
-def _is_safetensors_head(head: bytes, size: int) -> bool:
-    if len(head) < 9:
-        return False
-    header_size = int.from_bytes(head[:8], "little")
-    return 2 <= header_size <= size - 8 and head[8:9] == b"{"
+_KINDS = {
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _is_safetensors_head(head: bytes) -> bool:
+    """An 8-byte header size, then ``{``: the header may run past the end of a
+    truncated file, which the reader then reports."""
+    return len(head) >= 9 and int.from_bytes(head[:8], "little") >= 2 and head[8:9] == b"{"
 
 
 def destination_format(path: PathLike, to: Optional[str] = None) -> Format:
