@@ -10,8 +10,6 @@ tensor it stands for and read when a writer needs it — one tensor at a time.
 
 from __future__ import annotations
 
-import ctypes
-import math
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -27,9 +25,6 @@ __all__ = [
     "Checkpoint",
     "Fetch",
     "as_is",
-    "read_range",
-    "read_into",
-    "tensor_from_bytes",
     "plain_cpu",
     "fetched_plain",
     "alias_key",
@@ -69,8 +64,10 @@ class Checkpoint:
         return id(leaf) in self._readers
 
     def fetch(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Read the tensor a placeholder stands for (a new CPU tensor each call).
+        """Read the tensor a placeholder stands for, as a CPU tensor.
 
+        A new tensor each call, except from a safetensors file: there it is a
+        view of the file's copy-on-write memory map, the same for each call.
         A tensor that is not a placeholder is returned as it is.
         """
         reader = self._readers.get(id(tensor))
@@ -99,42 +96,6 @@ def tensor_items(tree: Any) -> list[tuple[str, torch.Tensor]]:
     """``(flat key, tensor)`` for every tensor leaf of ``tree``, in order."""
     paths, leaves, _ = tree_flatten_with_path(tree)
     return [(dotted(p), leaf) for p, leaf in zip(paths, leaves) if isinstance(leaf, torch.Tensor)]
-
-
-def read_range(path: Path, offset: int, nbytes: int, *, what: str) -> torch.Tensor:
-    """Read ``nbytes`` at ``offset`` of the file ``path`` into a new uint8 tensor."""
-    return read_into(path, offset, torch.empty(nbytes, dtype=torch.uint8), what=what)
-
-
-def read_into(path: Path, offset: int, out: torch.Tensor, *, what: str) -> torch.Tensor:
-    """Read the bytes at ``offset`` of the file ``path`` straight into the
-    memory of the contiguous CPU tensor ``out``; return ``out``."""
-    nbytes = out.numel() * out.element_size()
-    if nbytes == 0:
-        return out
-    view = memoryview((ctypes.c_ubyte * nbytes).from_address(out.data_ptr())).cast("B")
-    done = 0
-    with open(path, "rb") as file:
-        file.seek(offset)
-        while done < nbytes:
-            got = file.readinto(view[done:])
-            if not got:
-                raise CorruptCheckpointError(
-                    f"{what} is truncated: expected {nbytes} bytes at offset {offset} of "
-                    f"{str(path)!r}, the file ends after {done}."
-                )
-            done += got
-    return out
-
-
-def tensor_from_bytes(
-    buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], stride: tuple[int, ...]
-) -> torch.Tensor:
-    """View raw bytes as a tensor of ``dtype`` with ``shape`` and ``stride``; compact it."""
-    if math.prod(shape) == 0:
-        return torch.empty(shape, dtype=dtype)
-    flat = buffer.view(dtype)
-    return torch.as_strided(flat, shape, stride).contiguous()
 
 
 def plain_cpu(tensor: torch.Tensor, key: str, fn: str) -> torch.Tensor:

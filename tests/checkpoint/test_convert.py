@@ -103,10 +103,10 @@ def test_int_keyed_optimizer_is_kept_by_key_transforms(tmp_path):
     assert_state_dict_equal(loaded["optim"], optim.state_dict())
 
 
-def test_convert_reads_legacy_torch_save_files(tmp_path):
+def test_convert_reads_trusted_legacy_torch_save_files(tmp_path):
     sd = cases.model_state_dict()
     torch.save(sd, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
-    convert(tmp_path / "old.pt", tmp_path / "new.safetensors")
+    convert(tmp_path / "old.pt", tmp_path / "new.safetensors", trust_pickle=True)
     assert_state_dict_equal(load(tmp_path / "new.safetensors"), sd)
 
 

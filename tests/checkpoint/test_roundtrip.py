@@ -5,7 +5,7 @@ import safetensors.torch
 import torch
 
 from sdtree.checkpoint import load, open_checkpoint, save
-from sdtree.checkpoint._lazy import read_into as _read_into
+from sdtree.checkpoint._torch_file import TorchArchive
 from sdtree.errors import CheckpointFormatError, IncompatibleStateDictError, UnsupportedLeafError
 from sdtree.testing import assert_state_dict_equal
 from tests.checkpoint import cases
@@ -23,12 +23,11 @@ def test_model_and_optimizer_round_trip(tmp_path, name):
 
 
 def test_large_tensors_are_read_straight_into_place(tmp_path, monkeypatch):
-    from sdtree.checkpoint import _dcp_read
-
     sd = {"big": torch.randn(512, 1024), "t": torch.randn(300, 1000).t(), "small": torch.ones(3)}
     save(sd, tmp_path / "ckpt")
     calls = []
-    monkeypatch.setattr(_dcp_read, "read_into", lambda *a, **k: calls.append(a[2].shape) or _read_into(*a, **k))
+    read = TorchArchive.read_record_into
+    monkeypatch.setattr(TorchArchive, "read_record_into", lambda self, key, out: calls.append(out.shape) or read(self, key, out))
     assert_state_dict_equal(load(tmp_path / "ckpt"), sd)
     assert calls == [torch.Size([512, 1024])]  # the transposed one goes through torch's reader
 
