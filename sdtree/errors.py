@@ -30,6 +30,7 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsafeCheckpointError",
     "DestinationExistsError",
+    "DestinationError",
 ]
 
 
@@ -123,3 +124,8 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
 
 class DestinationExistsError(CheckpointError, FileExistsError):
     """A checkpoint would overwrite an existing path without ``force=True``."""
+
+
+class DestinationError(CheckpointError, OSError):
+    """A checkpoint cannot be written where asked: the directory cannot be
+    written, or the destination is (or holds) the source being read."""

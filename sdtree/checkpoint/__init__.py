@@ -15,9 +15,11 @@ DCP and ``torch.save`` hold it whole, safetensors only its ``"model"``.
 
 Checkpoints come from strangers: nothing is unpickled beyond
 ``torch.load(weights_only=True)`` (and DCP's own metadata classes) unless
-``trust_pickle=True``. Nothing is left half-written: output goes to a
-temporary name beside the destination and is renamed at the end, and an
-existing destination is replaced only with ``force=True``.
+``trust_pickle=True``; every size and offset is checked against the files
+before anything is allocated for it, and no file outside a DCP directory is
+read. Nothing is left half-written: output goes to a temporary name beside
+the destination and is renamed at the end, and an existing destination is
+replaced only with ``force=True``.
 
 :func:`convert` streams: it opens the source's index, applies a transform to
 a tree of placeholder (meta) tensors, then reads and writes one tensor at a

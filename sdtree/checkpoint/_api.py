@@ -9,7 +9,7 @@ import attrs
 import torch
 
 from sdtree._tree import tree_flatten
-from sdtree.checkpoint._atomic import atomic_destination, check_destination
+from sdtree.checkpoint._atomic import atomic_destination, check_destination, check_not_source
 from sdtree.checkpoint._dcp_read import load_dcp_into, open_dcp
 from sdtree.checkpoint._dcp_write import save_dcp, write_dcp
 from sdtree.checkpoint._formats import Format, PathLike, destination_format, detect_format
@@ -91,6 +91,7 @@ def save(
 
     Raises:
         DestinationExistsError: ``path`` exists and ``force`` is false.
+        DestinationError: ``path``'s directory cannot be created or written.
         CheckpointFormatError: the format cannot hold ``state_dict``.
         UnsupportedLeafError: a file format is given a sharded (DTensor) tensor.
     """
@@ -191,12 +192,15 @@ def convert(
         progress: called as ``progress(nbytes, total_bytes)`` per tensor.
 
     Raises:
+        DestinationError: ``dst`` is ``src`` or holds it (checked first, even
+            with ``force``), or cannot be written.
         DestinationExistsError: ``dst`` exists and ``force`` is false (checked first).
         KeyCollisionError: the transform maps two keys to one.
         CheckpointFormatError: the destination format cannot hold the result.
         and the errors of :func:`open_checkpoint`.
     """
     src, dst = Path(src), Path(dst)
+    check_not_source(src, dst, fn="convert")
     dst_format = destination_format(dst, to)
     if not dry_run:
         check_destination(dst, force=force, fn="convert")
