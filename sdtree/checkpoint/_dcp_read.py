@@ -184,23 +184,20 @@ def _read_blob_into(path: Path, offset: int, length: int, dest: torch.Tensor, wh
     machine's byte order."""
     with open(path, "rb") as file:
         archive = TorchArchive.open(_Window(file, offset, length), length, what)
-        try:
-            meta = archive.skeleton(trust_pickle=False)
-            record = TorchArchive.record_of(meta) if type(meta) is torch.Tensor else None
-            plain = (
-                record is not None
-                and meta.shape == dest.shape
-                and meta.dtype == dest.dtype
-                and meta.is_contiguous()
-                and meta.storage_offset() == 0
-                and record.nbytes == dest.numel() * dest.element_size()
-                and archive.byteorder in (None, sys.byteorder)
-            )
-            if plain and record is not None:
-                archive.read_record_into(record.key, dest)
-            return plain
-        finally:
-            archive.close()
+        meta = archive.skeleton(trust_pickle=False)
+        record = TorchArchive.record_of(meta) if type(meta) is torch.Tensor else None
+        plain = (
+            record is not None
+            and meta.shape == dest.shape
+            and meta.dtype == dest.dtype
+            and meta.is_contiguous()
+            and meta.storage_offset() == 0
+            and record.nbytes == dest.numel() * dest.element_size()
+            and archive.byteorder in (None, sys.byteorder)
+        )
+        if plain and record is not None:
+            archive.read_record_into(record.key, dest)
+        return plain
 
 
 def _narrow(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:

@@ -33,11 +33,13 @@ so tied parameters load back as one tensor object.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import functools
 import io
 import pickle
 import reprlib
+import struct
 import sys
 import zipfile
 import zlib
@@ -87,7 +89,6 @@ def open_torch_file(path: Path, *, trust_pickle: bool) -> Checkpoint:
         # An object sdtree cannot walk into may hold tensors: let torch.load
         # build it, from records whose sizes and CRCs are checked first.
         archive.check_all()
-        archive.close()
         return Checkpoint(path, "torch", torch_load(str(path), what=what, trust_pickle=trust_pickle), readers={})
     readers: dict[int, Callable[[], torch.Tensor]] = {}
     seen: dict[Hashable, torch.Tensor] = {}
@@ -132,16 +133,21 @@ class TorchArchive:
     """The zip archive of a ``torch.save`` file (or of a DCP shard's blob),
     its directory checked: each tensor is read from its own storage record.
 
-    Open it with :meth:`open`; ``what`` names the file in errors.
+    ``zipfile`` parses the directory; records are read here, straight into
+    the tensor that receives them (``zipfile`` would copy each twice, and it
+    refuses the CRC 0 that torch writes when ``set_crc32_options(False)``
+    turned CRCs off: such a record is read unchecked, as ``torch.load`` reads
+    every record). Open it with :meth:`open`; ``what`` names the file in errors.
     """
 
-    def __init__(self, archive: zipfile.ZipFile, prefix: str, what: str) -> None:
-        self.zip, self.prefix, self.what = archive, prefix, what
+    def __init__(self, source: Union[Path, io.IOBase], entries: dict[str, zipfile.ZipInfo], prefix: str, what: str) -> None:
+        self.source, self.entries, self.prefix, self.what = source, entries, prefix, what
         self.byteorder = self._byteorder()
 
     @classmethod
-    def open(cls, source: Union[Path, IO[bytes], io.IOBase], size: int, what: str) -> TorchArchive:
-        """Open the archive in ``source`` (``size`` bytes) and check its directory.
+    def open(cls, source: Union[Path, io.IOBase], size: int, what: str) -> TorchArchive:
+        """Open the archive in ``source`` (a file, or a seekable file object
+        kept open while the archive is read), ``size`` bytes, and check its directory.
 
         Raises:
             CorruptCheckpointError: it is not a zip archive, or an entry is
@@ -149,17 +155,12 @@ class TorchArchive:
                 bytes can hold, or overlaps another.
         """
         try:
-            archive = zipfile.ZipFile(source if isinstance(source, Path) else cast(IO[bytes], source))
+            with zipfile.ZipFile(source if isinstance(source, Path) else cast(IO[bytes], source)) as archive:
+                infos = archive.infolist()
         except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
             raise CorruptCheckpointError(f"{what} is corrupt or truncated: it is not a readable zip archive ({err}).") from None
-        try:
-            return cls(archive, _check_entries(archive.infolist(), size, what), what)
-        except BaseException:
-            archive.close()
-            raise
-
-    def close(self) -> None:
-        self.zip.close()
+        prefix = _check_entries(infos, size, what)
+        return cls(source, {info.filename: info for info in infos}, prefix, what)
 
     @staticmethod
     def record_of(leaf: torch.Tensor) -> Optional[Record]:
@@ -167,12 +168,6 @@ class TorchArchive:
         if not leaf.is_meta or leaf.layout != torch.strided:  # a sparse tensor has no storage of its own
             return None
         return getattr(leaf.untyped_storage(), _RECORD, None)
-
-    def _info(self, name: str) -> Optional[zipfile.ZipInfo]:
-        try:
-            return self.zip.getinfo(self.prefix + name)
-        except KeyError:
-            return None
 
     def skeleton(self, *, trust_pickle: bool) -> Any:
         """The pickled state dict, each tensor a meta placeholder on a storage
@@ -184,7 +179,7 @@ class TorchArchive:
             CorruptCheckpointError: it cannot be unpickled, names a missing
                 record, or a tensor spans more bytes than its record holds.
         """
-        info = self._info("data.pkl")
+        info = self.entries.get(self.prefix + "data.pkl")
         if info is None:
             raise CorruptCheckpointError(f"{self.what} is corrupt: the zip archive holds no {self.prefix}data.pkl, so it is not a torch.save file.")
         storages: dict[str, torch.storage.TypedStorage] = {}
@@ -195,7 +190,7 @@ class TorchArchive:
                 storages[key] = self._placeholder_storage(key, dtype, nbytes)
             return storages[key]
 
-        tree = unpickle_torch_data(self._read_small(info), persistent_load, what=self.what, trust_pickle=trust_pickle)
+        tree = unpickle_torch_data(self._read_whole(info), persistent_load, what=self.what, trust_pickle=trust_pickle)
         for path, leaf in zip(*tree_flatten_with_path(tree)[:2]):
             record = self.record_of(leaf) if isinstance(leaf, torch.Tensor) else None
             if record is not None:
@@ -203,7 +198,7 @@ class TorchArchive:
         return tree
 
     def _placeholder_storage(self, key: str, dtype: torch.dtype, nbytes: int) -> torch.storage.TypedStorage:
-        info = self._info(f"data/{key}")
+        info = self.entries.get(f"{self.prefix}data/{key}")
         if info is None:
             raise CorruptCheckpointError(
                 f"{self.what} is corrupt: its pickle references the storage record {self.prefix}data/{key}, "
@@ -220,43 +215,46 @@ class TorchArchive:
 
     def _byteorder(self) -> Optional[str]:
         """The byte order the archive records (``None``: not recorded)."""
-        info = self._info("byteorder")
+        info = self.entries.get(self.prefix + "byteorder")
         if info is None:
             return None
-        order = self._read_small(info).decode(errors="replace")
+        order = self._read_whole(info).decode(errors="replace")
         if order not in ("little", "big"):
             raise CorruptCheckpointError(f"{self.what} is corrupt: its byteorder record says {order!r}, not 'little' or 'big'.")
         return order
 
-    def _read_small(self, info: zipfile.ZipInfo) -> bytes:
+    def _read_whole(self, info: zipfile.ZipInfo) -> bytes:
+        data = bytearray(info.file_size)
+        self._read_entry(info, memoryview(data))
+        return bytes(data)
+
+    def _read_entry(self, info: zipfile.ZipInfo, view: memoryview) -> None:
+        """Read the entry ``info`` (exactly ``len(view)`` bytes) into ``view``; check its CRC."""
         try:
-            return self.zip.read(info)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+            with contextlib.ExitStack() as stack:
+                file = stack.enter_context(open(self.source, "rb")) if isinstance(self.source, Path) else self.source
+                start = _data_start(file, info)
+                if info.compress_type == zipfile.ZIP_STORED:
+                    done = _read_stored(file, start, view)
+                else:
+                    done = _inflate(file, start, info.compress_size, view)
+        except (zipfile.BadZipFile, zlib.error, OSError) as err:
             raise CorruptCheckpointError(f"{self.what} is corrupt or truncated: {info.filename}: {err}") from None
+        if done != len(view):
+            raise CorruptCheckpointError(
+                f"{self.what} is truncated: its record {info.filename} gave {done} of its {len(view)} bytes."
+            )
+        if info.CRC and zlib.crc32(view) != info.CRC:  # 0: torch wrote no CRC
+            raise CorruptCheckpointError(f"{self.what} is corrupt: its record {info.filename} fails its CRC check.")
 
     def read_record_into(self, key: str, out: torch.Tensor) -> None:
         """Read the record ``data/<key>`` into the contiguous CPU tensor ``out``
         (exactly its size), checking its CRC."""
-        info = self._info(f"data/{key}")
-        if info is None or info.file_size != out.numel() * out.element_size():
+        info = self.entries.get(f"{self.prefix}data/{key}")
+        nbytes = out.numel() * out.element_size()
+        if info is None or info.file_size != nbytes:
             raise CorruptCheckpointError(f"{self.what} is corrupt: storage record data/{key} is missing or resized.")
-        view = memoryview((ctypes.c_ubyte * info.file_size).from_address(out.data_ptr())).cast("B") if info.file_size else memoryview(b"")
-        done = 0
-        try:
-            with self.zip.open(info) as record:
-                while done < info.file_size:
-                    chunk = record.read(min(_CHUNK, info.file_size - done))
-                    if not chunk:
-                        break
-                    view[done : done + len(chunk)] = chunk
-                    done += len(chunk)
-                extra = record.read(1)  # reaching the end checks the CRC
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
-            raise CorruptCheckpointError(f"{self.what} is corrupt or truncated: {info.filename}: {err}") from None
-        if done != info.file_size or extra:
-            raise CorruptCheckpointError(
-                f"{self.what} is truncated: the storage record {info.filename} gave {done} of its {info.file_size} bytes."
-            )
+        self._read_entry(info, memoryview((ctypes.c_ubyte * nbytes).from_address(out.data_ptr())).cast("B") if nbytes else memoryview(b""))
 
     def read(self, record: Record, meta: torch.Tensor) -> torch.Tensor:
         """Read the tensor that the placeholder ``meta``, on ``record``, stands for."""
@@ -271,12 +269,53 @@ class TorchArchive:
 
     def check_all(self) -> None:
         """Read every record once, checking its CRC (what ``torch.load`` does not)."""
-        try:
-            bad = self.zip.testzip()
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
-            raise CorruptCheckpointError(f"{self.what} is corrupt or truncated: {err}") from None
-        if bad is not None:
-            raise CorruptCheckpointError(f"{self.what} is corrupt: the record {bad} fails its CRC check.")
+        for info in self.entries.values():
+            self._read_whole(info)
+
+
+def _data_start(file: Any, info: zipfile.ZipInfo) -> int:
+    """Where the data of the entry ``info`` starts, after its local header
+    (which must name the same entry)."""
+    file.seek(info.header_offset)
+    header = file.read(30)
+    if len(header) != 30 or header[:4] != ZIP_MAGIC:
+        raise zipfile.BadZipFile("no local header where the directory places it")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    if file.read(name_length) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+        raise zipfile.BadZipFile("its local header names another entry")
+    return int(info.header_offset + 30 + name_length + extra_length)
+
+
+def _read_stored(file: Any, start: int, view: memoryview) -> int:
+    file.seek(start)
+    done = 0
+    while done < len(view):
+        got = file.readinto(view[done:])
+        if not got:
+            break
+        done += got
+    return done
+
+
+def _inflate(file: Any, start: int, size: int, view: memoryview) -> int:
+    """Inflate the ``size`` deflated bytes at ``start`` into ``view``; refuse more than it holds."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    file.seek(start)
+    done, left, pending = 0, size, b""
+    while not inflater.eof:
+        if not pending:
+            pending = file.read(min(_CHUNK, left)) if left else b""
+            if not pending:
+                break
+            left -= len(pending)
+        room = len(view) - done
+        data = inflater.decompress(pending, room + 1)
+        if len(data) > room:
+            raise zipfile.BadZipFile(f"it inflates to more than the {len(view)} bytes it claims")
+        pending = inflater.unconsumed_tail
+        view[done : done + len(data)] = data
+        done += len(data)
+    return done
 
 
 def _check_entries(infos: list[zipfile.ZipInfo], size: int, what: str) -> str:

@@ -245,7 +245,7 @@ TORCH = {
 }
 
 TORCH_DATA = {  # faults in tensor bytes: found when the tensor is read
-    "fails its CRC": (_flipped, CorruptCheckpointError, r"m\.pt' is corrupt or truncated: m/data/0: Bad CRC-32"),
+    "fails its CRC": (_flipped, CorruptCheckpointError, r"m\.pt' is corrupt: its record m/data/0 fails its CRC check"),
 }
 
 
@@ -453,10 +453,19 @@ def test_a_rezipped_torch_file_reads_back_its_values(tmp_path, compression):
     assert_state_dict_equal(load(tmp_path / "out.safetensors"), SD)
 
 
+def test_a_torch_file_written_without_crcs_reads(tmp_path):
+    torch.serialization.set_crc32_options(False)  # torch then writes CRC 0, and torch.load reads it
+    try:
+        torch.save(SD, tmp_path / "m.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert_state_dict_equal(load(tmp_path / "m.pt"), SD)
+
+
 def test_a_file_read_whole_has_its_crcs_checked_too(tmp_path):
     path = _flipped(tmp_path, {"w": torch.arange(4.0), "s": torch.ones(3).to_sparse()})  # sparse: torch.load builds it
     for read in (load, describe):
-        with pytest.raises(CorruptCheckpointError, match=r"m\.pt' is corrupt: the record m/data/0 fails its CRC check"):
+        with pytest.raises(CorruptCheckpointError, match=r"m\.pt' is corrupt: its record m/data/0 fails its CRC check"):
             read(path)
 
 
