@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import attrs
 import torch
 
+from sdtree._tree import tree_flatten
 from sdtree.errors import (
     KeyCollisionError,
     LayoutMismatchError,
@@ -45,7 +46,7 @@ from sdtree.transforms.compose import Transform
 from sdtree.transforms.keys import split_flat_keys
 from sdtree.transforms.patterns import KeyPattern, PatternSet, nearest_keys
 
-__all__ = ["Op", "Misfit", "Spec", "Derivation", "derivation_of", "materialize", "TensorRule", "Group"]
+__all__ = ["Op", "Misfit", "Spec", "Derivation", "derivation_of", "materialize", "Materializer", "TensorRule", "Group"]
 
 Spec = tuple[tuple[int, ...], torch.dtype]  # an output's shape and dtype
 _DERIVED = "_sdtree_derivation"
@@ -97,6 +98,46 @@ def materialize(tensor: torch.Tensor, fetch: Callable[[torch.Tensor], torch.Tens
         return fetch(tensor)
     derivation, index = derived
     return derivation.compute(fetch)[index]
+
+
+class Materializer:
+    """Fetch the tensors of a planned tree one at a time, each group once.
+
+    ``Materializer(tree, fetch)(leaf)`` is ``materialize(leaf, fetch)``, except
+    that a group with several outputs (a split, an unstack) is computed once:
+    its outputs wait until the last of those in ``tree`` is asked for, then
+    are let go. So reading a tree output by output holds at most one group's
+    sources and outputs at a time.
+    """
+
+    def __init__(self, tree: Any, fetch: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._fetch = fetch
+        wanted: dict[int, int] = {}
+        leaves = {id(leaf): leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)}
+        for leaf in leaves.values():  # a leaf held under two keys (tied) is fetched once
+            derived = derivation_of(leaf)
+            if derived is not None:
+                wanted[id(derived[0])] = wanted.get(id(derived[0]), 0) + 1
+        self._wanted = wanted
+        self._held: dict[int, list[torch.Tensor]] = {}
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        derived = derivation_of(tensor)
+        if derived is None:
+            return self._fetch(tensor)
+        derivation, index = derived
+        key = id(derivation)
+        outputs = self._held.get(key)
+        if outputs is None:
+            outputs = derivation.op.compute([self(s) for s in derivation.sources])
+        left = self._wanted.get(key, 1) - 1
+        if left > 0:
+            self._wanted[key] = left
+            self._held[key] = outputs
+        else:
+            self._held.pop(key, None)
+            self._wanted.pop(key, None)
+        return outputs[index]
 
 
 def _spec(tensor: torch.Tensor) -> Spec:
