@@ -52,7 +52,9 @@ class _KeyTransform(Transform):
         """Map ``keys`` to new keys (``None`` to drop); raise on bad keys."""
         raise NotImplementedError
 
-    def __call__(self, state_dict: Mapping[Any, Any], /) -> dict[Any, Any]:
+    def __call__(self, state_dict: Any, /) -> Any:
+        if isinstance(state_dict, tuple) and len(state_dict) == 2:  # (model, optim): both alike
+            return self(state_dict[0]), self(state_dict[1])
         form = form_of(state_dict, self._factory)
         if form == "optim":
             return self._apply_optim(state_dict)
@@ -497,7 +499,9 @@ def drop_keys(
 class _DropMetaTensors(Transform):
     _factory = "drop_meta_tensors"
 
-    def __call__(self, state_dict: Mapping[Any, Any], /) -> dict[Any, Any]:
+    def __call__(self, state_dict: Any, /) -> Any:
+        if isinstance(state_dict, tuple) and len(state_dict) == 2:  # (model, optim): both alike
+            return self(state_dict[0]), self(state_dict[1])
         form = form_of(state_dict, self._factory)
         if form == "optim":
             return {

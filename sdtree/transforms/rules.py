@@ -335,7 +335,16 @@ class TensorRule(Transform):
     def _apply_model(self, sd: Mapping[str, Any]) -> dict[str, Any]:
         keys = list(sd)
         self._check_str(keys)
-        groups = self._groups([k for k in keys if self._accepts(sd[k])])
+        try:
+            groups = self._groups([k for k in keys if self._accepts(sd[k])])
+        except PatternMatchError as err:
+            nested = [k for k, v in sd.items() if isinstance(v, Mapping)]
+            if not nested:
+                raise
+            raise PatternMatchError(
+                f"{err} The state dict holds nested state dicts ({_preview(nested)}): a combined checkpoint? "
+                "Apply the rule inside them with sdtree.transforms.each(rule) or at('model', rule)."
+            ) from None
         op = self._op()
         for group in groups:
             bad = [k for k in group.members if not isinstance(sd[k], torch.Tensor)]
