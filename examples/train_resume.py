@@ -398,7 +398,8 @@ def plot_losses(res: Results, out: Path) -> Optional[Path]:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # `sdtree demo` runs this script and names the command in SDTREE_DEMO_PROG, for the usage line.
+    parser = argparse.ArgumentParser(prog=os.environ.get("SDTREE_DEMO_PROG"), description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="steps of the whole run (default 30)")
     parser.add_argument("--resume-at", type=int, default=None, help="checkpoint after this many steps (default half)")
     parser.add_argument("--world-size", type=int, default=2, help="of jobs 1 and 2 (default 2; under torchrun, its)")

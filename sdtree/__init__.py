@@ -13,7 +13,12 @@ from sdtree.adapters import (
 )
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, pipeline
-from sdtree.transforms.distributed import broadcast_state_dict, distribute_state_dict, gather_state_dict
+from sdtree.transforms.distributed import (
+    broadcast_state_dict,
+    distribute_state_dict,
+    distribute_tensors,
+    gather_state_dict,
+)
 from sdtree.transforms.nested import flatten_state_dict, unflatten_state_dict
 from sdtree.transforms.tensors import (
     check_state_dict_similarity,
@@ -47,4 +52,5 @@ __all__ = [
     "gather_state_dict",
     "broadcast_state_dict",
     "distribute_state_dict",
+    "distribute_tensors",
 ]

@@ -1,13 +1,16 @@
 """The ``sdtree`` command line: ``inspect``, ``diff``, ``convert`` and ``demo``.
 
 Exit status: 0 on success (``diff``: the checkpoints are equal), 1 when
-``diff`` finds differences, 2 on bad input (one error line on stderr).
+``diff`` finds differences, 2 on bad input (one error line on stderr), and
+141 (128 + SIGPIPE, as a shell reports ``yes | head``), silently, when the
+reader of the output goes away early (``sdtree convert ... --dry-run | head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,13 +18,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from sdtree.checkpoint import FORMATS, CheckpointDiff, Summary, convert, describe, diff
-from sdtree.errors import SdtreeError
+from sdtree import __version__
+from sdtree._tree import tree_flatten_with_path
+from sdtree.checkpoint import FORMATS, CheckpointDiff, Summary, convert, describe, diff, open_checkpoint
+from sdtree.checkpoint._layout import apply_transform, keep_model
+from sdtree.errors import PatternMatchError, SdtreeError, _preview
 from sdtree.transforms import Transform, add_prefix, pipeline, rename, strip_prefix
 
 __all__ = ["main", "demo_script"]
 
 PROG = "sdtree"
+
+EXIT_BROKEN_PIPE = 128 + 13
+"""The status when stdout's reader went away: what a shell reports for a
+process that SIGPIPE ended (``yes | head``), and apart from 1 (differences)."""
+
+
+DEMO_PROG_VARIABLE = "SDTREE_DEMO_PROG"
+"""The environment variable that tells the demo trainer its command's name."""
 
 
 def demo_script() -> Path:
@@ -47,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Inspect, compare and convert PyTorch checkpoints: DCP directories, "
         "torch.save files and safetensors files.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="list keys, shapes, dtypes, sizes and param groups")
@@ -65,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         "convert",
         help="convert between formats, renaming keys on the way",
         description="Convert SRC to DST, one tensor at a time. Key options apply in the order given, "
-        "to the model and optimizer of a {'model': ..., 'optim': ...} checkpoint alike.",
+        "to the model and optimizers of a {'model': ..., 'optim': ...} checkpoint alike "
+        "(every top-level entry that is an optimizer state dict keyed by FQNs, whatever its name).",
     )
     conv.set_defaults(steps=[])
     conv.add_argument("src", help="the checkpoint to read")
@@ -164,7 +180,7 @@ def _diff(args: argparse.Namespace) -> int:
     return 0 if result.equal else 1
 
 
-def _transform(steps: list[tuple[str, Any]]) -> Optional[Transform]:
+def _transform(steps: list[tuple[str, Any]]) -> list[Transform]:
     made: list[Transform] = []
     for option, value in steps:
         if option == "strip_prefix":
@@ -173,7 +189,29 @@ def _transform(steps: list[tuple[str, Any]]) -> Optional[Transform]:
             made.append(add_prefix(value))
         else:
             made.append(rename([(value[0], value[1])]))
-    return pipeline(*made) if made else None
+    return made
+
+
+def _check_each_step_acts(args: argparse.Namespace, made: list[Transform]) -> None:
+    """A key option that changes no key is an error, not a silent no-op (a
+    mistyped prefix would otherwise convert the checkpoint unchanged)."""
+    if not made:
+        return
+    tree = open_checkpoint(args.src, trust_pickle=args.trust_pickle).tree
+    if args.model_only:
+        tree = keep_model(tree)
+    keys = tree_flatten_with_path(tree)[0]
+    for (option, value), step in zip(args.steps, made):
+        tree = apply_transform(step, tree)
+        after = tree_flatten_with_path(tree)[0]
+        if after == keys:
+            flag = f"--{option.replace('_', '-')} {' '.join(map(repr, value)) if isinstance(value, (list, tuple)) else repr(value)}"
+            raise PatternMatchError(
+                f"convert: {flag} changes no key of {str(args.src)!r} (its keys look like "
+                f"{_preview(('.'.join(map(str, p)) for p in keys[:3]), quote=False)}). "
+                "Check the option against the keys that 'sdtree inspect' lists."
+            )
+        keys = after
 
 
 def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int], None]], Callable[[], None]]:
@@ -193,11 +231,9 @@ def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int], None]], 
 
 
 def _convert(args: argparse.Namespace) -> int:
-    try:
-        transform = _transform(args.steps)
-    except ValueError as err:  # a --rename pattern that is not a regular expression
-        _error(f"convert: {err}")
-        return 2
+    made = _transform(args.steps)  # a bad --rename rule raises here, before any file is read
+    _check_each_step_acts(args, made)
+    transform = pipeline(*made) if made else None
     show = sys.stderr.isatty() if args.progress is None else args.progress
     progress, close = _progress_bar(show and not args.dry_run)
     start = time.perf_counter()
@@ -236,7 +272,9 @@ def _demo(args: list[str]) -> int:
     if not script.is_file():
         _error(f"demo: the demo trainer {str(script)!r} is missing; it ships with the sdtree source repository (run from a checkout).")
         return 2
-    return subprocess.call([sys.executable, str(script), *args])
+    # The trainer's argparse names itself after this (its usage line says ``sdtree demo``).
+    env = {**os.environ, DEMO_PROG_VARIABLE: f"{PROG} demo"}
+    return subprocess.call([sys.executable, str(script), *args], env=env)
 
 
 def _error(message: str) -> None:
@@ -253,7 +291,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _demo(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        status = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:  # stdout closed early (`sdtree ... | head`): stop quietly
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (SdtreeError, OSError) as err:
         _error(str(err))
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's last flush
+    of what is still buffered does not fail again (Python's advice for EPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)

@@ -22,7 +22,10 @@ __all__ = [
     "LayoutMismatchError",
     "MissingParamIdError",
     "NotInvertibleError",
+    "InvalidRuleError",
     "StructureMismatchError",
+    "PatternMatchError",
+    "TensorMismatchError",
     "IncompatibleStateDictError",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -30,6 +33,7 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsafeCheckpointError",
     "DestinationExistsError",
+    "NothingToWriteError",
     "DestinationError",
 ]
 
@@ -73,8 +77,23 @@ class NotInvertibleError(SdtreeError, TypeError):
     """``inverse()`` was asked of a transform that has no exact inverse."""
 
 
+class InvalidRuleError(SdtreeError, ValueError):
+    """A transform's rule is malformed (a bad regular expression, a
+    replacement that refers to a group its pattern lacks)."""
+
+
 class StructureMismatchError(SdtreeError, ValueError):
     """Two state dicts that must share a structure do not."""
+
+
+class PatternMatchError(SdtreeError, ValueError):
+    """A rule's key patterns match no key, match one key twice, or leave a
+    group of keys incomplete."""
+
+
+class TensorMismatchError(SdtreeError, ValueError):
+    """Tensors (or optimizer entries) do not have the shapes, dtypes or values
+    a tensor transform needs."""
 
 
 def _preview(items: Iterable[Any], limit: int = 5, *, quote: bool = True) -> str:
@@ -124,6 +143,11 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
 
 class DestinationExistsError(CheckpointError, FileExistsError):
     """A checkpoint would overwrite an existing path without ``force=True``."""
+
+
+class NothingToWriteError(CheckpointError, ValueError):
+    """A conversion would write a checkpoint that holds no tensor: its transform
+    or options leave nothing of the source."""
 
 
 class DestinationError(CheckpointError, OSError):

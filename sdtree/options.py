@@ -1,27 +1,24 @@
-"""Options of the drop-in API: the fields and defaults of torch's ``StateDictOptions``."""
+"""Options of the drop-in API: the fields and defaults of torch's ``StateDictOptions``.
+
+sdtree's ``StateDictOptions`` is a frozen, validated subclass of torch's
+dataclass, so it goes wherever torch's goes: ``isinstance`` checks, and
+torch's own ``get_*`` / ``set_*`` (which call ``dataclasses.asdict`` on it).
+It is not an attrs class because torch's functions need a dataclass; it is
+frozen by hand because a frozen dataclass cannot subclass torch's unfrozen one.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
-import attrs
+from torch.distributed.checkpoint.state_dict import StateDictOptions as _TorchStateDictOptions
 
 __all__ = ["StateDictOptions", "as_options"]
 
 
-def _check_broadcast(instance: "StateDictOptions", attribute: Any, value: bool) -> None:
-    if value and not instance.full_state_dict:
-        raise ValueError(
-            "StateDictOptions: broadcast_from_rank0=True needs full_state_dict=True "
-            "(rank 0 broadcasts a full state dict). Pass full_state_dict=True too."
-        )
-
-
-_bool = attrs.validators.instance_of(bool)
-
-
-@attrs.frozen(kw_only=True)
-class StateDictOptions:
+@dataclasses.dataclass(init=False, eq=True, unsafe_hash=True)
+class StateDictOptions(_TorchStateDictOptions):
     """How ``get_*`` / ``set_*`` read and write state dicts (as torch's).
 
     Attributes:
@@ -38,17 +35,61 @@ class StateDictOptions:
         dsd_fqn_modifiers: name of the module method that maps state-dict
             names to the hidden child modules they skip.
 
-    Update with ``attrs.evolve(options, strict=False)``.
+    Keyword-only, checked at construction, and frozen: update with
+    ``dataclasses.replace(options, strict=False)``.
+
+    >>> import dataclasses
+    >>> dataclasses.replace(StateDictOptions(), strict=False).strict
+    False
     """
 
-    full_state_dict: bool = attrs.field(default=False, validator=_bool)
-    cpu_offload: bool = attrs.field(default=False, validator=_bool)
-    ignore_frozen_params: bool = attrs.field(default=False, validator=_bool)
-    keep_submodule_prefixes: bool = attrs.field(default=True, validator=_bool)
-    strict: bool = attrs.field(default=True, validator=_bool)
-    broadcast_from_rank0: bool = attrs.field(default=False, validator=[_bool, _check_broadcast])
-    flatten_optimizer_state_dict: bool = attrs.field(default=False, validator=_bool)
-    dsd_fqn_modifiers: str = attrs.field(default="_fqn_modifiers", validator=attrs.validators.instance_of(str))
+    def __init__(
+        self,
+        *,
+        full_state_dict: bool = False,
+        cpu_offload: bool = False,
+        ignore_frozen_params: bool = False,
+        keep_submodule_prefixes: bool = True,
+        strict: bool = True,
+        broadcast_from_rank0: bool = False,
+        flatten_optimizer_state_dict: bool = False,
+        dsd_fqn_modifiers: str = "_fqn_modifiers",
+    ) -> None:
+        values: dict[str, Any] = {
+            "full_state_dict": full_state_dict,
+            "cpu_offload": cpu_offload,
+            "ignore_frozen_params": ignore_frozen_params,
+            "keep_submodule_prefixes": keep_submodule_prefixes,
+            "strict": strict,
+            "broadcast_from_rank0": broadcast_from_rank0,
+            "flatten_optimizer_state_dict": flatten_optimizer_state_dict,
+            "dsd_fqn_modifiers": dsd_fqn_modifiers,
+        }
+        for name, value in values.items():
+            expected = str if name == "dsd_fqn_modifiers" else bool
+            if not isinstance(value, expected):
+                raise TypeError(
+                    f"StateDictOptions: {name} must be a {expected.__name__}, got {name}={value!r}."
+                )
+        if broadcast_from_rank0 and not full_state_dict:
+            raise ValueError(
+                "StateDictOptions: broadcast_from_rank0=True needs full_state_dict=True "
+                "(rank 0 broadcasts a full state dict). Pass full_state_dict=True too."
+            )
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(
+            f"StateDictOptions is frozen: cannot assign {name}={value!r}. "
+            f"Use dataclasses.replace(options, {name}=...)."
+        )
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"StateDictOptions is frozen: cannot delete {name!r}.")
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(StateDictOptions))
 
 
 def as_options(options: Optional[Any]) -> StateDictOptions:
@@ -57,10 +98,8 @@ def as_options(options: Optional[Any]) -> StateDictOptions:
         return StateDictOptions()
     if isinstance(options, StateDictOptions):
         return options
-    from torch.distributed.checkpoint.state_dict import StateDictOptions as TorchOptions
-
-    if isinstance(options, TorchOptions):
-        return StateDictOptions(**{f.name: getattr(options, f.name) for f in attrs.fields(StateDictOptions)})
+    if isinstance(options, _TorchStateDictOptions):
+        return StateDictOptions(**{name: getattr(options, name) for name in _FIELDS})
     raise TypeError(
         f"options must be a StateDictOptions (sdtree's or torch's), got {type(options).__name__}."
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -47,17 +48,18 @@ def _state_dict_type(model: nn.Module, *, full: bool) -> Iterator[None]:
     )
 
     if full:
-        with FullyShardedDataParallel.state_dict_type(
-            model,
+        settings: tuple[Any, ...] = (
             StateDictType.FULL_STATE_DICT,
             FullStateDictConfig(offload_to_cpu=False, rank0_only=False),
             FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=False),
-        ):
-            yield
+        )
     else:
-        with FullyShardedDataParallel.state_dict_type(
-            model, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(), ShardedOptimStateDictConfig()
-        ):
+        settings = (StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(), ShardedOptimStateDictConfig())
+    with warnings.catch_warnings():
+        # FSDP deprecates state_dict_type() in favour of these very functions:
+        # the warning is not the caller's to act on (torch's DSD hides it too)
+        warnings.filterwarnings("ignore", message="FSDP.state_dict_type", category=FutureWarning)
+        with FullyShardedDataParallel.state_dict_type(model, *settings):
             yield
 
 
@@ -93,8 +95,11 @@ def read_optimizer(model: nn.Module, optim: torch.optim.Optimizer, index: ModelI
     from sdtree.adapters.optimizer import needs_initial_state
 
     source = _with_initial_state(optim) if needs_initial_state(optim) else optim
+    # the class's state_dict, not the instance's: patch_optimizer_state_dict
+    # makes that one call back here
+    raw = type(source).state_dict(source)
     with _state_dict_type(model, full=False):
-        osd = FullyShardedDataParallel.optim_state_dict(model, source)
+        osd = FullyShardedDataParallel.optim_state_dict(model, source, optim_state_dict=raw)
     named: dict[str, Any] = rename(dict(index.key_to_fqn))(osd)
     return named
 

@@ -140,19 +140,18 @@ def _hidden_children(module: nn.Module, modifiers: str) -> tuple[set[str], set[s
     return hidden, unkeyed
 
 
-_TRAITS: dict[type, tuple[bool, bool, bool]] = {}  # per module class, never per model
-
-
 def type_traits(cls: type) -> tuple[bool, bool, bool]:
-    """(saves as nn.Module does, loads as nn.Module does, has extra state) for ``cls``."""
-    traits = _TRAITS.get(cls)
-    if traits is None:
-        module: Any = cls
-        save = module.state_dict is nn.Module.state_dict and module._save_to_state_dict is nn.Module._save_to_state_dict
-        load = module.load_state_dict is nn.Module.load_state_dict
-        extra = getattr(module, "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state
-        traits = _TRAITS[cls] = (save, load, extra)
-    return traits
+    """(saves as nn.Module does, loads as nn.Module does, has extra state) for ``cls``.
+
+    Looked up on every call, as ``nn.Module.state_dict`` does: a class may be
+    given ``get_extra_state`` (or a ``state_dict``) after its first use, and a
+    cache per class would then miss it.
+    """
+    module: Any = cls
+    save = module.state_dict is nn.Module.state_dict and module._save_to_state_dict is nn.Module._save_to_state_dict
+    load = module.load_state_dict is nn.Module.load_state_dict
+    extra = getattr(module, "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state
+    return save, load, extra
 
 
 def iter_modules(model: nn.Module, dsd_fqn_modifiers: str) -> Iterator[tuple[nn.Module, str, str, str]]:

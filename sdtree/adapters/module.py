@@ -159,8 +159,6 @@ def plan_model_load(
     for fqn, entry in entries.items():
         if fqn in state_dict:
             continue
-        if options.ignore_frozen_params and fqn in index.frozen:
-            continue
         if entry.kind == "param" and any(alias in state_dict for alias in params.aliases(fqn)):
             continue  # a tied parameter, present under another of its FQNs
         missing.append(fqn)
@@ -189,9 +187,11 @@ def plan_model_load(
     missing = [fqn for fqn in missing if fqn not in values]
     if index.sharded:  # full tensors into sharded parameters: keep each rank's slice
         values = shard_like(index.sharded)(values)
+    # ignore_frozen_params: absent frozen parameters are reported, as torch does, but not required
+    required = [fqn for fqn in missing if fqn not in index.frozen] if options.ignore_frozen_params else missing
     problems = []
-    if options.strict and missing:
-        problems.append(f"Missing key(s) in state_dict: {_preview(missing)}")
+    if options.strict and required:
+        problems.append(f"Missing key(s) in state_dict: {_preview(required)}")
     if options.strict and unexpected:
         problems.append(f"Unexpected key(s) in state_dict: {_preview(unexpected)}")
     if bad:
@@ -200,12 +200,12 @@ def plan_model_load(
         hint = (
             " Pass options=StateDictOptions(strict=False) to load the keys that match and get "
             "the others back as missing_keys/unexpected_keys."
-            if options.strict and (missing or unexpected)
+            if options.strict and (required or unexpected)
             else ""
         )
         raise IncompatibleStateDictError(
             f"{fn}: cannot load into {type(index.modules[0][2]).__name__}: "
-            + "; ".join(problems)
+            + "; ".join(problems).rstrip(".")
             + f". Nothing was written.{hint}"
         )
     return ModelPlan(values, missing, unexpected, sources)

@@ -299,6 +299,23 @@ def _state_problem(param: torch.Tensor, entry: Any, reference: Any, param_shaped
     return None
 
 
+def _hyperparameter_conflict(groups: list[Mapping[str, Any]], numbers: list[int]) -> Optional[str]:
+    """The first hyper-parameter on which ``groups`` disagree, described; ``None``."""
+    first = groups[0]
+    for other, number in zip(groups[1:], numbers[1:]):
+        for key in dict.fromkeys([*first, *other]):
+            if key in (PARAMS, "param_names"):
+                continue
+            a, b = first.get(key, "<absent>"), other.get(key, "<absent>")
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+            else:
+                same = bool(a == b)
+            if not same:
+                return f"{key!r}: {a!r} in group {numbers[0]}, {b!r} in group {number}"
+    return None
+
+
 def plan_optim_load(
     index: ParamIndex,
     optim: torch.optim.Optimizer,
@@ -333,13 +350,19 @@ def plan_optim_load(
         chosen = [f if f not in index.tied else _pick(index, f, present) for f in group_fqns]
         sources = sorted({group_of[f] for f in chosen if f in group_of})
         if len(sources) > 1:
-            problems.append(
-                f"{name}: the parameters of param group {j} are spread over loaded param groups "
-                f"{sources}; a group must be loaded from one group."
-            )
-            continue
+            # e.g. the per-parameter optimizers of _apply_optimizer_in_backward,
+            # loaded into one optimizer: fine when their hyper-parameters agree
+            conflict = _hyperparameter_conflict([loaded_groups[i] for i in sources], sources)
+            if conflict:
+                problems.append(
+                    f"{name}: the parameters of param group {j} come from loaded param groups {sources}, "
+                    f"whose hyper-parameters differ ({conflict}); a group must be loaded from groups that agree"
+                )
+                continue
         if sources:
             source = loaded_groups[sources[0]]
+            if len(sources) > 1:
+                source = {k: v for k, v in source.items() if k != "param_names"}
         elif not group[PARAMS] and empty_loaded:
             source = loaded_groups[empty_loaded.pop(0)]
         else:
@@ -557,7 +580,7 @@ def plan_optimizers_load(
     if problems:
         hint = " Pass options=StateDictOptions(strict=False) to skip missing and unexpected keys."
         raise IncompatibleStateDictError(
-            f"{fn}: cannot load: " + "; ".join(problems) + f". Nothing was written.{hint if options.strict else ''}"
+            f"{fn}: cannot load: " + "; ".join(problems).rstrip(".") + f". Nothing was written.{hint if options.strict else ''}"
         )
     return [plan for plan in plans if plan is not None]
 

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import attrs
 import torch
 
-from sdtree._tree import tree_flatten
+from sdtree._tree import tree_flatten, tree_flatten_with_path
 from sdtree.checkpoint._atomic import atomic_destination, check_destination, check_not_source
 from sdtree.checkpoint._dcp_read import load_dcp_into, open_dcp
 from sdtree.checkpoint._dcp_write import save_dcp, write_dcp
 from sdtree.checkpoint._formats import Format, PathLike, destination_format, detect_format
-from sdtree.checkpoint._layout import apply_transform, fit_format, keep_model
-from sdtree.checkpoint._lazy import Checkpoint, Fetch, as_is, first_aliases, tensor_items
+from sdtree.checkpoint._layout import MODEL, OPTIM, apply_transform, fit_format, is_combined, keep_model
+from sdtree.checkpoint._lazy import Checkpoint, Fetch, as_is, dotted, first_aliases, tensor_items
 from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
-from sdtree.errors import CheckpointFormatError, UnsupportedLeafError
+from sdtree.errors import CheckpointFormatError, NothingToWriteError, UnsupportedLeafError, _preview
 from sdtree.transforms.compose import Transform
 
 __all__ = ["open_checkpoint", "save", "load", "convert", "Conversion", "Progress"]
@@ -26,11 +28,13 @@ Progress = Callable[[int, int], None]
 """Called after each tensor is fetched: ``progress(nbytes, total_bytes)``."""
 
 _Writer = Callable[..., None]
-_WRITERS: dict[Format, _Writer] = {
-    "dcp": write_dcp,
-    "torch": write_torch_file,
-    "safetensors": write_safetensors,
-}
+_FILE_WRITERS: dict[Format, _Writer] = {"torch": write_torch_file, "safetensors": write_safetensors}
+
+
+def _writer(fmt: Format, dst: Path) -> _Writer:
+    """``write(tmp, tree, fetch, fn=...)`` for ``fmt``; a DCP directory records
+    ``dst``, where ``tmp`` will be renamed to, as its checkpoint id."""
+    return functools.partial(write_dcp, checkpoint_id=dst) if fmt == "dcp" else _FILE_WRITERS[fmt]
 
 
 def open_checkpoint(path: PathLike, *, trust_pickle: bool = False) -> Checkpoint:
@@ -102,7 +106,7 @@ def save(
         return path
     tree = fit_format(state_dict, fmt, fn="save")
     with atomic_destination(path, force=force, directory=False, fn="save") as tmp:
-        _WRITERS[fmt](tmp, tree, as_is, fn="save")
+        _writer(fmt, path)(tmp, tree, as_is, fn="save")
     return path
 
 
@@ -188,6 +192,8 @@ def convert(
         trust_pickle: see :func:`open_checkpoint`.
         model_only: write only the ``"model"`` entry of a combined
             checkpoint (needed to put one that holds more into safetensors).
+            A safetensors source is a model state dict already; any other
+            without a ``"model"`` state dict is an error.
         dry_run: only work out the key mapping; write nothing.
         progress: called as ``progress(nbytes, total_bytes)`` per tensor.
 
@@ -195,6 +201,11 @@ def convert(
         DestinationError: ``dst`` is ``src`` or holds it (checked first, even
             with ``force``), or cannot be written.
         DestinationExistsError: ``dst`` exists and ``force`` is false (checked first).
+        NothingToWriteError: the result would hold no tensor: ``transform``
+            drops every one, ``model_only`` finds no ``"model"`` state dict,
+            or the source holds none. Non-tensor entries alone (a step
+            count) are nothing to write. Raised before anything is written,
+            and by a dry run too.
         KeyCollisionError: the transform maps two keys to one.
         CheckpointFormatError: the destination format cannot hold the result.
         and the errors of :func:`open_checkpoint`.
@@ -205,9 +216,13 @@ def convert(
     if not dry_run:
         check_destination(dst, force=force, fn="convert")
     checkpoint = open_checkpoint(src, trust_pickle=trust_pickle)
+    if model_only and checkpoint.format != "safetensors" and not is_combined(checkpoint.tree):
+        raise NothingToWriteError(_no_model(checkpoint))
     source, tree, streamed = _transformed(checkpoint, transform, model_only)
     tree = fit_format(tree, dst_format, fn="convert")
     tensors = _unique(tree, dst_format)
+    if not tensors:
+        raise NothingToWriteError(_nothing_left(checkpoint, source, tree, transform, model_only))
     total = sum(t.numel() * t.element_size() for t in tensors)
     result = Conversion(
         src, dst, checkpoint.format, dst_format, _renamed(source, tree), len(tensors), total, streamed, not dry_run
@@ -216,8 +231,46 @@ def convert(
         return result
     fetch = _reporting(checkpoint.fetch, progress, total)
     with atomic_destination(dst, force=force, directory=dst_format == "dcp", fn="convert") as tmp:
-        _WRITERS[dst_format](tmp, tree, fetch, fn="convert")
+        _writer(dst_format, dst)(tmp, tree, fetch, fn="convert")
     return result
+
+
+def _no_model(checkpoint: Checkpoint) -> str:
+    tree = checkpoint.tree
+    holds = f"top-level keys: {_preview(tree)}" if isinstance(tree, Mapping) else f"it holds a {type(tree).__name__}"
+    return (
+        f"convert: model_only=True (--model-only) writes the {MODEL!r} entry of a combined checkpoint "
+        f"({{{MODEL!r}: ..., {OPTIM!r}: ...}}), but {str(checkpoint.path)!r} has no {MODEL!r} state dict "
+        f"({holds}). Nothing was written. Convert it without model_only, or keep part of it with a "
+        "transform (select_keys, drop_keys)."
+    )
+
+
+def _nothing_left(
+    checkpoint: Checkpoint, source: Any, result: Any, transform: Optional[Transform], model_only: bool
+) -> str:
+    """Why a conversion would write no tensor, and what to change."""
+    where = str(checkpoint.path)
+    paths, _, _ = tree_flatten_with_path(result)
+    only = f" (only {_preview(dotted(p) for p in paths)})" if paths else ""
+    kept = keep_model(source) if model_only else source
+    hint = ""
+    if not tensor_items(source):
+        problem = f"{where!r} holds no tensor"
+    elif not tensor_items(kept):
+        problem = f"the {MODEL!r} entry of {where!r}, all that model_only=True (--model-only) keeps, holds no tensor"
+    else:
+        dropped = [key for key, _ in tensor_items(kept)]
+        problem = (
+            f"the transform {transform!r} drops all {len(dropped)} tensors of {where!r} "
+            f"({_preview(dropped)}), so the result would hold no tensor"
+        )
+        hint = (
+            " Check its rules against the keys that `sdtree inspect` lists: on a combined checkpoint "
+            f"they see the keys inside its {MODEL!r} and {OPTIM!r} entries, without {MODEL + '.'!r} "
+            f"or {OPTIM + '.'!r} in front."
+        )
+    return f"convert: {problem}{only}: nothing to write. Nothing was written.{hint}"
 
 
 def _transformed(

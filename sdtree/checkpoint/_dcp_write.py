@@ -1,26 +1,33 @@
 """Write ``torch.distributed.checkpoint`` (DCP) directories.
 
-Writing goes through ``torch.distributed.checkpoint.save`` with a planner that
-fetches each tensor only when the writer asks for it, so a conversion holds
-one tensor at a time. From several ranks the save is collective and sharded,
-and the ranks agree before anything is written and before it is renamed
-into place.
+Writing goes through ``torch.distributed.checkpoint.save``, laid out as
+``dcp.save`` lays it out (one ``__<rank>_0.distcp`` data file per rank beside
+``.metadata``), with a planner that fetches each tensor only when the writer
+asks for it and a writer that lets go of it once it is written, so a
+conversion holds one tensor at a time. From several ranks the save is
+collective and sharded, and the ranks agree before anything is written and
+before it is renamed into place. ``.metadata`` names the checkpoint by its
+final path, not by the temporary directory it is written in.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import optree
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import FileSystemWriter
-from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemWriter, _StorageInfo
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from sdtree._tree import tree_flatten_with_accessor
 from sdtree.checkpoint._atomic import atomic_destination, check_destination, commit, remove, temporary_name
@@ -58,8 +65,54 @@ def check_keys(tree: Any, fn: str) -> None:
                 raise CheckpointFormatError(
                     f"{fn}: DCP stores mapping keys as strings, so the key {entry.entry!r} at {where!r} "
                     "would load back as a string. Key optimizer state by FQNs "
-                    "(sdtree.get_optimizer_state_dict, or param_ids_to_fqns(...)), or save as 'torch'."
+                    "(sdtree.get_optimizer_state_dict, or param_ids_to_fqns(...)), or write a 'torch' file (*.pt), which keeps them."
                 )
+
+
+class _OneFilePerRankWriter(FileSystemWriter):
+    """torch's file system writer, writing each rank's items into one data
+    file as ``dcp.save`` does, but tensor by tensor: torch's own keeps every
+    tensor of a file alive until the file is done, which for a streamed
+    conversion is the whole checkpoint. ``.metadata`` records
+    ``checkpoint_id``, where the directory being written will end up."""
+
+    def __init__(self, directory: Path, checkpoint_id: Path) -> None:
+        super().__init__(directory, single_file_per_rank=True, thread_count=1)
+        self._checkpoint_id = checkpoint_id
+
+    def storage_meta(self) -> Optional[StorageMeta]:
+        meta = super().storage_meta()
+        if meta is not None:
+            meta.checkpoint_id = self._checkpoint_id
+        return meta
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"  # __<rank>_0.distcp
+        values_first = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)  # torch's order
+        results = []
+        with open(Path(self.path) / name, "wb") as stream:
+            for item in values_first:
+                offset = stream.tell()
+                data = planner.resolve_data(item)
+                if isinstance(data, io.BytesIO):
+                    stream.write(data.getbuffer())
+                else:
+                    torch.save(_compact_cpu(data), stream)
+                del data  # before the next is fetched
+                length = stream.tell() - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length)))
+            if self.sync_files:
+                stream.flush()
+                os.fsync(stream.fileno())
+        done: Future[list[WriteResult]] = Future()
+        done.set_result(results)
+        return done
+
+
+def _compact_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU with a storage of exactly its data, as torch's writer stores it."""
+    tensor = tensor.detach().cpu()
+    return tensor.clone() if tensor.untyped_storage().size() != tensor.nbytes else tensor
 
 
 def write_dcp(
@@ -68,22 +121,18 @@ def write_dcp(
     fetch: Fetch,
     *,
     fn: str,
+    checkpoint_id: Path,
     no_dist: bool = True,
     process_group: Any = None,
-    one_file_per_entry: bool = True,
 ) -> None:
-    """Write ``tree`` into the (empty) ``directory``, fetching tensors as they are written.
-
-    torch's writer keeps every tensor of a ``*.distcp`` file alive until the
-    file is done, so a streamed write (``one_file_per_entry``, the default)
-    gives each entry its own file and holds one tensor at a time; a save of
-    tensors already in memory writes one file per rank.
-    """
+    """Write ``tree`` into the (empty) ``directory``, fetching each tensor as it
+    is written and releasing it before the next; ``checkpoint_id`` is the path
+    the directory will be renamed to, which ``.metadata`` records."""
     check_keys(tree, fn)
     with quiet_single_process(), unwrapped_errors(fn):
         dcp_save(
             dict(tree),
-            storage_writer=FileSystemWriter(directory, single_file_per_rank=not one_file_per_entry),
+            storage_writer=_OneFilePerRankWriter(directory, checkpoint_id),
             planner=_FetchingSavePlanner(fetch),
             no_dist=no_dist,
             process_group=process_group,
@@ -101,16 +150,14 @@ def save_dcp(state_dict: Any, path: Path, *, force: bool, fn: str, process_group
     if not distributed(process_group):
         check_keys(state_dict, fn)
         with atomic_destination(path, force=force, directory=True, fn=fn) as tmp:
-            write_dcp(tmp, state_dict, as_is, fn=fn, one_file_per_entry=False)
+            write_dcp(tmp, state_dict, as_is, fn=fn, checkpoint_id=path)
         return
     _raise_any(_outcome(lambda: check_keys(state_dict, fn)), process_group)
     leader = dist.get_global_rank(process_group, 0) if process_group is not None else 0
     is_leader = dist.get_rank() == leader
     tmp = Path(_from_leader(lambda: _prepare(path, force, fn), leader, process_group))
     try:
-        write_dcp(
-            tmp, state_dict, as_is, fn=fn, no_dist=False, process_group=process_group, one_file_per_entry=False
-        )
+        write_dcp(tmp, state_dict, as_is, fn=fn, checkpoint_id=path, no_dist=False, process_group=process_group)
     except BaseException:
         if is_leader:
             remove(tmp)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 import torch
 
-from sdtree._tree import tree_flatten_with_path
+from sdtree._tree import codify, tree_flatten_with_path
 from sdtree.checkpoint._api import open_checkpoint
 from sdtree.checkpoint._formats import Format, PathLike
 from sdtree.checkpoint._lazy import Checkpoint, dotted
@@ -21,7 +21,7 @@ __all__ = ["TensorInfo", "ParamGroupInfo", "Summary", "describe", "Difference", 
 
 @attrs.frozen
 class TensorInfo:
-    """One tensor entry: its flat key, shape, dtype name and size in bytes.
+    """One tensor entry: its key (see :func:`describe`), shape, dtype name and size in bytes.
 
     ``tied_to`` is the earlier key whose stored tensor this key shares.
     """
@@ -126,8 +126,29 @@ def _param_groups(tree: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple
             yield from _param_groups(value, path + (i,))
 
 
+def _exact(path: tuple[Any, ...]) -> str:
+    """A leaf's path written as code, ``['optim']['state'][0]['exp_avg']``: it
+    tells an int key from a str key, and ``'a.b'`` from ``a`` then ``b``."""
+    return codify(path, root="")
+
+
+def _names(paths: Iterable[tuple[Any, ...]]) -> dict[str, str]:
+    """The key to show for each path (by :func:`_exact`): its flat key
+    (``"optim.state.0.exp_avg"``), or, where two different paths share that
+    flat key, the path written as code."""
+    paths = list(paths)
+    sharing: dict[str, set[str]] = {}
+    for p in paths:
+        sharing.setdefault(dotted(p), set()).add(_exact(p))
+    return {_exact(p): dotted(p) if len(sharing[dotted(p)]) == 1 else _exact(p) for p in paths}
+
+
 def describe(path: PathLike, *, trust_pickle: bool = False) -> Summary:
     """Summarise the checkpoint at ``path`` from its index, reading no tensor data.
+
+    Entries are named by flat key (``"optim.state.w.exp_avg"``), or, where two
+    entries share one (``"a.b"`` and ``a`` → ``b``; keys ``0`` and ``'0'``), by
+    their paths written as code (``['a.b']``, ``['a']['b']``).
 
     Raises:
         the errors of :func:`open_checkpoint`.
@@ -139,8 +160,9 @@ def describe(path: PathLike, *, trust_pickle: bool = False) -> Summary:
     values: list[tuple[str, Any]] = []
     first: dict[int, str] = {}
     paths, leaves, _ = tree_flatten_with_path(checkpoint.tree)
+    names = _names(paths)
     for p, leaf in zip(paths, leaves):
-        key = dotted(p)
+        key = names[_exact(p)]
         if isinstance(leaf, torch.Tensor):
             tied = first.setdefault(id(leaf), key)
             nbytes = leaf.numel() * leaf.element_size()
@@ -155,15 +177,17 @@ def describe(path: PathLike, *, trust_pickle: bool = False) -> Summary:
 
 # -- diff ---------------------------------------------------------------------
 
-DiffKind = Literal["missing", "unexpected", "type", "shape", "dtype", "value"]
+DiffKind = Literal["missing", "unexpected", "key", "type", "shape", "dtype", "value"]
 
 
 @attrs.frozen
 class Difference:
-    """One difference between checkpoints A and B at flat key ``key``.
+    """One difference between checkpoints A and B at ``key`` (named as by :func:`describe`).
 
     ``kind`` is ``"missing"`` (in A, not in B), ``"unexpected"`` (in B, not
-    in A), ``"type"``, ``"shape"``, ``"dtype"`` or ``"value"``.
+    in A), ``"key"`` (the same flat key reached by different paths: an int
+    key in one where the other has a str, ``"a.b"`` in one where the other
+    nests ``a`` → ``b``), ``"type"``, ``"shape"``, ``"dtype"`` or ``"value"``.
     """
 
     kind: DiffKind
@@ -185,36 +209,60 @@ class CheckpointDiff:
         return not self.differences
 
 
-def _flat_leaves(checkpoint: Checkpoint) -> dict[str, Any]:
+def _leaves(checkpoint: Checkpoint) -> dict[str, tuple[tuple[Any, ...], Any]]:
+    """Every leaf with its path, by the path written as code (:func:`_exact`)."""
     paths, leaves, _ = tree_flatten_with_path(checkpoint.tree)
-    return {dotted(p): leaf for p, leaf in zip(paths, leaves)}
+    return {_exact(p): (p, leaf) for p, leaf in zip(paths, leaves)}
 
 
 def diff(a: PathLike, b: PathLike, *, rtol: float = 0.0, atol: float = 0.0, trust_pickle: bool = False) -> CheckpointDiff:
     """Compare two checkpoints (of any formats) key by key, one tensor pair at a time.
 
-    Keys are compared as flat keys (``"optim.state.w.exp_avg"``), so a DCP
-    checkpoint and a ``torch.save`` file of the same state dict compare equal.
-    Tensors must agree in shape and dtype, and in value within ``rtol`` and
-    ``atol`` (exact by default; NaN equals NaN); other values must be equal.
+    Entries are paired by their paths, key types included: a DCP checkpoint
+    and a ``torch.save`` file of the same state dict compare equal, but
+    optimizer state keyed by ``0`` in one and ``'0'`` in the other (which
+    loads into no parameter), or a key ``"a.b"`` in one where the other nests
+    ``a`` → ``b``, is a ``"key"`` difference (and their values are compared
+    too). Tensors must agree in shape and dtype, and in value within ``rtol``
+    and ``atol`` (exact by default; NaN equals NaN); other values must be equal.
 
     Raises:
         the errors of :func:`open_checkpoint`.
     """
     left = open_checkpoint(a, trust_pickle=trust_pickle)
     right = open_checkpoint(b, trust_pickle=trust_pickle)
-    la, lb = _flat_leaves(left), _flat_leaves(right)
-    found = [Difference("missing", k, "in A, not in B") for k in la if k not in lb]
-    found += [Difference("unexpected", k, "in B, not in A") for k in lb if k not in la]
-    compared = 0
-    for key, x in la.items():
-        if key not in lb:
-            continue
-        compared += 1
-        problem = _leaf_difference(left, right, x, lb[key], rtol, atol)
+    la, lb = _leaves(left), _leaves(right)
+    names = _names([p for p, _ in la.values()] + [p for p, _ in lb.values()])
+    pairs = [(k, k, names[k]) for k in la if k in lb]
+    unpaired: dict[str, tuple[list[str], list[str]]] = {}
+    for k, (p, _) in la.items():
+        if k not in lb:
+            unpaired.setdefault(dotted(p), ([], []))[0].append(k)
+    for k, (p, _) in lb.items():
+        if k not in la:
+            unpaired.setdefault(dotted(p), ([], []))[1].append(k)
+    found: list[Difference] = []
+    for flat, (in_a, in_b) in unpaired.items():
+        if len(in_a) == len(in_b) == 1:  # one entry, its keys written differently
+            found.append(Difference("key", flat, _key_difference(la[in_a[0]][0], lb[in_b[0]][0])))
+            pairs.append((in_a[0], in_b[0], flat))
+        else:
+            found += [Difference("missing", names[k], "in A, not in B") for k in in_a]
+            found += [Difference("unexpected", names[k], "in B, not in A") for k in in_b]
+    found.sort(key=lambda d: ("missing", "unexpected", "key").index(d.kind))
+    for ka, kb, name in pairs:
+        problem = _leaf_difference(left, right, la[ka][1], lb[kb][1], rtol, atol)
         if problem is not None:
-            found.append(Difference(problem[0], key, problem[1]))
-    return CheckpointDiff(left.path, right.path, compared, tuple(found))
+            found.append(Difference(problem[0], name, problem[1]))
+    return CheckpointDiff(left.path, right.path, len(pairs), tuple(found))
+
+
+def _key_difference(pa: tuple[Any, ...], pb: tuple[Any, ...]) -> str:
+    detail = f"A has {_exact(pa)}, B has {_exact(pb)}"
+    for x, y in zip(pa, pb):
+        if type(x) is not type(y):
+            return f"{detail}: key {x!r} ({type(x).__name__}) vs {y!r} ({type(y).__name__})"
+    return detail
 
 
 def _leaf_difference(

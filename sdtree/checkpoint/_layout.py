@@ -15,44 +15,24 @@ from typing import Any, Optional
 
 from sdtree.checkpoint._formats import Format
 from sdtree.errors import CheckpointFormatError, _preview
-from sdtree.transforms._forms import PARAMS, PG, STATE, is_flat_optim_state_dict, is_optim_state_dict
+from sdtree.transforms._forms import is_flat_optim_state_dict, is_optim_state_dict
+from sdtree.transforms.combined import MODEL, OPTIM, each, is_combined
 from sdtree.transforms.compose import Transform
 
 __all__ = ["MODEL", "OPTIM", "is_combined", "apply_transform", "keep_model", "fit_format"]
 
-MODEL = "model"
-OPTIM = "optim"
-
-
-def is_combined(tree: Any) -> bool:
-    """Whether ``tree`` is ``{"model": {...}, ...}``."""
-    return isinstance(tree, Mapping) and isinstance(tree.get(MODEL), Mapping)
-
-
-def _keyed_by_fqns(optim: Any) -> bool:
-    """Whether an optimizer state dict names its parameters (FQNs), not ids."""
-    if not is_optim_state_dict(optim):
-        return isinstance(optim, Mapping)
-    keys = list(optim[STATE]) + [k for group in optim[PG] for k in group.get(PARAMS, ())]
-    return all(type(k) is str for k in keys)
-
 
 def apply_transform(transform: Optional[Transform], tree: Any) -> Any:
-    """Apply ``transform`` to a checkpoint's state dicts.
-
-    On a combined checkpoint it maps the ``"model"`` entry and the ``"optim"``
-    entry (an optimizer keyed by parameter ids has no FQNs to rename and is
-    kept as it is); other entries are kept. Any other tree is mapped whole.
-    """
+    """Apply ``transform`` to a checkpoint's state dicts: on a combined
+    checkpoint, to its model and each optimizer keyed by FQNs, together
+    (:func:`sdtree.transforms.each`; an optimizer keyed by parameter ids has
+    no FQNs to rename and is kept as it is, and so are other entries); any
+    other tree whole."""
     if transform is None:
         return tree
     if not is_combined(tree):
         return transform(tree)
-    out = dict(tree)
-    out[MODEL] = transform(tree[MODEL])
-    if OPTIM in tree and _keyed_by_fqns(tree[OPTIM]):
-        out[OPTIM] = transform(tree[OPTIM])
-    return out
+    return each(transform)(tree)
 
 
 def keep_model(tree: Any) -> Any:

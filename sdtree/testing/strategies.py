@@ -13,7 +13,15 @@ from typing import Any, Literal, Optional
 import torch
 from hypothesis import strategies as st
 
-__all__ = ["fqns", "tensors", "state_dicts", "optimizer_state_dicts", "DTYPES"]
+__all__ = [
+    "fqns",
+    "tensors",
+    "state_dicts",
+    "optimizer_state_dicts",
+    "fusable_state_dicts",
+    "stackable_state_dicts",
+    "DTYPES",
+]
 
 DTYPES = (
     torch.float32,
@@ -179,3 +187,99 @@ def optimizer_state_dicts(
         if draw(st.integers(0, 3)) > 0:
             state[key] = draw(_state_entry(nested_state))
     return {"state": state, "param_groups": groups}
+
+
+# -- families of keys for the tensor transforms ---------------------------------
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16)
+_PREFIX = st.sampled_from(["blocks", "model.layers", "enc.h"])
+
+
+def _randn(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def _adam_state(draw: Any, model: dict[str, torch.Tensor], groups: list[list[str]]) -> dict[str, Any]:
+    """An FQN-keyed Adam-like optimizer state for ``model``: moments shaped
+    like their parameter, one ``step`` per group of ``groups`` (the keys a
+    rule reads together), some groups without state yet."""
+    state: dict[str, Any] = {}
+    seed = draw(st.integers(0, 2**16))
+    for members in groups:
+        if draw(st.integers(0, 4)) == 0:
+            continue  # no state yet
+        step = draw(st.one_of(st.integers(1, 99).map(lambda s: torch.tensor(float(s))), st.integers(1, 99)))
+        for key in members:
+            seed += 1
+            value = model[key]
+            state[key] = {"step": step, "exp_avg": _randn(tuple(value.shape), value.dtype, seed), "exp_avg_sq": _randn(tuple(value.shape), value.dtype, seed + 7).abs()}
+    others = [k for k in model if not any(k in g for g in groups)]
+    param_groups = [{"params": [k for g in groups for k in g], "lr": 0.1, "betas": (0.9, 0.999)}]
+    if others:
+        param_groups.append({"params": others, "lr": 0.01, "betas": (0.9, 0.999)})
+    return {"state": state, "param_groups": param_groups}
+
+
+@st.composite
+def _others(draw: Any) -> dict[str, torch.Tensor]:
+    """Unrelated keys beside a family (they must pass through untouched)."""
+    names = draw(st.lists(st.sampled_from(["norm.weight", "head.bias", "emb.weight"]), unique=True, max_size=2))
+    return {f"other.{name}": draw(tensors(dtypes=(torch.float32,), max_dims=2)) for name in names}
+
+
+@st.composite
+def fusable_state_dicts(draw: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """``(model_state_dict, optim_state_dict, rule)``: a family of keys
+    ``<prefix>.<i>.p<j>.w`` that ``rule``, a :func:`~sdtree.transforms.fuse`
+    with ``sizes`` (so invertible), fuses into ``<prefix>.<i>.fused.w`` along
+    a dimension where the parts' sizes differ, with FQN-keyed Adam-like state
+    shaped like each parameter (equal ``step`` within a group)."""
+    from sdtree.transforms import fuse
+
+    prefix = draw(_PREFIX)
+    layers = draw(st.integers(1, 3))
+    parts = draw(st.integers(2, 3))
+    ndim = draw(st.integers(1, 3))  # at least one dimension, to fuse along
+    dim = draw(st.integers(0, ndim - 1))
+    rest = draw(st.lists(st.integers(1, 3), min_size=ndim - 1, max_size=ndim - 1))
+    sizes = tuple(draw(st.lists(st.integers(1, 3), min_size=parts, max_size=parts)))
+    dtype = draw(st.sampled_from(_FLOATS))
+    model: dict[str, Any] = dict(draw(_others()))
+    groups = []
+    seed = draw(st.integers(0, 2**16))
+    for i in range(layers):
+        members = []
+        for j in range(parts):
+            shape = (*rest[:dim], sizes[j], *rest[dim:])
+            key = f"{prefix}.{i}.p{j}.w"
+            model[key] = _randn(shape, dtype, seed + 31 * i + j)
+            members.append(key)
+        groups.append(members)
+    rule = fuse([f"{prefix}.{{i}}.p{j}.w" for j in range(parts)], f"{prefix}.{{i}}.fused.w", dim=dim, sizes=sizes)
+    return model, _adam_state(draw, model, groups), rule
+
+
+@st.composite
+def stackable_state_dicts(draw: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """``(model_state_dict, optim_state_dict, rule)``: per-expert keys
+    ``<prefix>.<i>.experts.<e>.w`` (in index order, as a model has them) that ``rule``, a
+    :func:`~sdtree.transforms.stack` over ``e``, stacks into
+    ``<prefix>.<i>.experts.w`` along a new dimension, with Adam-like state."""
+    from sdtree.transforms import stack
+
+    prefix = draw(_PREFIX)
+    layers = draw(st.integers(1, 2))
+    experts = draw(st.integers(1, 12))
+    # parameters of at least one dimension: a 0-dim parameter's moments look like its step
+    shape = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=2)))
+    dim = draw(st.integers(0, len(shape)))
+    dtype = draw(st.sampled_from(_FLOATS))
+    model: dict[str, Any] = dict(draw(_others()))
+    groups = []
+    for i in range(layers):
+        members = [f"{prefix}.{i}.experts.{e}.w" for e in range(experts)]
+        for e, key in enumerate(members):
+            model[key] = _randn(shape, dtype, 1000 * i + e)
+        groups.append(members)
+    rule = stack(f"{prefix}.{{i}}.experts.{{e}}.w", f"{prefix}.{{i}}.experts.w", over="e", dim=dim)
+    return model, _adam_state(draw, model, groups), rule

@@ -3,6 +3,7 @@
 See :mod:`sdtree.transforms.compose` for what a transform promises.
 """
 
+from sdtree.transforms.combined import at, each
 from sdtree.transforms.compose import Transform, identity, pipeline
 from sdtree.transforms.keys import (
     add_prefix,
@@ -21,6 +22,18 @@ from sdtree.transforms.optim import (
     param_ids_to_fqns,
     split_optimizer,
     unflatten_optimizer,
+)
+from sdtree.transforms.tensor_ops import (
+    cast,
+    fuse,
+    map_tensors,
+    permute_for_rope,
+    reshape,
+    split,
+    stack,
+    transpose,
+    unpermute_for_rope,
+    unstack,
 )
 from sdtree.transforms.tensors import offload_to_cpu, to_device
 
@@ -44,4 +57,16 @@ __all__ = [
     "unflatten_optimizer",
     "merge_optimizers",
     "split_optimizer",
+    "fuse",
+    "split",
+    "stack",
+    "unstack",
+    "permute_for_rope",
+    "unpermute_for_rope",
+    "transpose",
+    "reshape",
+    "cast",
+    "map_tensors",
+    "at",
+    "each",
 ]

@@ -24,7 +24,7 @@ class Transform:
 
     Subclasses are ``attrs`` frozen classes whose fields are their
     configuration. ``repr`` shows the public factory call: the class names it
-    in ``_factory`` and the fields without defaults are positional.
+    in ``_factory``; fields without defaults are positional, unless keyword-only.
     """
 
     _factory: str = ""
@@ -54,8 +54,10 @@ class Transform:
             if not field.repr:
                 continue
             value = getattr(self, field.name)
-            if field.default is attrs.NOTHING:
+            if field.default is attrs.NOTHING and not field.kw_only:
                 parts.append(repr(value))
+            elif field.default is attrs.NOTHING:
+                parts.append(f"{field.name}={value!r}")
             elif value != field.default:
                 parts.append(f"{field.name}={value!r}")
         return f"{self._factory or type(self).__name__}({', '.join(parts)})"

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from sdtree._tree import tree_flatten, tree_unflatten
-from sdtree.errors import NotAMappingError
+from sdtree.errors import NotAMappingError, StructureMismatchError, _preview
 from sdtree.transforms.compose import Transform
-from sdtree.transforms.tensors import sharded_tensor_type
+from sdtree.transforms.tensors import dtensor_type, sharded_tensor_type
 
 # Two buckets of half this size are in flight in a gather or a broadcast: one
 # on the wire while the other is packed or unpacked. 16 MiB measured best of
@@ -47,6 +47,7 @@ __all__ = [
     "local_slice",
     "gather_state_dict",
     "distribute_state_dict",
+    "distribute_tensors",
     "broadcast_state_dict",
     "DEFAULT_BUCKET_BYTES",
 ]
@@ -612,8 +613,7 @@ def shard_as(full: torch.Tensor, template: Any) -> Any:
 
 
 def is_dtensor(value: Any) -> bool:
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return dtensor is not None and isinstance(value, dtensor.DTensor)
+    return isinstance(value, dtensor_type())
 
 
 def _dtensors(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -728,6 +728,62 @@ def distribute_state_dict(
             local_state_dict[key] = value.cpu()
         elif key in local_state_dict:
             local_state_dict[key] = _place(value, local_state_dict[key], device)
+
+
+def distribute_tensors(
+    local_state_dict: dict[str, Any],
+    keys: list[str],
+    device: torch.device,
+    pg: Optional[dist.ProcessGroup] = None,
+) -> None:
+    """Replace each ``(local DTensor, full tensor)`` pair at ``keys`` of
+    ``local_state_dict`` by the DTensor holding its part of the full tensor,
+    as torch's ``_distribute_tensors`` does: written into the local DTensor's
+    shard when it has memory (the same object comes back), a new DTensor
+    when it is on the meta device. Keys whose value is absent, ``None`` or a
+    tensor are left alone.
+
+    Unlike the transforms, this writes into ``local_state_dict`` (torch's
+    contract); every pair is checked before the first is written. Not a
+    collective: every rank slices its own shard.
+
+    Raises:
+        TypeError: a value at ``keys`` is not such a pair.
+        StructureMismatchError: a full tensor's shape differs from its DTensor's.
+    """
+    todo = []
+    bad = []
+    for key in keys:
+        entry = local_state_dict.get(key)
+        if entry is None or isinstance(entry, torch.Tensor):
+            continue
+        if not (
+            isinstance(entry, (tuple, list))
+            and len(entry) == 2
+            and is_dtensor(entry[0])
+            and isinstance(entry[1], torch.Tensor)
+        ):
+            raise TypeError(
+                f"distribute_tensors: local_state_dict[{key!r}] must be a (local DTensor, full tensor) "
+                f"pair, a tensor or None, got {_kind(entry)}."
+            )
+        local, full = entry
+        if full.shape != local.shape:
+            bad.append(f"{key!r}: full tensor {tuple(full.shape)} vs DTensor {tuple(local.shape)}")
+        todo.append((key, local, full))
+    if bad:
+        raise StructureMismatchError(
+            f"distribute_tensors: {len(bad)} full tensor(s) do not have the shape of their DTensor: "
+            f"{_preview(bad, quote=False)}. Nothing was written."
+        )
+    for key, local, full in todo:
+        local_state_dict[key] = _place(full, local, torch.device(device))
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {', '.join(type(v).__name__ for v in value)}"
+    return type(value).__name__
 
 
 def broadcast_state_dict(

@@ -21,14 +21,17 @@ import attrs
 import torch
 
 from sdtree.errors import (
+    InvalidRuleError,
     KeyCollisionError,
     LayoutMismatchError,
     MissingPrefixError,
     NonStringKeyError,
+    PatternMatchError,
     _preview,
 )
 from sdtree.transforms._forms import PARAMS, PG, PG_DOT, STATE, STATE_DOT, form_of
 from sdtree.transforms.compose import Transform
+from sdtree.transforms.patterns import KeyPattern, PatternSet, is_pattern, key_pattern
 
 __all__ = [
     "strip_prefix",
@@ -49,7 +52,9 @@ class _KeyTransform(Transform):
         """Map ``keys`` to new keys (``None`` to drop); raise on bad keys."""
         raise NotImplementedError
 
-    def __call__(self, state_dict: Mapping[Any, Any], /) -> dict[Any, Any]:
+    def __call__(self, state_dict: Any, /) -> Any:
+        if isinstance(state_dict, tuple) and len(state_dict) == 2:  # (model, optim): both alike
+            return self(state_dict[0]), self(state_dict[1])
         form = form_of(state_dict, self._factory)
         if form == "optim":
             return self._apply_optim(state_dict)
@@ -280,15 +285,7 @@ class _RenameByRegex(_KeyTransform):
     )
 
     def __attrs_post_init__(self) -> None:
-        compiled = []
-        for pattern, replacement in self.rules:
-            try:
-                compiled.append((re.compile(pattern), replacement))
-            except re.error as err:
-                raise ValueError(
-                    f"rename: pattern {pattern!r} is not a valid regular expression: {err}."
-                ) from None
-        object.__setattr__(self, "_compiled", tuple(compiled))
+        object.__setattr__(self, "_compiled", tuple(_compile_rule(rule) for rule in self.rules))
 
     def _map_keys(self, keys: list[str]) -> NewKeys:
         new = keys
@@ -300,21 +297,97 @@ class _RenameByRegex(_KeyTransform):
         return f"rename({list(self.rules)!r})"
 
 
+@attrs.frozen(repr=False)
+class _RenameByPattern(_KeyTransform):
+    _factory = "rename"
+    pairs: tuple[tuple[str, str], ...]
+    _compiled: tuple[PatternSet, tuple[KeyPattern, ...]] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        sources = tuple(key_pattern(old, fn="rename") for old, _ in self.pairs)
+        targets = tuple(key_pattern(new, fn="rename") for _, new in self.pairs)
+        for source, target in zip(sources, targets):
+            if source.placeholders != target.placeholders:
+                raise InvalidRuleError(
+                    f"rename: {source.text!r} -> {target.text!r}: both sides need the same placeholders, "
+                    f"got {sorted(source.placeholders)} and {sorted(target.placeholders)}."
+                )
+        try:
+            found = PatternSet(sources)
+        except ValueError as err:
+            raise InvalidRuleError(f"rename: {err}") from None
+        object.__setattr__(self, "_compiled", (found, targets))
+
+    def _map_keys(self, keys: list[str]) -> NewKeys:
+        found, targets = self._compiled
+        out: NewKeys = []
+        for key in keys:
+            try:
+                match = found.match(key)
+            except ValueError as err:
+                raise PatternMatchError(f"{self!r}: {err}") from None
+            out.append(key if match is None else targets[match[0]].format(match[1]))
+        return out
+
+    def inverse(self) -> Transform:
+        return _RenameByPattern(tuple((new, old) for old, new in self.pairs))
+
+    def __repr__(self) -> str:
+        return f"rename({dict(self.pairs)!r})"
+
+
+def _compile_rule(rule: tuple[str, str]) -> tuple[re.Pattern[str], str]:
+    """Compile a ``(pattern, replacement)`` rule, checking both now rather than
+    at the first key: ``re`` parses a replacement's group references (``\\2``,
+    ``\\g<name>``) against the pattern before it looks for a match, so a
+    substitution into the empty string checks them without needing a match."""
+    pattern, replacement = rule
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise InvalidRuleError(
+            f"rename: rule {rule!r}: the pattern is not a valid regular expression: {err}."
+        ) from None
+    try:
+        compiled.sub(replacement, "")
+    except (re.error, IndexError) as err:  # IndexError: an unknown group name
+        if compiled.groups:
+            named = "".join(f", \\g<{name}>" for name in compiled.groupindex)
+            refs = f"has {compiled.groups} group(s): \\1 to \\{compiled.groups}{named}, and \\g<0> for the whole match"
+        else:
+            refs = "has no group: add one, as in (\\d+), or refer to the whole match as \\g<0>"
+        raise InvalidRuleError(
+            f"rename: rule {rule!r}: the replacement is invalid for this pattern: {err}. "
+            f"The pattern {refs}; a literal backslash is written \\\\."
+        ) from None
+    return compiled, replacement
+
+
 def rename(rules: Union[Mapping[str, str], Sequence[tuple[str, str]]]) -> Transform:
     """Return a transform that renames keys.
 
     ``rules`` is either a mapping ``{old: new}`` (keys not in it are kept) or a
     sequence of ``(pattern, replacement)`` regular-expression pairs, applied
-    in order to every key with :func:`re.sub`.
+    in order to every key with :func:`re.sub`. The keys of a mapping may be
+    key patterns with ``{placeholders}`` (see :mod:`sdtree.transforms.patterns`),
+    each mapped to a pattern with the same placeholders:
+    ``rename({"model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight"})``.
 
     >>> rename({"w": "weight"})({"w": 1, "b": 2})
     {'weight': 1, 'b': 2}
+    >>> rename({"h.{i}.w": "layers.{i}.weight"})({"h.0.w": 1, "h.1.w": 2})
+    {'layers.0.weight': 1, 'layers.1.weight': 2}
     >>> rename([(r"^layers\\.(\\d+)\\.", r"blocks.\\1.")])({"layers.0.w": 1})
     {'blocks.0.w': 1}
 
-    A mapping rename has ``inverse()``; it is exact on state dicts where no
-    key outside the mapping is also one of its targets. Regex renames have no
-    inverse.
+    A mapping rename (of keys or of patterns) has ``inverse()``; it is exact
+    on state dicts where no key outside the mapping is also one of its
+    targets. Regex renames have no inverse.
+
+    Raises:
+        InvalidRuleError: a pattern is not a regular expression, or its
+            replacement refers to a group the pattern lacks (checked here,
+            not when applied).
 
     Raises (when applied):
         KeyCollisionError: two keys would get the same name (both are named).
@@ -324,6 +397,8 @@ def rename(rules: Union[Mapping[str, str], Sequence[tuple[str, str]]]) -> Transf
         for pair in pairs:
             _check_str("rename", "every old and new key", pair[0])
             _check_str("rename", "every old and new key", pair[1])
+        if any(is_pattern(old) or is_pattern(new) for old, new in pairs):
+            return _RenameByPattern(pairs)
         return _RenameByMapping(pairs)
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
         raise TypeError(
@@ -368,7 +443,9 @@ class _FilterKeys(_KeyTransform):
         return f"{self._factory}({', '.join(args)})"
 
 
-def _filter(fn: str, prefixes: tuple[str, ...], where: Any, keep: bool) -> Transform:
+def _filter(fn: str, prefixes: tuple[Any, ...], where: Any, keep: bool) -> Transform:
+    if len(prefixes) == 1 and callable(prefixes[0]) and where is None:
+        where, prefixes = prefixes[0], ()  # select_keys(predicate) reads as select_keys(where=predicate)
     if bool(prefixes) == (where is not None):
         raise TypeError(
             f"{fn}: pass key prefixes or where=predicate (exactly one of them), got "
@@ -381,14 +458,19 @@ def _filter(fn: str, prefixes: tuple[str, ...], where: Any, keep: bool) -> Trans
     return _FilterKeys(prefixes, where, keep)
 
 
-def select_keys(*prefixes: str, where: Optional[Callable[[str], bool]] = None) -> Transform:
+def select_keys(
+    *prefixes: Union[str, Callable[[str], bool]], where: Optional[Callable[[str], bool]] = None
+) -> Transform:
     """Return a transform that keeps only the keys that start with one of
-    ``prefixes``, or for which ``where(key)`` is true.
+    ``prefixes``, or for which ``where(key)`` is true (a single callable
+    passed positionally is taken as ``where``).
 
     >>> select_keys("encoder.")({"encoder.w": 1, "decoder.w": 2})
     {'encoder.w': 1}
     >>> select_keys(where=lambda k: k.endswith(".w"))({"a.w": 1, "a.b": 2})
     {'a.w': 1}
+    >>> select_keys(lambda k: k.endswith(".b"))({"a.w": 1, "a.b": 2})
+    {'a.b': 2}
 
     On an optimizer state dict, dropped FQNs leave ``state`` and every group's
     ``params``; groups themselves are kept (possibly empty).
@@ -398,9 +480,12 @@ def select_keys(*prefixes: str, where: Optional[Callable[[str], bool]] = None) -
     return _filter("select_keys", prefixes, where, True)
 
 
-def drop_keys(*prefixes: str, where: Optional[Callable[[str], bool]] = None) -> Transform:
+def drop_keys(
+    *prefixes: Union[str, Callable[[str], bool]], where: Optional[Callable[[str], bool]] = None
+) -> Transform:
     """Return a transform that drops the keys that start with one of
-    ``prefixes``, or for which ``where(key)`` is true.
+    ``prefixes``, or for which ``where(key)`` is true (a single callable
+    passed positionally is taken as ``where``).
 
     >>> drop_keys("decoder.")({"encoder.w": 1, "decoder.w": 2})
     {'encoder.w': 1}
@@ -414,7 +499,9 @@ def drop_keys(*prefixes: str, where: Optional[Callable[[str], bool]] = None) -> 
 class _DropMetaTensors(Transform):
     _factory = "drop_meta_tensors"
 
-    def __call__(self, state_dict: Mapping[Any, Any], /) -> dict[Any, Any]:
+    def __call__(self, state_dict: Any, /) -> Any:
+        if isinstance(state_dict, tuple) and len(state_dict) == 2:  # (model, optim): both alike
+            return self(state_dict[0]), self(state_dict[1])
         form = form_of(state_dict, self._factory)
         if form == "optim":
             return {

@@ -36,6 +36,7 @@ __all__ = [
     "copy_state_dict",
     "check_state_dict_similarity",
     "offload_state_dict_to_cpu",
+    "dtensor_type",
 ]
 
 _CPU = torch.device("cpu")
@@ -133,19 +134,38 @@ def is_sharded_tensor(value: Any) -> bool:
     return isinstance(value, sharded_tensor_type())
 
 
-def _sharded_tensor_to_cpu(value: Any, pin: bool, share: bool) -> Any:
-    """A ShardedTensor whose local shards are on CPU: itself when they are
-    already, else a new one over CPU copies (same metadata, same group)."""
+def dtensor_type() -> Any:
+    """The ``DTensor`` class once torch has loaded it, else ``()`` (as
+    :func:`sharded_tensor_type`)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor.DTensor if dtensor is not None else ()
+
+
+def _with_local_tensors(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """A new ShardedTensor with ``value``'s metadata and group over ``tensors``
+    as its local shards (no collective)."""
     from torch.distributed._shard.sharded_tensor.api import ShardedTensor
     from torch.distributed._shard.sharded_tensor.shard import Shard
 
+    shards = [Shard(t, s.metadata) for t, s in zip(tensors, value.local_shards())]
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        shards, value.metadata(), process_group=value._process_group
+    )
+
+
+def _with_local_tensor(value: Any, local: torch.Tensor) -> Any:
+    """A new DTensor with ``value``'s mesh, placements, shape and stride over
+    ``local`` (no collective)."""
+    return type(value)(local, value._spec, requires_grad=False)
+
+
+def _sharded_tensor_to_cpu(value: Any, pin: bool, share: bool) -> Any:
+    """A ShardedTensor whose local shards are on CPU: itself when they are
+    already, else a new one over CPU copies (same metadata, same group)."""
     shards = value.local_shards()
     if all(s.tensor.is_cpu and (not pin or s.tensor.is_pinned()) and (not share or s.tensor.is_shared()) for s in shards):
         return value
-    moved = [Shard(_offload_one(s.tensor, pin, share), s.metadata) for s in shards]
-    return ShardedTensor._init_from_local_shards_and_global_metadata(
-        moved, value.metadata(), process_group=value._process_group
-    )
+    return _with_local_tensors(value, [_offload_one(s.tensor, pin, share) for s in shards])
 
 
 def _offload_one(tensor: torch.Tensor, pin: bool, share: bool) -> torch.Tensor:
@@ -308,6 +328,27 @@ def offload_state_dict_to_cpu(
     return result
 
 
+def _local_tensors(leaf: Any) -> Optional[list[torch.Tensor]]:
+    """The tensors that hold ``leaf``'s data on this rank: a DTensor's local
+    tensor, a ShardedTensor's local shards, a tensor itself; None for other leaves."""
+    if isinstance(leaf, sharded_tensor_type()):
+        return [s.tensor for s in leaf.local_shards()]
+    if isinstance(leaf, dtensor_type()):
+        return [leaf._local_tensor]
+    if isinstance(leaf, torch.Tensor):
+        return [leaf]
+    return None
+
+
+def _rewrap(leaf: Any, tensors: list[torch.Tensor]) -> Any:
+    """``leaf`` (as :func:`_local_tensors` takes it apart) over ``tensors``."""
+    if isinstance(leaf, sharded_tensor_type()):
+        return _with_local_tensors(leaf, tensors)
+    if isinstance(leaf, dtensor_type()):
+        return _with_local_tensor(leaf, tensors[0])
+    return tensors[0]
+
+
 @torch.no_grad()
 def create_cpu_state_dict(
     state_dict: dict[str, Any], pin_memory: bool = False, share_memory: bool = False
@@ -315,22 +356,35 @@ def create_cpu_state_dict(
     """Return a state dict of the same structure with new, uninitialised CPU
     tensors in place of every tensor (torch's ``_create_cpu_state_dict``).
 
-    0-dim tensors become ``tensor(0)``; tensors without elements become
-    zeros; other leaves are shared. The new tensors come from one allocation
-    per dtype, pinned (where CUDA is available) and/or in shared memory as
-    asked. Pair it with :func:`copy_state_dict` to fill the copy each step.
+    A DTensor becomes a DTensor on the same mesh, with the same placements,
+    shape and stride, over a new CPU local tensor; a ShardedTensor becomes a
+    ShardedTensor with the same metadata over new CPU local shards (no
+    collective either way). 0-dim tensors become ``tensor(0)``; tensors
+    without elements become zeros; 0-dim DTensors, ShardedTensors without
+    local shards and other leaves are shared, as torch shares them. The new
+    tensors come from one allocation per dtype, pinned (where CUDA is
+    available) and/or in shared memory as asked. Pair it with
+    :func:`copy_state_dict` to fill the copy each step.
     """
     pin = pin_memory and _pinning_available()
     leaves, spec = tree_flatten(state_dict)
-    todo = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-    sources = [leaves[i] for i in todo]
-    allocated = _allocate_cpu(sources, pin_memory=pin, share_memory=share_memory, bulk=True)
-    for i, source, new in zip(todo, sources, allocated):
-        if source.dim() == 0:
-            new.zero_()
-        elif source.numel() == 0:
-            new = new.zero_()
-        leaves[i] = new
+    parts: list[tuple[int, list[torch.Tensor]]] = []
+    wrapped = (sharded_tensor_type(), dtensor_type())
+    for i, leaf in enumerate(leaves):
+        local = _local_tensors(leaf)
+        if local is None:
+            continue
+        if isinstance(leaf, wrapped) and (not local or leaf.dim() == 0):
+            continue  # a 0-dim DTensor, a ShardedTensor without local shards: torch shares those
+        parts.append((i, local))
+    sources = [t for _, local in parts for t in local]
+    allocated = iter(_allocate_cpu(sources, pin_memory=pin, share_memory=share_memory, bulk=True))
+    for i, local in parts:
+        new = [next(allocated) for _ in local]
+        for source, tensor in zip(local, new):
+            if source.dim() == 0 or source.numel() == 0:
+                tensor.zero_()
+        leaves[i] = _rewrap(leaves[i], new)
     result: dict[str, Any] = tree_unflatten(spec, leaves)
     return result
 
@@ -371,43 +425,63 @@ def copy_state_dict(
     ``copy_state_dict`` (torch's ``_copy_state_dict``), and return a state
     dict of the same structure holding ``copy_state_dict``'s tensors.
 
+    A DTensor is copied into a DTensor (local tensor into local tensor), a
+    ShardedTensor into a ShardedTensor (shard by shard), as torch does.
     Writes only ``copy_state_dict``'s tensors, and only after checking the
-    whole structure and every shape, so a mismatch leaves it untouched.
+    whole structure, every kind of tensor and every shape, so a mismatch
+    leaves it untouched.
 
     Raises:
-        StructureMismatchError: the structures or a pair of shapes differ.
+        StructureMismatchError: the structures, the kinds of tensor or a pair
+            of shapes differ.
         UnsupportedLeafError: ``type_check`` and an unsupported value.
     """
     fn = "copy_state_dict"
     if type_check:
         _type_check(fn, state_dict)
     paths, src, dst, spec = _pair_leaves(fn, state_dict, copy_state_dict)
-    bad = [
-        f"{codify(path)}: {_describe(s)} vs {_describe(d)}"
-        for path, s, d in zip(paths, src, dst)
-        if isinstance(s, torch.Tensor) != isinstance(d, torch.Tensor)
-        or (isinstance(s, torch.Tensor) and s.shape != d.shape)
-    ]
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    bad = []
+    for path, s, d in zip(paths, src, dst):
+        s_local, d_local = _local_tensors(s), _local_tensors(d)
+        if s_local is None and d_local is None:
+            continue
+        if (
+            s_local is None
+            or d_local is None
+            or _describe(s, shapes=False) != _describe(d, shapes=False)
+            or getattr(s, "shape", None) != getattr(d, "shape", None)
+            or [t.shape for t in s_local] != [t.shape for t in d_local]
+        ):
+            bad.append(f"{codify(path)}: {_describe(s)} vs {_describe(d)}")
+            continue
+        pairs.extend(zip(d_local, s_local))
     if bad:
         raise StructureMismatchError(
             f"{fn}: {len(bad)} value(s) cannot be copied: {_preview(bad, quote=False)}. "
             "Allocate the copy with create_cpu_state_dict(state_dict)."
         )
-    out = []
-    for s, d in zip(src, dst):
-        if isinstance(s, torch.Tensor):
-            d.copy_(s, non_blocking=non_blocking)
-            out.append(d)
-        else:
-            out.append(s)
+    for d_tensor, s_tensor in pairs:
+        d_tensor.copy_(s_tensor, non_blocking=non_blocking)
+    out = [d if _local_tensors(s) is not None else s for s, d in zip(src, dst)]
     result: dict[str, Any] = tree_unflatten(spec, out)
     return result
 
 
-def _describe(leaf: Any) -> str:
-    if isinstance(leaf, torch.Tensor):
-        return f"tensor{tuple(leaf.shape)} {leaf.dtype}"
-    return type(leaf).__name__
+def _describe(leaf: Any, *, shapes: bool = True) -> str:
+    """``leaf`` in an error message: its kind of tensor (DTensor with its
+    placements, ShardedTensor, tensor), shape and local shapes."""
+    local = _local_tensors(leaf)
+    if local is None:
+        return type(leaf).__name__
+    if not isinstance(leaf, (sharded_tensor_type(), dtensor_type())):
+        return f"tensor{tuple(leaf.shape)} {leaf.dtype}" if shapes else "tensor"
+    kind = "DTensor" if isinstance(leaf, dtensor_type()) else "ShardedTensor"
+    if kind == "DTensor":
+        kind += f"[{', '.join(map(repr, leaf._spec.placements))}]"
+    if not shapes:
+        return kind
+    return f"{kind}{tuple(leaf.shape)} {leaf.dtype} with local {[tuple(t.shape) for t in local]}"
 
 
 def check_state_dict_similarity(

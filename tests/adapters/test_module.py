@@ -59,6 +59,26 @@ def test_non_persistent_buffers_and_extra_state():
     assert fresh.extra.calls == 7
 
 
+def test_extra_state_given_to_a_class_after_its_first_use():
+    """As torch's test_extra_state does: the class gains get/set_extra_state
+    once instances exist and have been saved."""
+
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2))
+
+    model = Late()
+    assert list(sdtree.get_model_state_dict(model)) == ["w"]
+    loaded = []
+    Late.get_extra_state = lambda self: "late"
+    Late.set_extra_state = lambda self, state: loaded.append(state)
+    sd = sdtree.get_model_state_dict(model)
+    assert list(sd) == list(model.state_dict()) == ["w", "_extra_state"] and sd["_extra_state"] == "late"
+    sdtree.set_model_state_dict(model, sd)
+    assert loaded == ["late"]
+
+
 @pytest.mark.parametrize("setup", SETUPS)
 def test_round_trip_restores_model_exactly(setup):
     model, optim = build(setup, seed=0)
@@ -164,6 +184,26 @@ def test_deprecated_submodules_and_module_keyed_input_warn():
     assert list(ours) == list(theirs) and "0.linear1.weight" in ours
     with pytest.warns(FutureWarning, match=r"Dict\[nn.Module, Dict\[str, Any\]\]"):
         sdtree.set_model_state_dict(model, {model.blocks: ours}, options=StateDictOptions(strict=False))
+
+
+def test_ignore_frozen_params_reports_absent_frozen_params_as_missing_without_raising():
+    model, _ = make(frozen=True)
+    sd = sdtree.get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    frozen = ["blocks.0.linear1.weight", "blocks.0.linear1.bias"]
+    assert not set(frozen) & set(sd)
+    ours, _ = make(frozen=True, seed=1)
+    result = sdtree.set_model_state_dict(ours, sd, options=StateDictOptions(ignore_frozen_params=True))
+    theirs, _ = make(frozen=True, seed=1)
+    torch_result = dsd.set_model_state_dict(
+        theirs, dict(sd), options=dsd.StateDictOptions(ignore_frozen_params=True, strict=False)
+    )
+    assert result.missing_keys == torch_result.missing_keys == frozen
+    assert result.unexpected_keys == []
+    assert_state_dict_equal(ours.state_dict(), theirs.state_dict())
+    # a missing trainable parameter still raises under strict
+    partial = {k: v for k, v in sd.items() if k != "blocks.0.linear2.weight"}
+    with pytest.raises(IncompatibleStateDictError, match=r"Missing key\(s\) in state_dict: 'blocks.0.linear2.weight'\."):
+        sdtree.set_model_state_dict(ours, partial, options=StateDictOptions(ignore_frozen_params=True))
 
 
 def test_empty_state_dict_is_an_error_under_strict():

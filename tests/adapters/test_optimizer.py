@@ -279,6 +279,26 @@ def test_param_group_layout_is_validated():
         "param_groups": [{**first, "params": first["params"][:-1]}, {**second, "params": second["params"] + [moved]}, empty],
     }
     before = snapshot_optim(optim)
-    with pytest.raises(IncompatibleStateDictError, match=r"parameters of param group 0 are spread over loaded param groups \[0, 1\]"):
+    with pytest.raises(
+        IncompatibleStateDictError,
+        match=r"parameters of param group 0 come from loaded param groups \[0, 1\], whose hyper-parameters differ "
+        r"\('weight_decay': 0.1 in group 0, 0 in group 1\); a group must be loaded from groups that agree\. Nothing was written\. ",
+    ):
         sdtree.set_optimizer_state_dict(model, optim, regrouped)
     assert_state_dict_equal(snapshot_optim(optim), before)
+
+
+def test_one_group_loads_from_several_groups_that_agree():
+    """As torch does for the per-parameter optimizers of _apply_optimizer_in_backward:
+    their merged state dict (one group each) loads into one optimizer."""
+    model, _ = make()
+    params = list(model.parameters())
+    halves = [torch.optim.Adam(params[:3], lr=1e-2), torch.optim.Adam(params[3:], lr=1e-2)]
+    train(model, halves)
+    merged = sdtree.get_optimizer_state_dict(model, halves)
+    assert len(merged["param_groups"]) == 2
+    whole = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sdtree.set_optimizer_state_dict(model, whole, merged)
+    loaded = sdtree.get_optimizer_state_dict(model, whole)
+    assert_state_dict_equal(loaded["state"], merged["state"])
+    assert loaded["param_groups"][0]["params"] == [p for g in merged["param_groups"] for p in g["params"]]

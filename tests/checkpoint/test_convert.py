@@ -3,12 +3,15 @@ import weakref
 import attrs
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 
+import sdtree
 from sdtree._tree import tree_map
 from sdtree.checkpoint import Checkpoint, convert, load, save
-from sdtree.errors import DestinationExistsError, KeyCollisionError
+from sdtree.errors import DestinationExistsError, KeyCollisionError, NothingToWriteError
 from sdtree.testing import assert_state_dict_equal
-from sdtree.transforms import Transform, rename, strip_prefix
+from sdtree.transforms import Transform, rename, select_keys, strip_prefix
 from tests.checkpoint import cases
 
 FORMATS = {"dcp": "ckpt", "torch": "ckpt.pt", "safetensors": "ckpt.safetensors"}
@@ -103,6 +106,14 @@ def test_int_keyed_optimizer_is_kept_by_key_transforms(tmp_path):
     assert_state_dict_equal(loaded["optim"], optim.state_dict())
 
 
+def test_an_optimizer_under_another_name_is_renamed_with_the_model(tmp_path):
+    checkpoint = cases.compiled(cases.combined())
+    trainer = {"model": checkpoint["model"], "optimizer": checkpoint["optim"], "step": 3}  # as trainers name it
+    save(trainer, tmp_path / "src.pt")
+    convert(tmp_path / "src.pt", tmp_path / "out.pt", transform=CLEAN)
+    assert_state_dict_equal(load(tmp_path / "out.pt"), {"model": CLEAN(trainer["model"]), "optimizer": CLEAN(trainer["optimizer"]), "step": 3})
+
+
 def test_convert_reads_trusted_legacy_torch_save_files(tmp_path):
     sd = cases.model_state_dict()
     torch.save(sd, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
@@ -126,6 +137,10 @@ def test_a_transform_that_makes_tensors_converts_from_the_loaded_checkpoint(tmp_
     assert_state_dict_equal(load(tmp_path / "b.safetensors"), {"w": torch.full((3,), 2.0), "n": torch.arange(2)})
 
 
+class _Memory(bytearray):
+    """The bytes of one fetched tensor; a weak reference to it tells when they are freed."""
+
+
 @pytest.mark.parametrize("dst_fmt", sorted(FORMATS))
 @pytest.mark.parametrize("src_fmt", ["dcp", "torch", "safetensors"])
 def test_conversion_holds_one_fetched_tensor_at_a_time(tmp_path, monkeypatch, src_fmt, dst_fmt):
@@ -133,11 +148,17 @@ def test_conversion_holds_one_fetched_tensor_at_a_time(tmp_path, monkeypatch, sr
     alive, most = [], []
     fetch = Checkpoint.fetch
 
-    def tracking_fetch(self, tensor):  # tensors hold no cycles: refcounting frees them at once
+    def tracking_fetch(self, tensor):
+        # Track the memory, not the tensor object: a writer may keep a view
+        # (tensor.detach()) of it. Tensors hold no cycles: refcounting frees them at once.
         most.append(sum(ref() is not None for ref in alive))
         out = fetch(self, tensor)
-        alive.append(weakref.ref(out))
-        return out
+        if out.numel() == 0:
+            return out
+        memory = _Memory(out.numel() * out.element_size())
+        tracked = torch.frombuffer(memory, dtype=out.dtype).view(out.shape).copy_(out)
+        alive.append(weakref.ref(memory))
+        return tracked
 
     monkeypatch.setattr(Checkpoint, "fetch", tracking_fetch)
     convert(src, tmp_path / FORMATS[dst_fmt], model_only=True)
@@ -149,3 +170,50 @@ def test_progress_reports_every_byte(tmp_path):
     calls = []
     done = convert(src, tmp_path / "out.pt", progress=lambda n, total: calls.append((n, total)))
     assert sum(n for n, _ in calls) == done.nbytes and {t for _, t in calls} == {done.nbytes}
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_transform_that_drops_every_tensor_writes_nothing(tmp_path, dry_run):
+    src, _ = _source(tmp_path, "torch")
+    dst = tmp_path / "out" / "ckpt"
+    with pytest.raises(
+        NothingToWriteError,
+        match=r"^convert: the transform select_keys\('model\.'\) drops all 22 tensors of '.*ckpt\.pt' \('model\._orig_mod\.scale', .*\), "
+        r"so the result would hold no tensor \(only 'optim\.param_groups\.0\.lr', .* \(20 more\)\): nothing to write\. Nothing was written\. "
+        r"Check its rules .* without 'model\.' or 'optim\.' in front\.$",
+    ):
+        convert(src, dst, transform=select_keys("model."), dry_run=dry_run)
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_only_needs_a_model_entry(tmp_path):
+    save(cases.model_state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(NothingToWriteError, match=r"model_only=True \(--model-only\) writes the 'model' entry .* but '.*plain\.pt' has no 'model' state dict \(top-level keys: 'scale', 'embed\.weight', .*\)\. Nothing was written\. Convert it without model_only"):
+        convert(tmp_path / "plain.pt", tmp_path / "m.safetensors", model_only=True)
+    model, optim = cases.trained()
+    save({"model": {}, "optim": sdtree.get_optimizer_state_dict(model, optim)}, tmp_path / "no_model.pt")
+    with pytest.raises(NothingToWriteError, match=r"the 'model' entry of '.*no_model\.pt', all that model_only=True \(--model-only\) keeps, holds no tensor: nothing to write"):
+        convert(tmp_path / "no_model.pt", tmp_path / "m.pt", model_only=True)
+    save({"step": 3}, tmp_path / "step.pt")
+    with pytest.raises(NothingToWriteError, match=r"'.*step\.pt' holds no tensor \(only 'step'\): nothing to write"):
+        convert(tmp_path / "step.pt", tmp_path / "s.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_model.pt", "plain.pt", "step.pt"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.load(no_dist=True) warns anyway
+@pytest.mark.parametrize("how", ["convert", "save"])
+def test_a_dcp_checkpoint_is_one_data_file_that_names_its_final_path(tmp_path, how):
+    checkpoint = cases.combined()
+    dst = tmp_path / "ckpt"
+    if how == "convert":
+        save(checkpoint, tmp_path / "src.pt")
+        convert(tmp_path / "src.pt", dst)
+    else:
+        save(checkpoint, dst)
+    assert sorted(p.name for p in dst.iterdir()) == [".metadata", "__0_0.distcp"]
+    assert FileSystemReader(dst).read_metadata().storage_meta.checkpoint_id == dst
+    # torch reads it back, bit for bit
+    template = tree_map(lambda x: torch.empty_like(x) if isinstance(x, torch.Tensor) else x, checkpoint)
+    template["step"] = 0
+    dcp.load(template, storage_reader=FileSystemReader(dst), no_dist=True)
+    assert_state_dict_equal(template, checkpoint)

@@ -1,6 +1,9 @@
 """DCP checkpoints saved collectively from two gloo ranks, loaded at any world size."""
 
+from pathlib import Path
+
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from sdtree.checkpoint import _dcp_read, convert, load
 from sdtree.testing import assert_state_dict_equal
@@ -12,6 +15,7 @@ def test_sharded_save_consolidates_and_reshards(pool2, tmp_path, monkeypatch):
     files = pool2.run(bodies.sharded_save, path)
     assert files[0] == files[1] and {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(files[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert FileSystemReader(path).read_metadata().storage_meta.checkpoint_id == Path(path)  # not the temporary name
     # world size 1: one process reads both shards, through torch's reader, and
     # straight into place where a chunk is a contiguous slice (rows, not columns)
     assert_state_dict_equal(load(path), bodies.full_state())

@@ -390,7 +390,7 @@ CASES = {**SAFETENSORS, **TORCH, **DCP}
 
 
 def _convert(path: Path) -> Any:
-    return convert(path, path.parent / "out" / "x.pt", model_only=True)
+    return convert(path, path.parent / "out" / "x.pt")
 
 
 @pytest.mark.parametrize("read", [load, describe, _convert], ids=["load", "describe", "convert"])

@@ -1,9 +1,11 @@
 import json
+import warnings
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
-from sdtree.checkpoint import describe, diff, save
+from sdtree.checkpoint import Difference, describe, diff, save
 from tests.checkpoint import cases
 
 
@@ -61,3 +63,45 @@ def test_diff_tolerances(tmp_path):
     assert not diff(tmp_path / "a.pt", tmp_path / "b.safetensors").equal
     assert diff(tmp_path / "a.pt", tmp_path / "b.safetensors", atol=0.01).equal
     assert diff(tmp_path / "a.pt", tmp_path / "b.safetensors", rtol=0.001).equal
+
+
+def _dcp_save(state_dict, path):
+    """Save with torch's own ``dcp.save``, as a trainer does."""
+    with warnings.catch_warnings():  # torch warns about no_dist even when asked for it
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state_dict, checkpoint_id=path, no_dist=True)
+
+
+def test_diff_tells_int_keys_from_str_keys(tmp_path):
+    # dcp.save stores the int keys of optim.state_dict() as strings: that state loads into no parameter
+    _, optim = cases.trained()
+    torch.save({"optim": optim.state_dict()}, tmp_path / "a.pt")
+    _dcp_save({"optim": optim.state_dict()}, tmp_path / "b")
+    result = diff(tmp_path / "a.pt", tmp_path / "b")
+    assert not result.equal
+    assert {d.kind for d in result.differences} == {"key"}
+    assert len(result.differences) == sum(len(entry) for entry in optim.state_dict()["state"].values())  # each state entry
+    assert Difference(
+        "key", "optim.state.0.exp_avg", "A has ['optim']['state'][0]['exp_avg'], B has ['optim']['state']['0']['exp_avg']: key 0 (int) vs '0' (str)"
+    ) in result.differences
+    assert diff(tmp_path / "b", tmp_path / "b").equal
+
+
+def test_diff_tells_a_dotted_key_from_nested_keys(tmp_path):
+    w, v = torch.ones(2), torch.zeros(2)
+    save({"a.b": w}, tmp_path / "flat.pt")
+    save({"a": {"b": w}}, tmp_path / "nested.pt")
+    assert diff(tmp_path / "flat.pt", tmp_path / "nested.pt").differences == (
+        Difference("key", "a.b", "A has ['a.b'], B has ['a']['b']"),
+    )
+    # both in one checkpoint: neither is dropped, and each is named by its path
+    save({"a.b": v, "a": {"b": w}}, tmp_path / "both.pt")
+    result = diff(tmp_path / "both.pt", tmp_path / "nested.pt")
+    assert result.differences == (Difference("missing", "['a.b']", "in A, not in B"),) and result.compared == 1
+
+
+def test_describe_names_entries_that_share_a_flat_key_by_their_paths(tmp_path):
+    save({"a.b": torch.ones(1), "a": {"b": torch.zeros(2)}, "n.m": 1, "n": {"m": 2}}, tmp_path / "both.pt")
+    summary = describe(tmp_path / "both.pt")
+    assert [(t.key, t.shape) for t in summary.tensors] == [("['a.b']", (1,)), ("['a']['b']", (2,))]
+    assert summary.to_json()["values"] == {"['n.m']": 1, "['n']['m']": 2}

@@ -127,11 +127,34 @@ def test_bad_input_exits_2_with_one_line(ckpts, capsys, tmp_path):
         "collision": (["convert", ckpts / "full.pt", tmp_path / "x.pt", "--rename", r"\.(weight|bias)$", ".p"], ["both map to"]),
         "optimizer in safetensors": (["convert", ckpts / "full.pt", tmp_path / "x.safetensors"], ["--model-only"]),
         "bad regex": (["convert", ckpts / "full.pt", tmp_path / "x.pt", "--rename", "(", "x"], ["not a valid regular expression"]),
+        "bad group reference": (
+            ["convert", ckpts / "full.pt", tmp_path / "x.pt", "--rename", "model", r"\2"],
+            [r"rename: rule ('model', '\\2'): the replacement is invalid", "invalid group reference 2"],
+        ),
     }
     for name, (argv, words) in cases_.items():
         status, out, err = run(capsys, *argv)
         assert_one_error_line(status, out, err, *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cut.pt", "notes.txt", "dcp", "full.pt", "model.safetensors"])
+
+
+def test_convert_that_leaves_nothing_to_write_exits_2(tmp_path, capsys):
+    save(cases.model_state_dict(), tmp_path / "plain.pt")
+    save({"step": 3}, tmp_path / "step.pt")
+    for argv, words in [
+        (["convert", tmp_path / "plain.pt", tmp_path / "m.safetensors", "--model-only"], ["(--model-only)", "has no 'model' state dict"]),
+        (["convert", tmp_path / "step.pt", tmp_path / "out"], ["step.pt' holds no tensor (only 'step'): nothing to write"]),
+    ]:
+        assert_one_error_line(*run(capsys, *argv), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pt", "step.pt"]
+
+
+def test_diff_shows_keys_that_differ_only_in_type(tmp_path, capsys):
+    save({"state": {0: {"m": torch.ones(2)}}}, tmp_path / "int.pt")
+    save({"state": {"0": {"m": torch.ones(2)}}}, tmp_path / "str.pt")
+    status, out, _ = run(capsys, "diff", tmp_path / "int.pt", tmp_path / "str.pt")
+    assert status == 1
+    assert "key         state.0.m: A has ['state'][0]['m'], B has ['state']['0']['m']: key 0 (int) vs '0' (str)" in out.splitlines()
 
 
 def test_missing_shard_exits_2(ckpts, capsys):
@@ -174,3 +197,18 @@ def test_demo_without_the_trainer_exits_2(tmp_path, monkeypatch, capsys):
 
 def test_demo_script_is_found_in_the_repository():
     assert cli.demo_script() == Path(__file__).resolve().parents[2] / "examples" / "train_resume.py"
+
+
+@pytest.mark.parametrize(
+    "option, shown",
+    [
+        (["--strip-prefix", "module."], "--strip-prefix 'module.' changes no key"),
+        (["--strip-prefix", "_orig_mod.", "--strip-prefix", "_orig_mod."], "--strip-prefix '_orig_mod.' changes no key"),
+        (["--rename", "^encoder\\.", "enc."], "--rename '^encoder\\\\.' 'enc.' changes no key"),
+    ],
+)
+def test_a_key_option_that_changes_no_key_exits_2(ckpts, capsys, option, shown):
+    status, out, err = run(capsys, "convert", ckpts / "full.pt", ckpts / "nothing.pt", *option)
+    assert_one_error_line(status, out, err, shown, "sdtree inspect")
+    assert "(its keys look like model." in err  # what the keys look like instead
+    assert not (ckpts / "nothing.pt").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sdtree
 from sdtree.checkpoint import describe, load, save
 from sdtree.testing import assert_state_dict_equal
 from tests.checkpoint import cases
@@ -29,11 +30,16 @@ def runs(tmp_path_factory):
     save(checkpoint, tmp / "dcp")
     save({**checkpoint, "step": 9}, tmp / "other.pt")
     torch.save({"x": Payload(tmp / "code-ran")}, tmp / "evil.pt")
+    # a dry run prints a line per key: far more than a pipe holds
+    torch.save({f"layers.{i}.self_attn.q_proj.weight": torch.zeros(1) for i in range(4000)}, tmp / "many.pt")
     module = [sys.executable, "-m", "sdtree"]
     commands = {
         "inspect": module + ["inspect", tmp / "dcp", "--json"],
         "diff": module + ["diff", tmp / "dcp", tmp / "other.pt"],
         "unsafe": module + ["convert", tmp / "evil.pt", tmp / "out.pt"],
+        "version": module + ["--version"],
+        "demo help": module + ["demo", "--help"],
+        "head": module + ["convert", tmp / "many.pt", tmp / "never.pt", "--dry-run"],
     }
     if CONSOLE_SCRIPT.exists():
         commands["script"] = [CONSOLE_SCRIPT, "convert", tmp / "dcp", tmp / "m.safetensors", "--model-only", "--strip-prefix", "_orig_mod."]
@@ -41,7 +47,10 @@ def runs(tmp_path_factory):
         name: subprocess.Popen([str(a) for a in argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, argv in commands.items()
     }
-    done = {name: (proc.wait(timeout=240), proc.stdout.read(), proc.stderr.read()) for name, proc in procs.items()}
+    first_line = procs["head"].stdout.readline()  # like `| head -1`: read one line, close the pipe
+    procs["head"].stdout.close()
+    done = {name: (proc.wait(timeout=240), "" if proc.stdout.closed else proc.stdout.read(), proc.stderr.read()) for name, proc in procs.items()}
+    done["head"] = (done["head"][0], first_line, done["head"][2])
     for proc in procs.values():
         proc.stdout.close()
         proc.stderr.close()
@@ -75,3 +84,19 @@ def test_console_script_converts(runs):
     status, out, err = done["script"]
     assert status == 0 and out.startswith("wrote "), err
     assert_state_dict_equal(load(tmp / "m.safetensors"), cases.combined()["model"])
+
+
+def test_version(runs):
+    assert runs[1]["version"] == (0, f"sdtree {sdtree.__version__}\n", "")
+
+
+def test_demo_help_names_the_command(runs):
+    status, out, err = runs[1]["demo help"]
+    assert status == 0 and out.startswith("usage: sdtree demo [-h] [--steps STEPS]"), err
+
+
+def test_a_closed_output_pipe_ends_quietly(runs):
+    status, first_line, err = runs[1]["head"]
+    assert first_line == "layers.0.self_attn.q_proj.weight -> layers.0.self_attn.q_proj.weight\n"
+    assert (status, err) == (141, "")  # 128 + SIGPIPE, as a shell reports for `yes | head`; no traceback
+    assert not (runs[0] / "never.pt").exists()

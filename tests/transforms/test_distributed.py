@@ -41,3 +41,11 @@ def test_broadcast_state_dict_matches_torch(strict, cpu_offload, pool2):
 def test_broadcast_places_each_tensor_as_its_bucket_arrives(pool2):
     counts = pool2.run(bodies.broadcast_places_shards_as_buckets_arrive)
     assert counts == [9, 9]
+
+
+def test_cpu_copies_keep_dtensors_and_sharded_tensors(pool2):
+    assert pool2.run(bodies.cpu_copies_keep_dtensors_and_sharded_tensors) == ["ok", "ok"]
+
+
+def test_distribute_tensors_matches_torch(pool2):
+    assert pool2.run(bodies.distribute_tensors_matches_torch) == ["ok", "ok"]

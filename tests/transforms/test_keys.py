@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sdtree.errors import (
+    InvalidRuleError,
     KeyCollisionError,
     LayoutMismatchError,
     MissingPrefixError,
@@ -89,12 +90,25 @@ def test_rename_regex_has_no_inverse():
 
 
 def test_rename_rejects_bad_rules():
-    with pytest.raises(ValueError, match=r"pattern '\(' is not a valid regular expression"):
+    with pytest.raises(InvalidRuleError, match=r"rule \('\(', 'x'\): the pattern is not a valid regular expression"):
         rename([("(", "x")])
     with pytest.raises(TypeError, match="pair"):
         rename([("a", "b", "c")])
     with pytest.raises(TypeError, match="rules must be a mapping"):
         rename("a")
+
+
+@pytest.mark.parametrize(
+    "rule, problem, groups",
+    [
+        (("model", r"\2"), "invalid group reference 2 at position 1", r"has no group"),
+        ((r"^(?P<block>\d+)\.(\w+)$", r"\g<name>"), "unknown group name 'name'", r"has 2 group\(s\): \\1 to \\2, \\g<block>,"),
+        ((r"^(\d+)\.", "x\\"), "bad escape", r"has 1 group\(s\)"),
+    ],
+)
+def test_rename_checks_the_replacement_against_its_pattern_when_built(rule, problem, groups):
+    with pytest.raises(InvalidRuleError, match=rf"^rename: rule {re.escape(repr(rule))}: the replacement is invalid for this pattern: {problem}.* The pattern {groups}"):
+        rename([rule])
 
 
 def test_select_and_drop_by_prefix_and_predicate():
@@ -103,6 +117,18 @@ def test_select_and_drop_by_prefix_and_predicate():
     assert drop_keys("enc.")(sd) == {"dec.w": 3}
     assert select_keys(where=lambda k: k.endswith(".w"))(sd) == {"enc.w": 1, "dec.w": 3}
     assert drop_keys("enc.", "dec.")(sd) == {}
+
+
+def test_a_positional_predicate_works_like_where():
+    sd = {"enc.w": 1, "enc.b": 2, "dec.w": 3}
+    ends_w = lambda k: k.endswith(".w")  # noqa: E731
+    assert select_keys(ends_w)(sd) == select_keys(where=ends_w)(sd) == {"enc.w": 1, "dec.w": 3}
+    assert drop_keys(ends_w)(sd) == {"enc.b": 2}
+    assert repr(select_keys(ends_w)) == f"select_keys(where={ends_w!r})"
+    with pytest.raises(TypeError, match="exactly one"):
+        select_keys(ends_w, where=ends_w)
+    with pytest.raises(TypeError, match="every prefix must be a str"):
+        select_keys("enc.", ends_w)
 
 
 def test_select_keys_needs_exactly_one_criterion():
