@@ -99,9 +99,12 @@ def open_safetensors(path: Path) -> Checkpoint:
 
 
 def _get_tensor(file: Any, key: str, what: str) -> torch.Tensor:
-    """The tensor ``key``: a view of the file's (copy-on-write) memory map."""
+    """The tensor ``key``, in memory of its own: ``get_tensor`` gives a view of
+    one copy-on-write map per open file, so two fetches would share memory (a
+    write into one would show in the next) and a file truncated meanwhile
+    would crash the reader (SIGBUS)."""
     try:
-        return file.get_tensor(key)  # type: ignore[no-any-return]
+        return file.get_tensor(key).clone()  # type: ignore[no-any-return]
     except Exception as err:  # as in open_safetensors
         raise CorruptCheckpointError(f"{what}: {key!r} cannot be read: {err}.") from None
 

@@ -152,3 +152,14 @@ def test_template_is_for_dcp_only(tmp_path):
     save({"w": torch.ones(2)}, tmp_path / "m.pt")
     with pytest.raises(CheckpointFormatError, match="template= reshards DCP checkpoints only"):
         load(tmp_path / "m.pt", template={"w": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "dcp"])
+def test_each_fetch_is_a_tensor_of_its_own(tmp_path, name):
+    """Writing into what one fetch gave never shows in the next (nor in the file)."""
+    save({"w": torch.zeros(4)}, tmp_path / name)
+    checkpoint = open_checkpoint(tmp_path / name)
+    first = checkpoint.fetch(checkpoint.tree["w"])
+    first.add_(1)
+    assert torch.equal(checkpoint.fetch(checkpoint.tree["w"]), torch.zeros(4))
+    assert torch.equal(load(tmp_path / name)["w"], torch.zeros(4))
