@@ -21,6 +21,7 @@ from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
 from sdtree.errors import CheckpointFormatError, NothingToWriteError, UnsupportedLeafError, _preview
 from sdtree.transforms.compose import Transform
+from sdtree.transforms.rules import Materializer, derivation_of
 
 __all__ = ["open_checkpoint", "save", "load", "convert", "Conversion", "Progress"]
 
@@ -179,9 +180,11 @@ def convert(
 
     Any format converts to any other (DCP shards are consolidated). Tensors
     are read and written one at a time, so memory stays near the largest
-    tensor — as long as ``transform`` only moves, renames or drops entries
-    (every key transform); a transform that makes new tensors gets the whole
-    source loaded first.
+    tensor, or with tensor transforms (fuse, split, stack, permute, cast,
+    ...) near the largest group: each output is computed from its sources
+    when the writer reaches it. Only a transform that cannot plan on meta
+    tensors (a ``map_tensors`` whose function needs data, ``offload_to_cpu``)
+    gets the whole source loaded first.
 
     Args:
         transform: applied to the model and optimizer entries of a combined
@@ -229,7 +232,7 @@ def convert(
     )
     if dry_run:
         return result
-    fetch = _reporting(checkpoint.fetch, progress, total)
+    fetch = _reporting(Materializer(tree, checkpoint.fetch), progress, total)
     with atomic_destination(dst, force=force, directory=dst_format == "dcp", fn="convert") as tmp:
         _writer(dst_format, dst)(tmp, tree, fetch, fn="convert")
     return result
@@ -282,7 +285,10 @@ def _transformed(
         out = apply_transform(transform, keep_model(checkpoint.tree) if model_only else checkpoint.tree)
     except UnsupportedLeafError:  # a tensor transform that refuses meta tensors
         out = None
-    if out is not None and all(checkpoint.is_placeholder(leaf) or not leaf.is_meta for _, leaf in tensor_items(out)):
+    if out is not None and all(
+        checkpoint.is_placeholder(leaf) or derivation_of(leaf) is not None or not leaf.is_meta
+        for _, leaf in tensor_items(out)
+    ):  # tensor transforms plan meta outputs that the Materializer computes group by group
         return checkpoint.tree, out, True
     loaded = checkpoint.load()
     return loaded, apply_transform(transform, keep_model(loaded) if model_only else loaded), False

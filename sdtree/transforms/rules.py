@@ -149,8 +149,8 @@ def _run(op: Op, inputs: Sequence[torch.Tensor], planned: Optional[list[Spec]]) 
     meta tensors that remember their derivation when any input is meta."""
     if not any(t.is_meta for t in inputs):
         return op.compute(inputs)
-    if planned is None:
-        raise TensorMismatchError(f"{op!r} cannot plan meta tensors: it needs their data.")
+    if planned is None:  # a leaf kind the op cannot plan: the caller may load the data and retry
+        raise UnsupportedLeafError(f"{op!r} cannot plan meta tensors: it needs their data.")
     derivation = Derivation(op, tuple(inputs))
     outputs = []
     for index, (shape, dtype) in enumerate(planned):

@@ -217,3 +217,31 @@ def test_a_dcp_checkpoint_is_one_data_file_that_names_its_final_path(tmp_path, h
     template["step"] = 0
     dcp.load(template, storage_reader=FileSystemReader(dst), no_dist=True)
     assert_state_dict_equal(template, checkpoint)
+
+
+@pytest.mark.parametrize("dst_fmt", ["torch", "safetensors", "dcp"])
+def test_tensor_transforms_stream_one_group_at_a_time(tmp_path, monkeypatch, dst_fmt):
+    from sdtree.transforms import fuse, map_tensors, permute_for_rope, split
+
+    g = torch.Generator().manual_seed(0)
+    model = {}
+    for i in range(3):
+        model.update({f"l.{i}.q": torch.randn(8, 4, generator=g), f"l.{i}.k": torch.randn(4, 4, generator=g), f"l.{i}.w13": torch.randn(6, 4, generator=g)})
+    model["norm"] = torch.ones(4)
+    save(model, tmp_path / "src.safetensors")
+    rule = (
+        permute_for_rope("l.{i}.q", n_heads=2)
+        >> fuse(["l.{i}.q", "l.{i}.k"], "l.{i}.qk", sizes=(8, 4))
+        >> split("l.{i}.w13", ["l.{i}.w1", "l.{i}.w3"])
+    )
+    reads = []
+    fetch = Checkpoint.fetch
+    monkeypatch.setattr(Checkpoint, "fetch", lambda self, t: reads.append(t) or fetch(self, t))
+    done = convert(tmp_path / "src.safetensors", tmp_path / FORMATS[dst_fmt], transform=rule)
+    assert done.streamed and len(reads) == len(model)  # every source read once, w13 once for both halves
+    assert_state_dict_equal(load(tmp_path / FORMATS[dst_fmt]), rule(model))
+    # a function that cannot run on meta tensors: the source is loaded whole instead, and still right
+    needs_data = map_tensors(lambda t: t * float(t.sum() > -1e9), where="norm")
+    done = convert(tmp_path / "src.safetensors", tmp_path / ("b" + FORMATS[dst_fmt]), transform=needs_data)
+    assert not done.streamed
+    assert_state_dict_equal(load(tmp_path / ("b" + FORMATS[dst_fmt])), needs_data(model))
