@@ -9,6 +9,7 @@ reader of the output goes away early (``sdtree convert ... --dry-run | head``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,12 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+
 from sdtree import __version__
 from sdtree._tree import tree_flatten_with_path
 from sdtree.checkpoint import FORMATS, CheckpointDiff, Summary, convert, describe, diff, open_checkpoint
-from sdtree.checkpoint._layout import apply_transform, keep_model
-from sdtree.errors import PatternMatchError, SdtreeError, _preview
-from sdtree.transforms import Transform, add_prefix, pipeline, rename, strip_prefix
+from sdtree.checkpoint._layout import apply_transform, keep_model, subtree
+from sdtree.errors import InvalidRuleError, PatternMatchError, SdtreeError, UnsupportedLeafError, _preview
+from sdtree.transforms import Transform, add_prefix, cast, drop_keys, pipeline, rename, select_keys, strip_prefix
 
 __all__ = ["main", "demo_script"]
 
@@ -90,6 +93,22 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--add-prefix", action=_Step, metavar="P", help="put P before every key")
     conv.add_argument(
         "--rename", action=_Step, nargs=2, metavar=("PATTERN", "REPL"), help="re.sub(PATTERN, REPL, key) on every key"
+    )
+    conv.add_argument("--select", action=_Step, metavar="P", help="keep only the keys that start with P")
+    conv.add_argument("--drop", action=_Step, metavar="P", help="drop the keys that start with P")
+    conv.add_argument(
+        "--dtype", action=_Step, metavar="DTYPE", help="cast every floating-point tensor to DTYPE (e.g. bfloat16)"
+    )
+    conv.add_argument(
+        "--transform",
+        action=_Step,
+        metavar="FILE.py:NAME",
+        help="apply the sdtree Transform NAME defined in FILE.py (or returned by NAME(), a recipe)",
+    )
+    conv.add_argument(
+        "--key",
+        metavar="PATH",
+        help="convert only the entry at PATH (dotted, e.g. 'state_dict' of a trainer's checkpoint)",
     )
     conv.add_argument("--to", choices=FORMATS, help="the destination format (default: from DST's name)")
     conv.add_argument("--model-only", action="store_true", help="write only the 'model' entry of the checkpoint")
@@ -181,30 +200,98 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _transform(steps: list[tuple[str, Any]]) -> list[Transform]:
+    """The transforms the key and tensor options ask for, in command-line order."""
     made: list[Transform] = []
     for option, value in steps:
         if option == "strip_prefix":
             made.append(strip_prefix(value, strict=False))
         elif option == "add_prefix":
             made.append(add_prefix(value))
-        else:
+        elif option == "rename":
             made.append(rename([(value[0], value[1])]))
+        elif option == "select":
+            made.append(select_keys(value))
+        elif option == "drop":
+            made.append(drop_keys(value))
+        elif option == "dtype":
+            made.append(cast(_dtype(value)))
+        else:
+            made.append(_user_transform(value))
     return made
 
 
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        floats = sorted(n for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype) and getattr(torch, n).is_floating_point)
+        raise InvalidRuleError(f"--dtype {name!r} is not a floating-point torch dtype; choose one of {', '.join(floats)}.")
+    return dtype
+
+
+def _user_transform(spec: str) -> Transform:
+    """The Transform ``NAME`` of ``FILE.py:NAME`` (or what ``NAME()`` returns)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise InvalidRuleError(f"--transform {spec!r}: expected FILE.py:NAME, e.g. my_rules.py:to_titan.")
+    module = _load_file(Path(path), spec)
+    if not hasattr(module, name):
+        defined = [n for n, v in vars(module).items() if isinstance(v, Transform) and not n.startswith("_")]
+        raise InvalidRuleError(
+            f"--transform {spec!r}: {path!r} defines no {name!r}"
+            + (f"; the Transforms it defines are {', '.join(defined)}." if defined else "; it defines no Transform.")
+        )
+    value = getattr(module, name)
+    if callable(value) and not isinstance(value, Transform):
+        try:
+            value = value()
+        except TypeError as err:
+            raise InvalidRuleError(
+                f"--transform {spec!r}: {name} is a function that cannot be called without arguments ({err}); "
+                "give the name of a Transform, or of a function that takes none and returns one."
+            ) from None
+    if not isinstance(value, Transform):
+        raise InvalidRuleError(
+            f"--transform {spec!r}: {name} is {type(value).__name__} {value!r:.60}, not an sdtree Transform "
+            "(build one with the factories of sdtree.transforms)."
+        )
+    return value
+
+
+def _load_file(path: Path, spec: str) -> Any:
+    if not path.is_file():
+        raise InvalidRuleError(f"--transform {spec!r}: there is no file {str(path)!r}.")
+    loader = importlib.util.spec_from_file_location(f"sdtree_user_transform_{path.stem}", path)
+    if loader is None or loader.loader is None:
+        raise InvalidRuleError(f"--transform {spec!r}: {str(path)!r} is not a Python file.")
+    module = importlib.util.module_from_spec(loader)
+    try:
+        loader.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001  # the user's file: report what it raised, in one line
+        raise InvalidRuleError(f"--transform {spec!r}: running {str(path)!r} raised {type(err).__name__}: {err}") from None
+    return module
+
+
+_KEY_OPTIONS = ("strip_prefix", "add_prefix", "rename", "drop")  # each must change some key
+
+
 def _check_each_step_acts(args: argparse.Namespace, made: list[Transform]) -> None:
-    """A key option that changes no key is an error, not a silent no-op (a
-    mistyped prefix would otherwise convert the checkpoint unchanged)."""
+    """Run the steps on the source's index (no tensor data) before converting:
+    a key option that changes no key is an error, not a silent no-op (a
+    mistyped prefix would otherwise convert the checkpoint unchanged), and a
+    rule that does not fit fails here, before anything is read."""
     if not made:
         return
-    tree = open_checkpoint(args.src, trust_pickle=args.trust_pickle).tree
+    tree = subtree(open_checkpoint(args.src, trust_pickle=args.trust_pickle).tree, args.key, fn="convert")
     if args.model_only:
         tree = keep_model(tree)
     keys = tree_flatten_with_path(tree)[0]
     for (option, value), step in zip(args.steps, made):
-        tree = apply_transform(step, tree)
+        try:
+            tree = apply_transform(step, tree)
+        except UnsupportedLeafError:  # a step that needs the data: convert loads it and runs the rest
+            return
         after = tree_flatten_with_path(tree)[0]
-        if after == keys:
+        if after == keys and option in _KEY_OPTIONS:
             flag = f"--{option.replace('_', '-')} {' '.join(map(repr, value)) if isinstance(value, (list, tuple)) else repr(value)}"
             raise PatternMatchError(
                 f"convert: {flag} changes no key of {str(args.src)!r} (its keys look like "
@@ -246,6 +333,7 @@ def _convert(args: argparse.Namespace) -> int:
             force=args.force,
             trust_pickle=args.trust_pickle,
             model_only=args.model_only,
+            key=args.key,
             dry_run=args.dry_run,
             progress=progress,
         )

@@ -15,7 +15,7 @@ from sdtree.checkpoint._atomic import atomic_destination, check_destination, che
 from sdtree.checkpoint._dcp_read import load_dcp_into, open_dcp
 from sdtree.checkpoint._dcp_write import save_dcp, write_dcp
 from sdtree.checkpoint._formats import Format, PathLike, destination_format, detect_format
-from sdtree.checkpoint._layout import MODEL, OPTIM, apply_transform, fit_format, is_combined, keep_model
+from sdtree.checkpoint._layout import MODEL, OPTIM, apply_transform, fit_format, is_combined, keep_model, subtree
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, as_is, dotted, first_aliases, tensor_items
 from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
@@ -173,6 +173,7 @@ def convert(
     force: bool = False,
     trust_pickle: bool = False,
     model_only: bool = False,
+    key: Optional[str] = None,
     dry_run: bool = False,
     progress: Optional[Progress] = None,
 ) -> Conversion:
@@ -197,6 +198,9 @@ def convert(
             checkpoint (needed to put one that holds more into safetensors).
             A safetensors source is a model state dict already; any other
             without a ``"model"`` state dict is an error.
+        key: convert only the entry at this dotted path of the source (the
+            ``"state_dict"`` of a trainer's checkpoint), before ``model_only``
+            and ``transform``.
         dry_run: only work out the key mapping; write nothing.
         progress: called as ``progress(nbytes, total_bytes)`` per tensor.
 
@@ -219,9 +223,10 @@ def convert(
     if not dry_run:
         check_destination(dst, force=force, fn="convert")
     checkpoint = open_checkpoint(src, trust_pickle=trust_pickle)
-    if model_only and checkpoint.format != "safetensors" and not is_combined(checkpoint.tree):
-        raise NothingToWriteError(_no_model(checkpoint))
-    source, tree, streamed = _transformed(checkpoint, transform, model_only)
+    base = subtree(checkpoint.tree, key, fn="convert")
+    if model_only and checkpoint.format != "safetensors" and not is_combined(base):
+        raise NothingToWriteError(_no_model(checkpoint, base))
+    source, tree, streamed = _transformed(checkpoint, base, key, transform, model_only)
     tree = fit_format(tree, dst_format, fn="convert")
     tensors = _unique(tree, dst_format)
     if not tensors:
@@ -238,8 +243,7 @@ def convert(
     return result
 
 
-def _no_model(checkpoint: Checkpoint) -> str:
-    tree = checkpoint.tree
+def _no_model(checkpoint: Checkpoint, tree: Any) -> str:
     holds = f"top-level keys: {_preview(tree)}" if isinstance(tree, Mapping) else f"it holds a {type(tree).__name__}"
     return (
         f"convert: model_only=True (--model-only) writes the {MODEL!r} entry of a combined checkpoint "
@@ -277,20 +281,21 @@ def _nothing_left(
 
 
 def _transformed(
-    checkpoint: Checkpoint, transform: Optional[Transform], model_only: bool
+    checkpoint: Checkpoint, base: Any, key: Optional[str], transform: Optional[Transform], model_only: bool
 ) -> tuple[Any, Any, bool]:
     """``(source, transformed, streamed)``: the transform applied to the
-    placeholders if it keeps them, else to the loaded checkpoint."""
+    placeholders of ``base`` (the entry at ``key``) if it keeps them, else to
+    the loaded checkpoint."""
     try:
-        out = apply_transform(transform, keep_model(checkpoint.tree) if model_only else checkpoint.tree)
+        out = apply_transform(transform, keep_model(base) if model_only else base)
     except UnsupportedLeafError:  # a tensor transform that refuses meta tensors
         out = None
     if out is not None and all(
         checkpoint.is_placeholder(leaf) or derivation_of(leaf) is not None or not leaf.is_meta
         for _, leaf in tensor_items(out)
     ):  # tensor transforms plan meta outputs that the Materializer computes group by group
-        return checkpoint.tree, out, True
-    loaded = checkpoint.load()
+        return base, out, True
+    loaded = subtree(checkpoint.load(), key, fn="convert")
     return loaded, apply_transform(transform, keep_model(loaded) if model_only else loaded), False
 
 

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from sdtree.checkpoint._formats import Format
-from sdtree.errors import CheckpointFormatError, _preview
+from sdtree.errors import CheckpointFormatError, LayoutMismatchError, _preview
 from sdtree.transforms._forms import is_flat_optim_state_dict, is_optim_state_dict
 from sdtree.transforms.combined import MODEL, OPTIM, each, is_combined
 from sdtree.transforms.compose import Transform
 
-__all__ = ["MODEL", "OPTIM", "is_combined", "apply_transform", "keep_model", "fit_format"]
+__all__ = ["MODEL", "OPTIM", "is_combined", "apply_transform", "subtree", "keep_model", "fit_format"]
 
 
 def apply_transform(transform: Optional[Transform], tree: Any) -> Any:
@@ -33,6 +33,27 @@ def apply_transform(transform: Optional[Transform], tree: Any) -> Any:
     if not is_combined(tree):
         return transform(tree)
     return each(transform)(tree)
+
+
+def subtree(tree: Any, path: Optional[str], *, fn: str) -> Any:
+    """The entry of ``tree`` at the dotted ``path`` (``"state_dict"``,
+    ``"checkpoint.model"``); ``tree`` itself when ``path`` is None.
+
+    Raises:
+        LayoutMismatchError: no such entry (the message lists what is there).
+    """
+    if path is None:
+        return tree
+    node = tree
+    walked: list[str] = []
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            where = "the checkpoint" if not walked else repr(".".join(walked))
+            there = f"its entries are {_preview(node)}" if isinstance(node, Mapping) else f"it is a {type(node).__name__}"
+            raise LayoutMismatchError(f"{fn}: key={path!r}: {where} has no entry {part!r} ({there}).")
+        node = node[part]
+        walked.append(part)
+    return node
 
 
 def keep_model(tree: Any) -> Any:

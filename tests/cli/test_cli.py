@@ -212,3 +212,76 @@ def test_a_key_option_that_changes_no_key_exits_2(ckpts, capsys, option, shown):
     assert_one_error_line(status, out, err, shown, "sdtree inspect")
     assert "(its keys look like model." in err  # what the keys look like instead
     assert not (ckpts / "nothing.pt").exists()
+
+
+def test_select_drop_and_dtype_apply_in_order(ckpts, capsys):
+    out_path = ckpts / "small.pt"
+    status, _, err = run(
+        capsys, "convert", ckpts / "full.pt", out_path, "--strip-prefix", "_orig_mod.", "--select", "mlp.", "--drop", "mlp.2.", "--dtype", "bfloat16"
+    )
+    assert status == 0, err
+    got = load(out_path)
+    assert list(got["model"]) == ["mlp.0.weight", "mlp.0.bias"]
+    assert all(v.dtype == torch.bfloat16 for v in got["model"].values())
+    assert list(got["optim"]["state"]) == ["mlp.0.weight", "mlp.0.bias"]
+    assert got["optim"]["state"]["mlp.0.weight"]["exp_avg"].dtype == torch.bfloat16  # moments follow
+
+
+def test_key_takes_a_subtree_of_a_trainers_checkpoint(tmp_path, capsys):
+    model = {"w": torch.ones(2), "b": torch.zeros(1)}
+    torch.save({"state_dict": model, "epoch": 3, "hparams": {"lr": 0.1}}, tmp_path / "trainer.pt")
+    assert run(capsys, "convert", tmp_path / "trainer.pt", tmp_path / "m.safetensors", "--key", "state_dict")[0] == 0
+    assert_state_dict_equal(load(tmp_path / "m.safetensors"), model)
+    status, out, err = run(capsys, "convert", tmp_path / "trainer.pt", tmp_path / "x.safetensors", "--key", "state_dict.model")
+    assert_one_error_line(status, out, err, "key='state_dict.model': 'state_dict' has no entry 'model' (its entries are 'w', 'b')")
+
+
+USER_RULES = '''
+import torch
+from sdtree.transforms import add_prefix, cast, strip_prefix
+
+clean = strip_prefix("_orig_mod.", strict=False) >> add_prefix("net.")
+not_a_transform = {"a": 1}
+
+def recipe():
+    return cast(torch.float64)
+
+def needs_args(n_heads):
+    return add_prefix("x.")
+'''
+
+
+def test_transform_from_a_users_file(ckpts, capsys):
+    rules = ckpts / "rules.py"
+    rules.write_text(USER_RULES)
+    assert run(capsys, "convert", ckpts / "model.safetensors", ckpts / "a.safetensors", "--transform", f"{rules}:clean")[0] == 0
+    assert list(load(ckpts / "a.safetensors"))[0] == "net.scale"
+    assert run(capsys, "convert", ckpts / "model.safetensors", ckpts / "b.safetensors", "--transform", f"{rules}:recipe")[0] == 0
+    assert {v.dtype for v in load(ckpts / "b.safetensors").values()} == {torch.float64}
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("{rules}:missing", ["defines no 'missing'", "the Transforms it defines are clean"]),
+        ("{rules}:not_a_transform", ["not_a_transform is dict", "not an sdtree Transform"]),
+        ("{rules}:needs_args", ["needs_args is a function that cannot be called without arguments"]),
+        ("{dir}/nowhere.py:clean", ["there is no file"]),
+        ("{rules}", ["expected FILE.py:NAME"]),
+        ("{broken}:clean", ["raised ZeroDivisionError"]),
+    ],
+)
+def test_bad_transform_option_exits_2(ckpts, capsys, spec, words):
+    (ckpts / "rules.py").write_text(USER_RULES)
+    (ckpts / "broken.py").write_text("1 / 0\n")
+    spec = spec.format(rules=ckpts / "rules.py", broken=ckpts / "broken.py", dir=ckpts)
+    status, out, err = run(capsys, "convert", ckpts / "model.safetensors", ckpts / "c.safetensors", "--transform", spec)
+    assert_one_error_line(status, out, err, "--transform", *words)
+    assert not (ckpts / "c.safetensors").exists()
+
+
+def test_bad_dtype_and_a_drop_that_drops_nothing_exit_2(ckpts, capsys):
+    status, out, err = run(capsys, "convert", ckpts / "model.safetensors", ckpts / "d.pt", "--dtype", "int8")
+    assert_one_error_line(status, out, err, "--dtype 'int8' is not a floating-point torch dtype", "bfloat16")
+    status, out, err = run(capsys, "convert", ckpts / "model.safetensors", ckpts / "d.pt", "--drop", "decoder.")
+    assert_one_error_line(status, out, err, "--drop 'decoder.' changes no key")
