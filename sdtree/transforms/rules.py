@@ -203,7 +203,7 @@ class TensorRule(Transform):
         names = self._group_names()
         patterns = self._pattern_set()
         slots: dict[tuple[str, ...], dict[Any, str]] = {}
-        for key in keys:
+        for key in patterns.candidates(keys):
             try:
                 found = patterns.match(key)
             except ValueError as err:
@@ -293,7 +293,8 @@ class TensorRule(Transform):
     def _apply_model(self, sd: Mapping[str, Any]) -> dict[str, Any]:
         keys = list(sd)
         self._check_str(keys)
-        groups = self._groups([k for k in keys if self._accepts(sd[k])])
+        accepts = self._accepts
+        groups = self._groups(keys if type(self)._accepts is TensorRule._accepts else [k for k in keys if accepts(sd[k])])
         op = self._op()
         for group in groups:
             bad = [k for k in group.members if not isinstance(sd[k], torch.Tensor)]
