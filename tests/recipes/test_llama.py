@@ -11,6 +11,7 @@ import sdtree
 from sdtree.errors import KeyCollisionError, PatternMatchError, TensorMismatchError
 from sdtree.recipes import llama, untie_weights
 from sdtree.testing import assert_state_dict_equal
+from sdtree.transforms import flatten_optimizer
 from tests.recipes import hugging_face, torchtitan_reference
 
 N_HEADS, N_KV_HEADS, DIM, HEAD_DIM, LAYERS, VOCAB, HIDDEN = 4, 2, 64, 16, 2, 128, 96
@@ -152,6 +153,17 @@ def test_model_and_adamw_state_round_trip_bitwise_with_moments_fused_like_their_
     assert_state_dict_equal(back_optim, optim_sd)
     assert back_optim["param_groups"][0]["params"] == optim_sd["param_groups"][0]["params"]
     assert_state_dict_equal(recipe.inverse()(recipe(optim_sd)), optim_sd)  # the optimizer alone too
+
+
+def test_flat_optimizer_state_converts_as_the_nested_one_does(model, tokens):
+    model_sd, optim_sd = _adamw_state(model, tokens)
+    flat = flatten_optimizer()(optim_sd)
+    recipe = llama.hf_to_torchtitan(**SHAPE, fuse_qkv=True, fuse_w13=True)
+    assert_state_dict_equal(recipe(flat), flatten_optimizer()(recipe(optim_sd)))
+    assert_state_dict_equal(recipe.inverse()(recipe((model_sd, flat))[1]), flat)
+    tied = llama.hf_to_torchtitan(**SHAPE, tie_word_embeddings=True)
+    with pytest.raises(TensorMismatchError, match=r"the optimizer has a parameter 'output.weight' of its own"):
+        tied(flat)  # an untied model: lm_head has moments of its own
 
 
 def test_tied_model_state_dict_keeps_lm_head_as_output_sharing_the_embedding(tied_model, tokens):
