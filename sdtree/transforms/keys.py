@@ -45,6 +45,19 @@ __all__ = [
 NewKeys = list[Optional[str]]  # None drops the key
 
 
+def _is_pair(transform: Transform, state_dict: Any) -> bool:
+    """Whether ``state_dict`` is ``(model_state_dict, optim_state_dict)``, as
+    the tensor transforms take it (the second is checked)."""
+    if not (isinstance(state_dict, tuple) and len(state_dict) == 2):
+        return False
+    if form_of(state_dict[1], transform._factory) == "model":
+        raise LayoutMismatchError(
+            f"{transform!r}: the second of (model_state_dict, optim_state_dict) is not an optimizer state "
+            "dict (neither {'state': ..., 'param_groups': [...]} nor its flat form)."
+        )
+    return True
+
+
 class _KeyTransform(Transform):
     """A transform defined by a function on keys, applied to every form."""
 
@@ -53,7 +66,7 @@ class _KeyTransform(Transform):
         raise NotImplementedError
 
     def __call__(self, state_dict: Any, /) -> Any:
-        if isinstance(state_dict, tuple) and len(state_dict) == 2:  # (model, optim): both alike
+        if _is_pair(self, state_dict):
             return self(state_dict[0]), self(state_dict[1])
         form = form_of(state_dict, self._factory)
         if form == "optim":
@@ -500,7 +513,7 @@ class _DropMetaTensors(Transform):
     _factory = "drop_meta_tensors"
 
     def __call__(self, state_dict: Any, /) -> Any:
-        if isinstance(state_dict, tuple) and len(state_dict) == 2:  # (model, optim): both alike
+        if _is_pair(self, state_dict):
             return self(state_dict[0]), self(state_dict[1])
         form = form_of(state_dict, self._factory)
         if form == "optim":

@@ -133,7 +133,14 @@ class PatternSet:
         init=False, eq=False
     )
 
+    # the literal text before the first and after the last placeholder of each pattern:
+    # a key that starts with no head or ends with no tail matches no pattern
+    _ends: tuple[tuple[str, ...], tuple[str, ...]] = attrs.field(init=False, eq=False)
+
     def __attrs_post_init__(self) -> None:
+        object.__setattr__(
+            self, "_ends", (tuple({_head(p): None for p in self.patterns}), tuple({_tail(p): None for p in self.patterns}))
+        )
         tables: dict[tuple[int, tuple[int, ...]], dict[tuple[Optional[str], ...], int]] = {}
         for index, pattern in enumerate(self.patterns):
             table = tables.setdefault((len(pattern.segments), pattern.positions), {})
@@ -145,8 +152,17 @@ class PatternSet:
             table[pattern.segments] = index
         object.__setattr__(self, "_tables", tables)
 
+    def candidates(self, keys: Iterable[str]) -> list[str]:
+        """The keys that may match a pattern (a cheap test of their ends);
+        :meth:`match` tells which do."""
+        heads, tails = self._ends
+        return [k for k in keys if k.startswith(heads) and k.endswith(tails)]
+
     def match(self, key: str) -> Optional[tuple[int, dict[str, str]]]:
         """``(index of the pattern, placeholder values)`` of ``key``, or None."""
+        heads, tails = self._ends
+        if not (key.startswith(heads) and key.endswith(tails)):
+            return None
         parts = key.split(".")
         n = len(parts)
         found: Optional[tuple[int, dict[str, str]]] = None
@@ -169,6 +185,20 @@ class PatternSet:
                     pattern = self.patterns[index]
                     found = (index, {name: parts[p] for name, p in zip(pattern.names, pattern.positions)})
         return found
+
+
+def _head(pattern: KeyPattern) -> str:
+    """The literal start of every key ``pattern`` matches ("layers." of "layers.{i}.w")."""
+    if not pattern.positions:
+        return pattern.text
+    return "".join(f"{s}." for s in pattern.segments[: pattern.positions[0]])
+
+
+def _tail(pattern: KeyPattern) -> str:
+    """The literal end of every key ``pattern`` matches (".w" of "layers.{i}.w")."""
+    if not pattern.positions:
+        return pattern.text
+    return "".join(f".{s}" for s in pattern.segments[pattern.positions[-1] + 1 :])
 
 
 def pattern_set(patterns: Iterable[KeyPattern]) -> PatternSet:

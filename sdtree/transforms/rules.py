@@ -245,7 +245,7 @@ class TensorRule(Transform):
         names = self._group_names()
         patterns = self._pattern_set()
         slots: dict[tuple[str, ...], dict[Any, str]] = {}
-        for key in keys:
+        for key in patterns.candidates(keys):
             try:
                 found = patterns.match(key)
             except ValueError as err:
@@ -335,8 +335,9 @@ class TensorRule(Transform):
     def _apply_model(self, sd: Mapping[str, Any]) -> dict[str, Any]:
         keys = list(sd)
         self._check_str(keys)
+        accepts = self._accepts
         try:
-            groups = self._groups([k for k in keys if self._accepts(sd[k])])
+            groups = self._groups(keys if type(self)._accepts is TensorRule._accepts else [k for k in keys if accepts(sd[k])])
         except PatternMatchError as err:
             nested = [k for k, v in sd.items() if isinstance(v, Mapping)]
             if not nested:
