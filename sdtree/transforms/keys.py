@@ -314,7 +314,7 @@ class _RenameByRegex(_KeyTransform):
 class _RenameByPattern(_KeyTransform):
     _factory = "rename"
     pairs: tuple[tuple[str, str], ...]
-    _compiled: tuple[PatternSet, tuple[KeyPattern, ...]] = attrs.field(init=False, eq=False, repr=False)
+    _compiled: tuple[PatternSet, tuple[str, ...]] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         sources = tuple(key_pattern(old, fn="rename") for old, _ in self.pairs)
@@ -329,17 +329,20 @@ class _RenameByPattern(_KeyTransform):
             found = PatternSet(sources)
         except ValueError as err:
             raise InvalidRuleError(f"rename: {err}") from None
-        object.__setattr__(self, "_compiled", (found, targets))
+        # each target as a template filled with its source's placeholder values, in the source's order
+        templates = tuple(t.template(source.names) for source, t in zip(sources, targets))
+        object.__setattr__(self, "_compiled", (found, templates))
 
     def _map_keys(self, keys: list[str]) -> NewKeys:
-        found, targets = self._compiled
-        out: NewKeys = []
-        for key in keys:
-            try:
-                match = found.match(key)
-            except ValueError as err:
-                raise PatternMatchError(f"{self!r}: {err}") from None
-            out.append(key if match is None else targets[match[0]].format(match[1]))
+        found, templates = self._compiled
+        match = found.match_values
+        out: NewKeys = list(keys)
+        maybe = set(found.candidates(keys))
+        for i, key in enumerate(keys):
+            if key in maybe:
+                hit = match(key)
+                if hit is not None:
+                    out[i] = templates[hit[0]].format(*hit[1])
         return out
 
     def inverse(self) -> Transform:

@@ -244,17 +244,18 @@ class TensorRule(Transform):
         over = self._over()
         names = self._group_names()
         patterns = self._pattern_set()
+        # per pattern: where each group placeholder (and ``over``) sits among its values
+        picks = [tuple(p.names.index(n) for n in names) for p in sources]
+        at_over = [p.names.index(over) if over is not None else -1 for p in sources]
         slots: dict[tuple[str, ...], dict[Any, str]] = {}
+        match = patterns.match_values
         for key in patterns.candidates(keys):
-            try:
-                found = patterns.match(key)
-            except ValueError as err:
-                raise self._fail(str(err)) from None
+            found = match(key)
             if found is None:
                 continue
-            index, binding = found
-            gid = tuple(binding[n] for n in names)
-            slot: Any = index if over is None else binding[over]
+            index, values = found
+            gid = tuple(values[i] for i in picks[index])
+            slot: Any = index if over is None else values[at_over[index]]
             slots.setdefault(gid, {})[slot] = key
         if not slots:
             if self.strict:
@@ -359,6 +360,11 @@ class TensorRule(Transform):
         for group, specs in zip(groups, planned):
             outputs = _run(op, [sd[k] for k in group.members], specs)
             emitted[group.members[0]] = list(zip(self._targets(group, len(outputs)), outputs))
+        if all(len(e) == 1 and e[0][0] == k for k, e in emitted.items()) and all(len(g.members) == 1 for g in groups):
+            # each key maps to itself (permute, cast, ...): copy the dict, replace the values in place
+            same = dict(sd)
+            same.update(e[0] for e in emitted.values())
+            return same
         consumed = {k for g in groups for k in g.members}
         out: dict[str, Any] = {}
         for key, value in sd.items():
