@@ -26,6 +26,7 @@ from sdtree._tree import tree_flatten_with_path
 from sdtree.checkpoint import FORMATS, CheckpointDiff, Summary, convert, describe, diff, open_checkpoint
 from sdtree.checkpoint._layout import apply_transform, keep_model, subtree
 from sdtree.errors import InvalidRuleError, PatternMatchError, SdtreeError, UnsupportedLeafError, _preview
+from sdtree.recipes import llama, moe
 from sdtree.transforms import Transform, add_prefix, cast, drop_keys, pipeline, rename, select_keys, strip_prefix
 
 __all__ = ["main", "demo_script"]
@@ -56,6 +57,15 @@ class _Step(argparse.Action):
         self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Optional[str] = None
     ) -> None:
         namespace.steps = [*namespace.steps, (self.dest, values)]
+
+
+# --recipe NAME: (family, direction)
+RECIPES = {
+    "llama-hf-to-torchtitan": ("llama", "to_torchtitan"),
+    "llama-torchtitan-to-hf": ("llama", "to_hf"),
+    "mixtral-hf-to-torchtitan": ("mixtral", "to_torchtitan"),
+    "mixtral-torchtitan-to-hf": ("mixtral", "to_hf"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,6 +114,22 @@ def _parser() -> argparse.ArgumentParser:
         action=_Step,
         metavar="FILE.py:NAME",
         help="apply the sdtree Transform NAME defined in FILE.py (or returned by NAME(), a recipe)",
+    )
+    conv.add_argument(
+        "--recipe",
+        action=_Step,
+        choices=sorted(RECIPES),
+        help="a conversion of sdtree.recipes, with its model's shape from --n-heads, --n-kv-heads, --dim",
+    )
+    shape = conv.add_argument_group("recipe shape (with --recipe)")
+    shape.add_argument("--n-heads", type=int, help="attention heads (q)")
+    shape.add_argument("--n-kv-heads", type=int, help="key/value heads (k and v; = --n-heads without GQA)")
+    shape.add_argument("--dim", type=int, help="the model's width (hidden_size)")
+    shape.add_argument("--head-dim", type=int, help="per-head width, when not dim / n-heads")
+    shape.add_argument("--fuse-qkv", action="store_true", help="fuse q, k and v into attention.wqkv")
+    shape.add_argument("--fuse-w13", action="store_true", help="fuse gate and up into feed_forward.w13 (llama)")
+    shape.add_argument(
+        "--tie-word-embeddings", action="store_true", help="the Hugging Face side has no lm_head.weight (tied)"
     )
     conv.add_argument(
         "--key",
@@ -199,7 +225,26 @@ def _diff(args: argparse.Namespace) -> int:
     return 0 if result.equal else 1
 
 
-def _transform(steps: list[tuple[str, Any]]) -> list[Transform]:
+def _recipe(name: str, args: argparse.Namespace) -> Transform:
+    """The recipe ``name`` for the shape given by the shape options."""
+    missing = [f"--{o.replace('_', '-')}" for o in ("n_heads", "n_kv_heads", "dim") if getattr(args, o) is None]
+    if missing:
+        raise InvalidRuleError(f"--recipe {name}: give the model's shape: {', '.join(missing)} (from its config.json).")
+    family, direction = RECIPES[name]
+    shape: dict[str, Any] = dict(
+        n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, dim=args.dim, head_dim=args.head_dim,
+        fuse_qkv=args.fuse_qkv, tie_word_embeddings=args.tie_word_embeddings,
+    )
+    if family == "llama":
+        recipe = llama.hf_to_torchtitan(**shape, fuse_w13=args.fuse_w13)
+    elif args.fuse_w13:
+        raise InvalidRuleError(f"--recipe {name}: --fuse-w13 is for llama; Mixtral's experts are stacked instead.")
+    else:
+        recipe = moe.mixtral_to_torchtitan(**shape)
+    return recipe if direction == "to_torchtitan" else recipe.inverse()
+
+
+def _transform(steps: list[tuple[str, Any]], args: argparse.Namespace) -> list[Transform]:
     """The transforms the key and tensor options ask for, in command-line order."""
     made: list[Transform] = []
     for option, value in steps:
@@ -215,6 +260,8 @@ def _transform(steps: list[tuple[str, Any]]) -> list[Transform]:
             made.append(drop_keys(value))
         elif option == "dtype":
             made.append(cast(_dtype(value)))
+        elif option == "recipe":
+            made.append(_recipe(value, args))
         else:
             made.append(_user_transform(value))
     return made
@@ -318,7 +365,7 @@ def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int], None]], 
 
 
 def _convert(args: argparse.Namespace) -> int:
-    made = _transform(args.steps)  # a bad --rename rule raises here, before any file is read
+    made = _transform(args.steps, args)  # a bad rule or recipe raises here, before any file is read
     _check_each_step_acts(args, made)
     transform = pipeline(*made) if made else None
     show = sys.stderr.isatty() if args.progress is None else args.progress

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from sdtree.errors import InvalidRuleError
 from sdtree.recipes._tying import tie_weights
 from sdtree.transforms import Transform, fuse, pipeline, rename, unpermute_for_rope
 
@@ -33,7 +34,7 @@ def _positive_int(fn: str, name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{fn}: {name} must be an int, got {name}={value!r}.")
     if value <= 0:
-        raise ValueError(f"{fn}: {name} must be positive, got {name}={value!r}.")
+        raise InvalidRuleError(f"{fn}: {name} must be positive, got {name}={value!r}.")
     return value
 
 
@@ -43,20 +44,20 @@ def head_dim_of(fn: str, n_heads: int, n_kv_heads: int, dim: int, head_dim: Opti
     _positive_int(fn, "n_kv_heads", n_kv_heads)
     _positive_int(fn, "dim", dim)
     if n_heads % n_kv_heads:
-        raise ValueError(
+        raise InvalidRuleError(
             f"{fn}: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}; "
             "grouped-query attention shares each k/v head among n_heads // n_kv_heads query heads."
         )
     if head_dim is None:
         if dim % n_heads:
-            raise ValueError(
+            raise InvalidRuleError(
                 f"{fn}: dim={dim} does not divide by n_heads={n_heads}; pass head_dim= for models whose "
                 "heads are not dim // n_heads wide."
             )
         head_dim = dim // n_heads
     _positive_int(fn, "head_dim", head_dim)
     if head_dim % 2:
-        raise ValueError(f"{fn}: head_dim={head_dim} is odd; rotary embeddings pair the dimensions of a head.")
+        raise InvalidRuleError(f"{fn}: head_dim={head_dim} is odd; rotary embeddings pair the dimensions of a head.")
     return head_dim
 
 

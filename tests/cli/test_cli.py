@@ -285,3 +285,43 @@ def test_bad_dtype_and_a_drop_that_drops_nothing_exit_2(ckpts, capsys):
     assert_one_error_line(status, out, err, "--dtype 'int8' is not a floating-point torch dtype", "bfloat16")
     status, out, err = run(capsys, "convert", ckpts / "model.safetensors", ckpts / "d.pt", "--drop", "decoder.")
     assert_one_error_line(status, out, err, "--drop 'decoder.' changes no key")
+
+
+def _tiny_llama_state_dict():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return {k: v.detach().clone() for k, v in LlamaForCausalLM(config).state_dict().items()}
+
+
+def test_recipe_converts_to_torchtitan_and_back(tmp_path, capsys):
+    from sdtree.recipes import llama
+
+    model = _tiny_llama_state_dict()
+    save(model, tmp_path / "hf.safetensors")
+    shape = ["--n-heads", "4", "--n-kv-heads", "2", "--dim", "32"]
+    status, _, err = run(capsys, "convert", tmp_path / "hf.safetensors", tmp_path / "titan.pt", "--recipe", "llama-hf-to-torchtitan", *shape, "--fuse-qkv", "--fuse-w13")
+    assert status == 0, err
+    expected = llama.hf_to_torchtitan(n_heads=4, n_kv_heads=2, dim=32, fuse_qkv=True, fuse_w13=True)(model)
+    titan = load(tmp_path / "titan.pt")
+    assert list(titan) == list(expected) and "layers.0.attention.wqkv.weight" in titan
+    assert_state_dict_equal(titan, expected)
+    status, _, err = run(capsys, "convert", tmp_path / "titan.pt", tmp_path / "back.safetensors", "--recipe", "llama-torchtitan-to-hf", *shape, "--fuse-qkv", "--fuse-w13")
+    assert status == 0, err
+    assert_state_dict_equal(load(tmp_path / "back.safetensors"), model)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--n-heads", "4", "--dim", "32"], ["--recipe llama-hf-to-torchtitan: give the model's shape: --n-kv-heads"]),
+        (["--n-heads", "3", "--n-kv-heads", "3", "--dim", "32"], ["dim=32 does not divide by n_heads=3"]),
+        (["--n-heads", "8", "--n-kv-heads", "2", "--dim", "32"], ["'layers.0.attention.wk.weight' (16, 32)", "not n_heads=2 x head_dim=4"]),
+    ],
+)
+def test_a_recipe_with_a_wrong_shape_exits_2_naming_the_option_or_key(tmp_path, capsys, extra, words):
+    save(_tiny_llama_state_dict(), tmp_path / "hf.safetensors")
+    status, out, err = run(capsys, "convert", tmp_path / "hf.safetensors", tmp_path / "t.pt", "--recipe", "llama-hf-to-torchtitan", *extra)
+    assert_one_error_line(status, out, err, *words)
+    assert not (tmp_path / "t.pt").exists()
