@@ -23,7 +23,7 @@ import torch
 
 from sdtree import __version__
 from sdtree._tree import tree_flatten_with_path
-from sdtree.checkpoint import FORMATS, CheckpointDiff, Summary, convert, describe, diff, open_checkpoint
+from sdtree.checkpoint import FORMATS, CheckpointDiff, Conversion, Summary, convert, describe, diff, open_checkpoint
 from sdtree.checkpoint._layout import apply_transform, keep_model, subtree
 from sdtree.errors import InvalidRuleError, PatternMatchError, SdtreeError, UnsupportedLeafError, _preview
 from sdtree.recipes import llama, moe
@@ -348,6 +348,28 @@ def _check_each_step_acts(args: argparse.Namespace, made: list[Transform]) -> No
         keys = after
 
 
+def _render_plan(result: Conversion, transform: Optional[Transform]) -> str:
+    """A dry run's plan: each tensor to write with its shape, dtype and where
+    it comes from (a source key, or rules over source keys), the keys
+    dropped, and the memory the largest group needs."""
+    used = {key for p in result.plan for key in p.sources}
+    lines = []
+    for p in result.plan:
+        what = f"[{', '.join(map(str, p.shape))}] {str(p.dtype).removeprefix('torch.')}"
+        if p.rules:
+            lines.append(f"{p.key}  {what}  <- {' >> '.join(p.rules)} of {', '.join(p.sources)}")
+        else:
+            lines.append(f"{p.sources[0]} -> {p.key}  {what}")
+    lines += [f"{old} -> (dropped)" for old, new in result.renamed if new is None and old not in used]
+    largest = max(result.plan, key=lambda p: p.peak_bytes, default=None)
+    peak = f"; peak memory about {_human(result.peak_bytes)} (largest: {largest.key})" if largest is not None else ""
+    lines.append(
+        f"dry run: would write {result.dst} ({result.dst_format}): {result.tensors} tensors, "
+        f"{_human(result.nbytes)}{peak}" + (f"; transform: {transform!r}" if transform else "")
+    )
+    return "\n".join(lines)
+
+
 def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int], None]], Callable[[], None]]:
     """A ``progress(nbytes, total)`` callback drawing a tqdm bar on stderr, and its closer."""
     if not enabled:
@@ -387,12 +409,7 @@ def _convert(args: argparse.Namespace) -> int:
     finally:
         close()
     if args.dry_run:
-        for old, new in result.renamed:
-            print(f"{old} -> {new if new is not None else '(dropped)'}")
-        print(
-            f"dry run: would write {result.dst} ({result.dst_format}): {result.tensors} tensors, "
-            f"{_human(result.nbytes)}" + (f"; transform: {transform!r}" if transform else "")
-        )
+        print(_render_plan(result, transform))
         return 0
     seconds = time.perf_counter() - start
     print(

@@ -26,7 +26,7 @@ a tree of placeholder (meta) tensors, then reads and writes one tensor at a
 time, so memory stays near the largest tensor.
 """
 
-from sdtree.checkpoint._api import Conversion, Progress, convert, load, open_checkpoint, save
+from sdtree.checkpoint._api import Conversion, PlannedTensor, Progress, convert, load, open_checkpoint, save
 from sdtree.checkpoint._formats import FORMATS, Format, destination_format, detect_format
 from sdtree.checkpoint._inspect import (
     CheckpointDiff,
@@ -50,6 +50,7 @@ __all__ = [
     "Checkpoint",
     "convert",
     "Conversion",
+    "PlannedTensor",
     "Progress",
     "describe",
     "Summary",

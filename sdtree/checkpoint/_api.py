@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -149,8 +150,12 @@ class Conversion:
         renamed: for each tensor of the source, by flat key (``"model.w"``),
             its flat key in the destination, or ``None`` if dropped.
         tensors, nbytes: the tensors written (tied ones once) and their size.
-        streamed: tensors were read one at a time (false when the transform
-            made new tensors, which needs the whole source in memory).
+        streamed: tensors were read one at a time, or group by group (false
+            when a transform needed the whole source in memory).
+        plan: every tensor written, with its sources and rules.
+        peak_bytes: the most memory one of them holds while it is computed
+            (the largest group), about the conversion's peak above its
+            baseline when ``streamed``.
     """
 
     src: Path
@@ -162,6 +167,30 @@ class Conversion:
     nbytes: int
     streamed: bool
     written: bool
+    plan: tuple[PlannedTensor, ...] = ()
+    peak_bytes: int = 0
+
+
+@attrs.frozen
+class PlannedTensor:
+    """One tensor of the destination, as :func:`convert` plans it (no data read).
+
+    Attributes:
+        key: its flat key in the destination.
+        shape, dtype: what it will hold.
+        sources: the flat keys of the source tensors it is read or computed from.
+        rules: the tensor transforms that compute it, innermost first
+            (``("unpermute_for_rope", "fuse")``); empty when it is copied as it is.
+        peak_bytes: the memory held while it is computed: its sources, and
+            every output of the groups on the way.
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    sources: tuple[str, ...]
+    rules: tuple[str, ...]
+    peak_bytes: int
 
 
 def convert(
@@ -232,8 +261,10 @@ def convert(
     if not tensors:
         raise NothingToWriteError(_nothing_left(checkpoint, source, tree, transform, model_only))
     total = sum(t.numel() * t.element_size() for t in tensors)
+    plan = _plan(source, tree, dst_format)
     result = Conversion(
-        src, dst, checkpoint.format, dst_format, _renamed(source, tree), len(tensors), total, streamed, not dry_run
+        src, dst, checkpoint.format, dst_format, _renamed(source, tree), len(tensors), total, streamed, not dry_run,
+        plan, max((p.peak_bytes for p in plan), default=0),
     )
     if dry_run:
         return result
@@ -305,6 +336,38 @@ def _unique(tree: Any, fmt: Format) -> list[torch.Tensor]:
     if fmt == "dcp":
         return leaves
     return [leaf for i, (leaf, first) in enumerate(zip(leaves, first_aliases(leaves))) if first == i]
+
+
+def _plan(source: Any, tree: Any, fmt: Format) -> tuple[PlannedTensor, ...]:
+    """What each tensor a writer of ``fmt`` fetches is made of, traced through
+    the derivations of the tensor transforms back to the source's keys."""
+    source_keys = {id(leaf): key for key, leaf in tensor_items(source)}
+    written = {id(t) for t in _unique(tree, fmt)}
+    plan = []
+    for key, leaf in tensor_items(tree):
+        if id(leaf) not in written:
+            continue
+        written.discard(id(leaf))  # tied: planned once, under its first key
+        sources, rules, peak = _trace(leaf, source_keys, key)
+        plan.append(PlannedTensor(key, tuple(leaf.shape), leaf.dtype, tuple(dict.fromkeys(sources)), rules, peak))
+    return tuple(plan)
+
+
+def _trace(leaf: torch.Tensor, source_keys: Mapping[int, str], key: str) -> tuple[list[str], tuple[str, ...], int]:
+    """``(source keys, rules innermost first, bytes held)`` of a planned tensor."""
+    derived = derivation_of(leaf)
+    if derived is None:
+        return [source_keys.get(id(leaf), key)], (), leaf.numel() * leaf.element_size()
+    derivation = derived[0]
+    sources: list[str] = []
+    rules: list[str] = []
+    held = sum(math.prod(shape) * dtype.itemsize for shape, dtype in derivation.outputs)
+    for part in derivation.sources:
+        part_sources, part_rules, part_held = _trace(part, source_keys, key)
+        sources += part_sources
+        rules += [r for r in part_rules if r not in rules]
+        held += part_held
+    return sources, (*rules, derivation.rule), held
 
 
 def _renamed(before: Any, after: Any) -> tuple[tuple[str, Optional[str]], ...]:

@@ -75,10 +75,13 @@ class Op:
 
 @attrs.frozen(eq=False)
 class Derivation:
-    """How meta outputs are computed from the tensors they were planned from."""
+    """How meta outputs are computed from the tensors they were planned from
+    (``rule``: the factory name of the rule that planned them, for plans)."""
 
     op: Op
     sources: tuple[torch.Tensor, ...]
+    rule: str
+    outputs: tuple[Spec, ...]
 
     def compute(self, fetch: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
         return self.op.compute([materialize(s, fetch) for s in self.sources])
@@ -144,14 +147,14 @@ def _spec(tensor: torch.Tensor) -> Spec:
     return tuple(tensor.shape), tensor.dtype
 
 
-def _run(op: Op, inputs: Sequence[torch.Tensor], planned: Optional[list[Spec]]) -> list[torch.Tensor]:
+def _run(op: Op, inputs: Sequence[torch.Tensor], planned: Optional[list[Spec]], rule: str) -> list[torch.Tensor]:
     """The outputs of ``op`` on ``inputs`` (planned already): computed, or
     meta tensors that remember their derivation when any input is meta."""
     if not any(t.is_meta for t in inputs):
         return op.compute(inputs)
     if planned is None:  # a leaf kind the op cannot plan: the caller may load the data and retry
         raise UnsupportedLeafError(f"{op!r} cannot plan meta tensors: it needs their data.")
-    derivation = Derivation(op, tuple(inputs))
+    derivation = Derivation(op, tuple(inputs), rule, tuple(planned))
     outputs = []
     for index, (shape, dtype) in enumerate(planned):
         out = torch.empty(shape, dtype=dtype, device="meta")
@@ -358,7 +361,7 @@ class TensorRule(Transform):
         planned = [self._plan(op, g.members, [_spec(sd[k]) for k in g.members]) for g in groups]
         emitted: dict[str, list[tuple[str, Any]]] = {}
         for group, specs in zip(groups, planned):
-            outputs = _run(op, [sd[k] for k in group.members], specs)
+            outputs = _run(op, [sd[k] for k in group.members], specs, self._factory)
             emitted[group.members[0]] = list(zip(self._targets(group, len(outputs)), outputs))
         if all(len(e) == 1 and e[0][0] == k for k, e in emitted.items()) and all(len(g.members) == 1 for g in groups):
             # each key maps to itself (permute, cast, ...): copy the dict, replace the values in place
@@ -452,7 +455,7 @@ class TensorRule(Transform):
                     "to drop such entries, or convert them first."
                 )
             labels = [f"{m} ({name})" for m in members]
-            mapped[name] = _run(op, values, self._plan(op, labels, [_spec(v) for v in values]))
+            mapped[name] = _run(op, values, self._plan(op, labels, [_spec(v) for v in values]), self._factory)
         counts = {len(v) for v in mapped.values()}
         n = counts.pop() if counts else self._n_outputs(group, param_shapes)
         targets = self._targets(group, n)

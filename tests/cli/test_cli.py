@@ -103,8 +103,9 @@ def test_convert_dry_run_prints_the_key_mapping(ckpts, capsys):
     status, out, _ = run(capsys, "convert", ckpts / "full.pt", ckpts / "new", "--strip-prefix", "_orig_mod.", "--dry-run")
     assert status == 0
     lines = out.splitlines()
-    assert "model._orig_mod.mlp.0.weight -> model.mlp.0.weight" in lines
-    assert "optim.state._orig_mod.mlp.0.weight.exp_avg -> optim.state.mlp.0.weight.exp_avg" in lines
+    assert "model._orig_mod.mlp.0.weight -> model.mlp.0.weight  [5, 4] float32" in lines
+    assert "optim.state._orig_mod.mlp.0.weight.exp_avg -> optim.state.mlp.0.weight.exp_avg  [5, 4] float32" in lines
+    assert "; peak memory about " in lines[-1]
     assert lines[-1].startswith("dry run: would write ") and "strip_prefix('_orig_mod.', strict=False)" in lines[-1]
     assert not (ckpts / "new").exists()
 
@@ -324,4 +325,26 @@ def test_a_recipe_with_a_wrong_shape_exits_2_naming_the_option_or_key(tmp_path, 
     save(_tiny_llama_state_dict(), tmp_path / "hf.safetensors")
     status, out, err = run(capsys, "convert", tmp_path / "hf.safetensors", tmp_path / "t.pt", "--recipe", "llama-hf-to-torchtitan", *extra)
     assert_one_error_line(status, out, err, *words)
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_dry_run_prints_the_plan_of_a_recipe_without_reading_data(tmp_path, capsys, monkeypatch):
+    from sdtree.checkpoint import Checkpoint
+
+    save(_tiny_llama_state_dict(), tmp_path / "hf.safetensors")
+    monkeypatch.setattr(Checkpoint, "fetch", lambda self, t: pytest.fail("a dry run read tensor data"))
+    status, out, err = run(
+        capsys, "convert", tmp_path / "hf.safetensors", tmp_path / "t.pt", "--recipe", "llama-hf-to-torchtitan",
+        "--n-heads", "4", "--n-kv-heads", "2", "--dim", "32", "--fuse-qkv", "--dry-run",
+    )
+    assert status == 0, err
+    lines = out.splitlines()
+    assert (
+        "layers.0.attention.wqkv.weight  [64, 32] float32  <- unpermute_for_rope >> fuse of "
+        "model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight"
+    ) in lines, out
+    assert "model.layers.0.mlp.gate_proj.weight -> layers.0.feed_forward.w1.weight  [48, 32] float32" in lines
+    # the largest group: q (32x32), k and v (16x32 each), q's and k's permuted copies, the fused output (float32)
+    assert lines[-1].startswith(f"dry run: would write {tmp_path / 't.pt'} (torch): 17 tensors, 76.6 KiB")
+    assert "; peak memory about 22.0 KiB (largest: layers.0.attention.wqkv.weight)" in lines[-1]
     assert not (tmp_path / "t.pt").exists()

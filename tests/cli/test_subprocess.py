@@ -97,6 +97,6 @@ def test_demo_help_names_the_command(runs):
 
 def test_a_closed_output_pipe_ends_quietly(runs):
     status, first_line, err = runs[1]["head"]
-    assert first_line == "layers.0.self_attn.q_proj.weight -> layers.0.self_attn.q_proj.weight\n"
+    assert first_line == "layers.0.self_attn.q_proj.weight -> layers.0.self_attn.q_proj.weight  [1] float32\n"
     assert (status, err) == (141, "")  # 128 + SIGPIPE, as a shell reports for `yes | head`; no traceback
     assert not (runs[0] / "never.pt").exists()
