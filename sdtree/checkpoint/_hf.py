@@ -163,9 +163,10 @@ def _read_index(index: Path, what: str, name: str) -> tuple[dict[str, str], dict
     """The index's ``weight_map`` and ``metadata``, checked: JSON without a
     key given twice, string values that name files inside the directory."""
     size = shard_file_size(index, what, kind="index file")
+    if size < 0:
+        raise CorruptCheckpointError(f"{what}: {name} is a symlink to nothing ({os.readlink(index)!r}).")
     if size > _INDEX_LIMIT:
         raise CorruptCheckpointError(f"{what}: {name} is {size} bytes, more than any index needs ({_INDEX_LIMIT}); it is not an index.")
-
     try:
         parsed = loads_unique(index.read_bytes(), lambda key: f"{what}: {name} is corrupt: it gives the key {key!r} twice.")
     except CorruptCheckpointError:

@@ -556,6 +556,16 @@ HF = {
         CheckpointFormatError,
         r"'.*hf' is a directory without a '\.metadata' file.* nor a Hugging Face one .* It holds shards named as Hugging Face names them \('model-00001-of-00002\.safetensors', 'model-00002-of-00002\.safetensors'\) but not their index",
     ),
+    "hf index a dangling symlink": (
+        _hf_changed(_both(lambda path: (path / INDEX).unlink(), lambda path: (path / INDEX).symlink_to("gone.json"))),
+        CorruptCheckpointError,
+        HFC + r"model\.safetensors\.index\.json is a symlink to nothing \('gone\.json'\)",
+    ),
+    "hf shard a dangling symlink": (
+        _hf_changed(_both(lambda path: (path / SHARD1).unlink(), lambda path: (path / SHARD1).symlink_to("../blobs/gone"))),
+        CorruptCheckpointError,
+        HFC + r"the shard 'model-00001-of-00002\.safetensors', which model\.safetensors\.index\.json names for 'a', is missing",
+    ),
     "hf index a named pipe": (_hf_changed(_fifo_at(INDEX)), CorruptCheckpointError, HFC + r"the index file '.*model\.safetensors\.index\.json' is not a regular file"),
     "hf shard a named pipe": (_hf_changed(_fifo_at(SHARD2)), CorruptCheckpointError, HFC + r"the shard file '.*model-00002-of-00002\.safetensors' is not a regular file"),
     "hf shard truncated": (_hf_changed(_cut(SHARD2, 20)), CorruptCheckpointError, r"safetensors file '.*hf/model-00002-of-00002\.safetensors' is truncated or corrupt"),
