@@ -16,7 +16,7 @@ from sdtree.checkpoint import Checkpoint, ShardInfo, convert, describe, detect_f
 from sdtree.checkpoint._hf import parse_size, plan_shards
 from sdtree.errors import CheckpointFormatError, NothingToWriteError
 from sdtree.testing import assert_state_dict_equal
-from sdtree.transforms import strip_prefix
+from sdtree.transforms import select_keys, strip_prefix
 from tests.checkpoint import cases
 from tests.cli.test_cli import assert_one_error_line, run
 from tests.corpus import MODEL_STATE_DICTS
@@ -248,8 +248,6 @@ def test_a_directory_with_both_layouts_is_read_as_safetensors_as_transformers_do
 
 def test_nothing_to_write_from_hf_is_an_error(tmp_path):
     save(cases.model_state_dict(), tmp_path / "hf", format="hf")
-    from sdtree.transforms import select_keys
-
     with pytest.raises(NothingToWriteError, match=r"drops all 7 tensors of '.*hf'"):
         convert(tmp_path / "hf", tmp_path / "out.pt", transform=select_keys("nothing."))
 
