@@ -72,13 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Inspect, compare and convert PyTorch checkpoints: DCP directories, "
-        "torch.save files and safetensors files.",
+        "torch.save files, safetensors files and Hugging Face directories.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="list keys, shapes, dtypes, sizes and param groups")
-    inspect.add_argument("path", help="a DCP directory, torch.save file or safetensors file")
+    inspect.add_argument("path", help="a DCP directory, torch.save file, safetensors file or Hugging Face directory")
     inspect.add_argument("--json", action="store_true", help="print JSON for machines")
     _trust_option(inspect)
 
@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     conv.set_defaults(steps=[])
     conv.add_argument("src", help="the checkpoint to read")
-    conv.add_argument("dst", help="where to write (*.safetensors, *.pt, or a directory name for DCP)")
+    conv.add_argument("dst", help="where to write (*.safetensors, *.pt, a directory name for DCP, or one for --to hf)")
     conv.add_argument("--strip-prefix", action=_Step, metavar="P", help="strip P from keys that start with it")
     conv.add_argument("--add-prefix", action=_Step, metavar="P", help="put P before every key")
     conv.add_argument(
@@ -136,7 +136,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="convert only the entry at PATH (dotted, e.g. 'state_dict' of a trainer's checkpoint)",
     )
-    conv.add_argument("--to", choices=FORMATS, help="the destination format (default: from DST's name)")
+    conv.add_argument("--to", choices=FORMATS, help="the destination format (default: from DST's name; hf only when given)")
+    conv.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="--to hf: the most tensor bytes per shard, as Hugging Face writes it: 500MB, 5GB (decimal "
+        "units), 2GiB (binary) or a number of bytes; a larger tensor gets a shard of its own (default 5GB)",
+    )
     conv.add_argument("--model-only", action="store_true", help="write only the 'model' entry of the checkpoint")
     conv.add_argument("--force", action="store_true", help="replace DST if it exists")
     conv.add_argument("--dry-run", action="store_true", help="print the key mapping (old -> new); write nothing")
@@ -201,6 +207,9 @@ def _render_summary(summary: Summary) -> str:
     for key, value in summary.values:
         text = repr(value)
         lines.append(f"value {key} = {text if len(text) <= 80 else text[:77] + '...'}")
+    if summary.shards:
+        lines.append(f"shards: {len(summary.shards)}")
+        lines += ["  " + row for row in _table([("file", "bytes", "tensors")] + [(s.name, _human(s.nbytes), str(s.tensors)) for s in summary.shards])]
     return "\n".join(lines)
 
 
@@ -405,6 +414,7 @@ def _convert(args: argparse.Namespace) -> int:
             key=args.key,
             dry_run=args.dry_run,
             progress=progress,
+            max_shard_size=args.max_shard_size,
         )
     finally:
         close()

@@ -1,4 +1,4 @@
-"""Open, save, load and convert checkpoints in any of the three formats."""
+"""Open, save, load and convert checkpoints in any of the four formats."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import attrs
 import torch
@@ -16,7 +16,17 @@ from sdtree.checkpoint._atomic import atomic_destination, check_destination, che
 from sdtree.checkpoint._dcp_read import load_dcp_into, open_dcp
 from sdtree.checkpoint._dcp_write import save_dcp, write_dcp
 from sdtree.checkpoint._formats import Format, PathLike, destination_format, detect_format
-from sdtree.checkpoint._layout import MODEL, OPTIM, apply_transform, fit_format, is_combined, keep_model, subtree
+from sdtree.checkpoint._hf import DEFAULT_MAX_SHARD_SIZE, open_hf, parse_size, write_hf
+from sdtree.checkpoint._layout import (
+    MODEL,
+    MODEL_ONLY_FORMATS,
+    OPTIM,
+    apply_transform,
+    fit_format,
+    is_combined,
+    keep_model,
+    subtree,
+)
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, as_is, dotted, first_aliases, tensor_items
 from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
@@ -33,21 +43,40 @@ _Writer = Callable[..., None]
 _FILE_WRITERS: dict[Format, _Writer] = {"torch": write_torch_file, "safetensors": write_safetensors}
 
 
-def _writer(fmt: Format, dst: Path) -> _Writer:
-    """``write(tmp, tree, fetch, fn=...)`` for ``fmt``; a DCP directory records
-    ``dst``, where ``tmp`` will be renamed to, as its checkpoint id."""
-    return functools.partial(write_dcp, checkpoint_id=dst) if fmt == "dcp" else _FILE_WRITERS[fmt]
+def _writer(fmt: Format, dst: Path, max_shard_size: Union[int, str, None], fn: str) -> _Writer:
+    """``write(tmp, tree, fetch, fn=...)`` for ``fmt``, made before anything is
+    read: a DCP directory records ``dst``, where ``tmp`` will be renamed to,
+    as its checkpoint id; a Hugging Face one is sharded by ``max_shard_size``
+    (default ``"5GB"``), which the other formats refuse.
+
+    Raises:
+        CheckpointFormatError: ``max_shard_size`` is not a size, or is given
+            for a format other than hf.
+    """
+    if fmt == "hf":
+        limit = parse_size(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size, fn=fn)
+        return functools.partial(write_hf, max_shard_size=limit)
+    if max_shard_size is not None:
+        raise CheckpointFormatError(
+            f"{fn}: max_shard_size={max_shard_size!r} (--max-shard-size) sets the shard size of a Hugging "
+            f"Face directory, but the destination format is {fmt!r}. Pass to='hf' (--to hf), or leave "
+            "max_shard_size out. Nothing was written."
+        )
+    if fmt == "dcp":
+        return functools.partial(write_dcp, checkpoint_id=dst)
+    return _FILE_WRITERS[fmt]
 
 
 def open_checkpoint(path: PathLike, *, trust_pickle: bool = False) -> Checkpoint:
     """Open the checkpoint at ``path``: its structure now, its tensors on demand.
 
     Only the index is read (DCP ``.metadata``, the pickle of a ``torch.save``
-    file, a safetensors header); ``Checkpoint.fetch`` reads one tensor.
+    file, a safetensors header, a Hugging Face index and its shards'
+    headers); ``Checkpoint.fetch`` reads one tensor.
 
     Args:
-        path: a DCP directory, a ``torch.save`` file or a safetensors file
-            (see :func:`detect_format`).
+        path: a DCP directory, a ``torch.save`` file, a safetensors file or a
+            Hugging Face directory (see :func:`detect_format`).
         trust_pickle: unpickle anything (only for files from a trusted
             source); by default pickles are read with
             ``torch.load(weights_only=True)`` or, for DCP metadata, an
@@ -64,6 +93,8 @@ def open_checkpoint(path: PathLike, *, trust_pickle: bool = False) -> Checkpoint
         return open_dcp(path, trust_pickle=trust_pickle)
     if fmt == "torch":
         return open_torch_file(path, trust_pickle=trust_pickle)
+    if fmt == "hf":
+        return open_hf(path, trust_pickle=trust_pickle)
     return open_safetensors(path)
 
 
@@ -74,6 +105,7 @@ def save(
     format: Optional[Format] = None,
     force: bool = False,
     process_group: Any = None,
+    max_shard_size: Union[int, str, None] = None,
 ) -> Path:
     """Save a state dict (or a combined ``{"model": ..., "optim": ..., ...}``
     checkpoint) at ``path``; return the path.
@@ -88,35 +120,45 @@ def save(
       stores leaves; an optimizer's empty ``"state"`` is restored).
     - ``"torch"``: a file that loads with ``torch.load(weights_only=True)``.
     - ``"safetensors"``: a model state dict only; tied tensors are stored once.
+    - ``"hf"``: a model state dict as a Hugging Face directory: safetensors
+      shards and ``model.safetensors.index.json``, or one ``model.safetensors``
+      when it fits a shard; tied tensors are stored once.
 
     Args:
         format: the format; by default told from the name (``*.safetensors``,
-            ``*.pt``/``.pth``/``.bin``/..., or no suffix for DCP).
+            ``*.pt``/``.pth``/``.bin``/..., or no suffix for DCP); ``"hf"``
+            only when given.
         force: replace an existing ``path``.
         process_group: the group a DCP save runs over (default: the world).
+        max_shard_size: hf only: the most tensor bytes per shard, an int or
+            a size as Hugging Face writes it (``"500MB"``, ``"5GB"``: decimal
+            units; ``"2GiB"``: binary); default ``"5GB"``. A larger tensor
+            gets a shard of its own.
 
     Raises:
         DestinationExistsError: ``path`` exists and ``force`` is false.
         DestinationError: ``path``'s directory cannot be created or written.
-        CheckpointFormatError: the format cannot hold ``state_dict``.
+        CheckpointFormatError: the format cannot hold ``state_dict``, or
+            ``max_shard_size`` is not a size or is given for another format.
         UnsupportedLeafError: a file format is given a sharded (DTensor) tensor.
     """
     path = Path(path)
     fmt = destination_format(path, format)
+    write = _writer(fmt, path, max_shard_size, "save")
     if fmt == "dcp":
         save_dcp(state_dict, path, force=force, fn="save", process_group=process_group)
         return path
     tree = fit_format(state_dict, fmt, fn="save")
-    with atomic_destination(path, force=force, directory=False, fn="save") as tmp:
-        _writer(fmt, path)(tmp, tree, as_is, fn="save")
+    with atomic_destination(path, force=force, directory=fmt == "hf", fn="save") as tmp:
+        write(tmp, tree, as_is, fn="save")
     return path
 
 
 def load(path: PathLike, *, template: Any = None, trust_pickle: bool = False, process_group: Any = None) -> Any:
     """Load the checkpoint at ``path`` into new CPU tensors.
 
-    Tied tensors of a safetensors or ``torch.save`` file load as one tensor
-    object under each of their keys.
+    Tied tensors of a safetensors or ``torch.save`` file, or a Hugging Face
+    directory sdtree wrote, load as one tensor object under each of their keys.
 
     Args:
         template: DCP only: a state dict whose tensors (DTensors too) give
@@ -205,6 +247,7 @@ def convert(
     key: Optional[str] = None,
     dry_run: bool = False,
     progress: Optional[Progress] = None,
+    max_shard_size: Union[int, str, None] = None,
 ) -> Conversion:
     """Convert the checkpoint ``src`` to ``dst``, applying ``transform`` on the way.
 
@@ -224,14 +267,15 @@ def convert(
         force: replace an existing ``dst``.
         trust_pickle: see :func:`open_checkpoint`.
         model_only: write only the ``"model"`` entry of a combined
-            checkpoint (needed to put one that holds more into safetensors).
-            A safetensors source is a model state dict already; any other
-            without a ``"model"`` state dict is an error.
+            checkpoint (needed to put one that holds more into safetensors
+            or hf). A safetensors or hf source is a model state dict
+            already; any other without a ``"model"`` state dict is an error.
         key: convert only the entry at this dotted path of the source (the
             ``"state_dict"`` of a trainer's checkpoint), before ``model_only``
             and ``transform``.
         dry_run: only work out the key mapping; write nothing.
         progress: called as ``progress(nbytes, total_bytes)`` per tensor.
+        max_shard_size: ``to="hf"`` only: see :func:`save`.
 
     Raises:
         DestinationError: ``dst`` is ``src`` or holds it (checked first, even
@@ -243,17 +287,19 @@ def convert(
             count) are nothing to write. Raised before anything is written,
             and by a dry run too.
         KeyCollisionError: the transform maps two keys to one.
-        CheckpointFormatError: the destination format cannot hold the result.
+        CheckpointFormatError: the destination format cannot hold the
+            result, or ``max_shard_size`` is bad (checked first).
         and the errors of :func:`open_checkpoint`.
     """
     src, dst = Path(src), Path(dst)
     check_not_source(src, dst, fn="convert")
     dst_format = destination_format(dst, to)
+    write = _writer(dst_format, dst, max_shard_size, "convert")
     if not dry_run:
         check_destination(dst, force=force, fn="convert")
     checkpoint = open_checkpoint(src, trust_pickle=trust_pickle)
     base = subtree(checkpoint.tree, key, fn="convert")
-    if model_only and checkpoint.format != "safetensors" and not is_combined(base):
+    if model_only and checkpoint.format not in MODEL_ONLY_FORMATS and not is_combined(base):
         raise NothingToWriteError(_no_model(checkpoint, base))
     source, tree, streamed = _transformed(checkpoint, base, key, transform, model_only)
     tree = fit_format(tree, dst_format, fn="convert")
@@ -269,8 +315,8 @@ def convert(
     if dry_run:
         return result
     fetch = _reporting(Materializer(tree, checkpoint.fetch), progress, total)
-    with atomic_destination(dst, force=force, directory=dst_format == "dcp", fn="convert") as tmp:
-        _writer(dst_format, dst)(tmp, tree, fetch, fn="convert")
+    with atomic_destination(dst, force=force, directory=dst_format in ("dcp", "hf"), fn="convert") as tmp:
+        write(tmp, tree, fetch, fn="convert")
     return result
 
 

@@ -23,12 +23,11 @@ import functools
 import io
 import math
 import reprlib
-import stat
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import IO, Any, Callable, Optional, cast
 
 import torch
@@ -53,6 +52,7 @@ from sdtree._tree import tree_map
 from sdtree.checkpoint._formats import DCP_METADATA
 from sdtree.checkpoint._lazy import Checkpoint
 from sdtree.checkpoint._pickle import LOAD_ERRORS, load_dcp_metadata, load_error, torch_load
+from sdtree.checkpoint._shard_files import names_inside, shard_file_size
 from sdtree.checkpoint._torch_file import TorchArchive
 from sdtree.errors import CorruptCheckpointError, IncompatibleStateDictError, SdtreeError, _preview
 from sdtree.transforms._forms import PG, STATE
@@ -327,14 +327,14 @@ def _check_storage(storage: Mapping[Any, Any], path: Path, what: str) -> Mapping
     spans: dict[str, list[tuple[int, int, Any]]] = {}
     for index, info in storage.items():
         name = getattr(info, "relative_path", None)
-        if not isinstance(name, str) or not _names_inside(name):
+        if not isinstance(name, str) or not names_inside(name):
             raise CorruptCheckpointError(
                 f"{what}: {DCP_METADATA} names the storage file {name!r} for {index}, which is not a file "
                 "inside the checkpoint directory; sdtree reads only files inside it (a '..' or an "
                 "absolute path could read any file on this machine)."
             )
         if name not in sizes:
-            sizes[name] = _file_size(path / name, what)
+            sizes[name] = shard_file_size(path / name, what)
             if sizes[name] < 0:
                 missing.append(name)
         offset, length = getattr(info, "offset", None), getattr(info, "length", None)
@@ -356,26 +356,6 @@ def _check_storage(storage: Mapping[Any, Any], path: Path, what: str) -> Mapping
                     "(a truncated shard file, or inconsistent metadata)."
                 )
     return storage
-
-
-def _names_inside(name: str) -> bool:
-    """Whether ``name`` names a file inside the directory it is read from:
-    relative, without '..'. (A symlink the directory holds is followed.)"""
-    parts = PurePosixPath(name).parts
-    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and "\0" not in name and not PureWindowsPath(name).anchor
-
-
-def _file_size(path: Path, what: str) -> int:
-    """The size of the regular file at ``path``; -1 if there is none."""
-    try:
-        mode = path.stat()
-    except FileNotFoundError:
-        return -1
-    except OSError as err:  # a symlink loop, a file it may not read
-        raise CorruptCheckpointError(f"{what}: the shard file {str(path)!r} cannot be read: {err.strerror or err}.") from None
-    if not stat.S_ISREG(mode.st_mode):
-        raise CorruptCheckpointError(f"{what}: the shard file {str(path)!r} is not a regular file.")
-    return mode.st_size
 
 
 def _check_tensor_entry(fqn: str, md: TensorStorageMetadata, records: Mapping[Any, Any], what: str) -> None:

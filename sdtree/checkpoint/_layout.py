@@ -3,9 +3,10 @@
 A *combined* checkpoint is ``{"model": model_state_dict, "optim":
 optim_state_dict, ...}``; other entries (a scheduler, a step count) are
 allowed and kept as they are. DCP directories and ``torch.save`` files hold
-any such tree. A safetensors file holds one flat ``{key: tensor}`` model state
-dict: a combined checkpoint goes there as its ``"model"`` entry, and only
-when it holds nothing else (or with ``model_only=True``).
+any such tree. A safetensors file, and a Hugging Face directory of them,
+holds one flat ``{key: tensor}`` model state dict: a combined checkpoint goes
+there as its ``"model"`` entry, and only when it holds nothing else (or with
+``model_only=True``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from sdtree.transforms._forms import is_flat_optim_state_dict, is_optim_state_di
 from sdtree.transforms.combined import MODEL, OPTIM, each, is_combined
 from sdtree.transforms.compose import Transform
 
-__all__ = ["MODEL", "OPTIM", "is_combined", "apply_transform", "subtree", "keep_model", "fit_format"]
+__all__ = ["MODEL", "OPTIM", "MODEL_ONLY_FORMATS", "is_combined", "apply_transform", "subtree", "keep_model", "fit_format"]
+
+MODEL_ONLY_FORMATS: dict[Format, str] = {"safetensors": "a safetensors file", "hf": "a Hugging Face (hf) directory"}
+"""The formats that hold a model state dict only, and how errors name them."""
 
 
 def apply_transform(transform: Optional[Transform], tree: Any) -> Any:
@@ -62,27 +66,28 @@ def keep_model(tree: Any) -> Any:
 
 
 def fit_format(tree: Any, fmt: Format, *, fn: str) -> Any:
-    """The tree to write in format ``fmt``: a safetensors file gets the model
+    """The tree to write in format ``fmt``: safetensors and hf get the model
     state dict of a combined checkpoint, and nothing that is not a model.
 
     Raises:
-        CheckpointFormatError: safetensors, and ``tree`` holds an optimizer or
-            other entries besides the model.
+        CheckpointFormatError: safetensors or hf, and ``tree`` holds an
+            optimizer or other entries besides the model.
     """
-    if fmt != "safetensors":
+    holder = MODEL_ONLY_FORMATS.get(fmt)
+    if holder is None:
         return tree
     if is_combined(tree):
         others = [k for k in tree if k != MODEL]
         if others:
             raise CheckpointFormatError(
-                f"{fn}: a safetensors file holds a model state dict only, but the checkpoint also "
+                f"{fn}: {holder} holds a model state dict only, but the checkpoint also "
                 f"holds {_preview(others)}. Pass model_only=True (--model-only) to write just its "
                 f"{MODEL!r} entry, or write 'dcp' or 'torch', which hold optimizers too."
             )
         return tree[MODEL]
     if is_optim_state_dict(tree) or (isinstance(tree, Mapping) and is_flat_optim_state_dict(tree)):
         raise CheckpointFormatError(
-            f"{fn}: a safetensors file holds a model state dict only, and this is an optimizer "
+            f"{fn}: {holder} holds a model state dict only, and this is an optimizer "
             "state dict. Write it as 'dcp' or 'torch'."
         )
     return tree

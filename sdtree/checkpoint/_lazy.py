@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import attrs
 import torch
@@ -23,6 +23,7 @@ from sdtree.errors import CorruptCheckpointError, UnsupportedLeafError
 
 __all__ = [
     "Checkpoint",
+    "ShardInfo",
     "Fetch",
     "as_is",
     "plain_cpu",
@@ -31,6 +32,7 @@ __all__ = [
     "first_aliases",
     "dotted",
     "tensor_items",
+    "not_flat_model",
 ]
 
 Fetch = Callable[[torch.Tensor], torch.Tensor]
@@ -41,23 +43,35 @@ def as_is(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@attrs.frozen
+class ShardInfo:
+    """One file of a sharded checkpoint: its name in the checkpoint directory,
+    its size in bytes, and how many tensors it stores."""
+
+    name: str
+    nbytes: int
+    tensors: int
+
+
 @attrs.frozen(eq=False)
 class Checkpoint:
     """A checkpoint opened by :func:`sdtree.checkpoint.open_checkpoint`.
 
     Attributes:
         path: where it is.
-        format: ``"dcp"``, ``"torch"`` or ``"safetensors"``.
+        format: ``"dcp"``, ``"torch"``, ``"safetensors"`` or ``"hf"``.
         tree: its state dict, tensors as meta placeholders (shape and dtype as
             stored; one placeholder object per stored tensor, so tied
             tensors share it). Legacy ``torch.save`` files, which cannot be
             read piecewise, hold real tensors here.
+        shards: the shard files of a Hugging Face directory, in order.
     """
 
     path: Path
     format: Format
     tree: Any
     _readers: Mapping[int, Callable[[], torch.Tensor]] = attrs.field(repr=False, alias="readers")
+    shards: tuple[ShardInfo, ...] = ()
 
     def is_placeholder(self, leaf: Any) -> bool:
         """Whether ``leaf`` is one of this checkpoint's placeholders."""
@@ -96,6 +110,20 @@ def tensor_items(tree: Any) -> list[tuple[str, torch.Tensor]]:
     """``(flat key, tensor)`` for every tensor leaf of ``tree``, in order."""
     paths, leaves, _ = tree_flatten_with_path(tree)
     return [(dotted(p), leaf) for p, leaf in zip(paths, leaves) if isinstance(leaf, torch.Tensor)]
+
+
+def not_flat_model(tree: Any) -> Optional[str]:
+    """What keeps ``tree`` from being a flat ``{str: tensor}`` model state dict
+    (``"it is a list"``, ``"it has the key 3"``, ``"'step' holds a int"``), or
+    ``None`` when it is one."""
+    if not isinstance(tree, Mapping):
+        return f"it is a {type(tree).__name__}"
+    for key, value in tree.items():
+        if type(key) is not str:
+            return f"it has the key {key!r}"
+        if not isinstance(value, torch.Tensor):
+            return f"{key!r} holds a {type(value).__name__}"
+    return None
 
 
 def plain_cpu(tensor: torch.Tensor, key: str, fn: str) -> torch.Tensor:

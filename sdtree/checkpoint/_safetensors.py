@@ -36,10 +36,10 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
-from sdtree.checkpoint._lazy import Checkpoint, Fetch, fetched_plain, first_aliases
+from sdtree.checkpoint._lazy import Checkpoint, Fetch, fetched_plain, first_aliases, not_flat_model
 from sdtree.errors import CheckpointFormatError, CorruptCheckpointError
 
-__all__ = ["open_safetensors", "write_safetensors", "check_model_state_dict", "ALIASES_KEY"]
+__all__ = ["open_safetensors", "write_safetensors", "check_model_state_dict", "with_aliases", "loads_unique", "ALIASES_KEY"]
 
 ALIASES_KEY = "sdtree.aliases"
 _METADATA = "__metadata__"
@@ -115,29 +115,57 @@ def _read_header(path: Path, what: str) -> dict[str, Any]:
     with open(path, "rb") as file:
         raw = file.read(int.from_bytes(file.read(8), "little"))
 
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(pairs)
-        if len(out) != len(pairs):
-            twice = next(key for key, n in collections.Counter(key for key, _ in pairs).items() if n > 1)
-            raise CorruptCheckpointError(f"{what} is corrupt: its header holds the key {twice!r} twice.")
-        return out
-
-    header: dict[str, Any] = json.loads(raw, object_pairs_hook=unique)
+    header: dict[str, Any] = loads_unique(raw, lambda key: f"{what} is corrupt: its header holds the key {key!r} twice.")
     return header
 
 
+def loads_unique(raw: bytes, twice: Callable[[str], str]) -> Any:
+    """``json.loads``, refusing a key given twice in one object (readers
+    differ in which they take); ``twice(key)`` is the error's message.
+
+    Raises:
+        CorruptCheckpointError: a key is given twice.
+    """
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            key = next(key for key, n in collections.Counter(key for key, _ in pairs).items() if n > 1)
+            raise CorruptCheckpointError(twice(key))
+        return out
+
+    return json.loads(raw, object_pairs_hook=unique)
+
+
 def _with_aliases(tree: dict[str, torch.Tensor], metadata: Mapping[str, str], what: str) -> dict[str, torch.Tensor]:
-    """Put each recorded alias back at its position, as the tensor it aliases."""
+    """Put back the aliases recorded in the file's metadata."""
     if ALIASES_KEY not in metadata:
         return tree
     try:
-        aliases = sorted((pos, alias, target) for pos, alias, target in json.loads(metadata[ALIASES_KEY]))
+        recorded = json.loads(metadata[ALIASES_KEY])
+    except (TypeError, ValueError):
+        recorded = None
+    return with_aliases(tree, recorded, what, where="its metadata entry")
+
+
+def with_aliases(tree: dict[str, torch.Tensor], recorded: Any, what: str, *, where: str) -> dict[str, torch.Tensor]:
+    """Put each recorded alias (``[position, alias, stored key]``) back at
+    its position, as the tensor it aliases; ``where`` says where they were
+    recorded, for errors.
+
+    Raises:
+        CorruptCheckpointError: ``recorded`` is not such a list, or an alias
+            names a stored key, is given twice, aliases no stored key, or
+            shares its position.
+    """
+    try:
+        aliases = sorted((pos, alias, target) for pos, alias, target in recorded)
     except (TypeError, ValueError):
         aliases = [(-1, "", "")]
     total = len(tree) + len(aliases)
     if not all(type(pos) is int and 0 <= pos < total and type(a) is str and type(t) is str for pos, a, t in aliases):
         raise CorruptCheckpointError(
-            f"{what} is corrupt: its metadata entry {ALIASES_KEY!r} is not a JSON list of "
+            f"{what} is corrupt: {where} {ALIASES_KEY!r} is not a JSON list of "
             f"[position, alias, stored key], positions below {total}."
         )
     items = list(tree.items())
@@ -160,27 +188,26 @@ def _with_aliases(tree: dict[str, torch.Tensor], metadata: Mapping[str, str], wh
 # -- writing ------------------------------------------------------------------
 
 
-def check_model_state_dict(tree: Any, fn: str) -> Mapping[str, torch.Tensor]:
-    """``tree`` if it is a flat ``{str: tensor}`` mapping safetensors can hold; else raise."""
-    if not isinstance(tree, Mapping):
+def check_model_state_dict(tree: Any, fn: str, holder: str = "a safetensors file") -> Mapping[str, torch.Tensor]:
+    """``tree`` if it is a flat ``{str: tensor}`` mapping safetensors can hold; else raise.
+
+    ``holder`` names what is written, for errors.
+    """
+    problem = not_flat_model(tree)
+    if problem is not None:
         raise CheckpointFormatError(
-            f"{fn}: a safetensors file holds a flat {{key: tensor}} model state dict, got a "
-            f"{type(tree).__name__}. Save it as 'torch' or 'dcp' instead."
+            f"{fn}: {holder} holds a flat {{str: tensor}} model state dict only, but "
+            f"{problem}. Drop or convert such entries first (drop_keys(...)), or save as "
+            "'torch' or 'dcp', which hold any state dict."
         )
-    for key, value in tree.items():
-        if type(key) is not str or not isinstance(value, torch.Tensor):
-            got = f"key {key!r}" if type(key) is not str else f"{key!r} holds a {type(value).__name__}"
-            raise CheckpointFormatError(
-                f"{fn}: a safetensors file holds a flat {{str: tensor}} model state dict only, but "
-                f"{got}. Drop or convert such entries first (drop_keys(...)), or save as "
-                "'torch' or 'dcp', which hold any state dict."
-            )
+    model: Mapping[str, torch.Tensor] = tree
+    for key, value in model.items():
         if value.dtype not in _CODES:
             raise CheckpointFormatError(
                 f"{fn}: {key!r} has dtype {value.dtype}, which safetensors cannot store "
                 f"(it stores {', '.join(sorted(str(d) for d in _CODES))}). Save as 'torch' or 'dcp'."
             )
-    return tree
+    return model
 
 
 def write_safetensors(path: Path, tree: Any, fetch: Fetch, *, fn: str) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import safetensors.torch
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
@@ -386,7 +387,212 @@ DCP = {
     "shard file is a named pipe": (_with_metadata(_fifo_shard), CorruptCheckpointError, r"the shard file '.*__0_0\.distcp' is not a regular file"),
 }
 
-CASES = {**SAFETENSORS, **TORCH, **DCP}
+# -- Hugging Face directories -----------------------------------------------------------
+
+INDEX = "model.safetensors.index.json"
+SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+
+
+def _hf(tmp: Path) -> Path:
+    """``SD`` in two shards: 'a' (40 bytes) in the first, 'b' (160 bytes) in the second."""
+    save(SD, tmp / "hf", format="hf", max_shard_size=100)
+    return tmp / "hf"
+
+
+def _hf_changed(change: Callable[[Path], None]) -> Callable[[Path], Path]:
+    def build(tmp: Path) -> Path:
+        path = _hf(tmp)
+        change(path)
+        return path
+
+    return build
+
+
+def _index(change: Callable[[dict[str, Any]], Any]) -> Callable[[Path], Path]:
+    """The index, loaded, changed in place (or replaced by what ``change`` returns: text), and written back."""
+
+    def edit(path: Path) -> None:
+        index = json.loads((path / INDEX).read_text())
+        text = change(index)
+        (path / INDEX).write_text(text if isinstance(text, str) else json.dumps(index))
+
+    return _hf_changed(edit)
+
+
+def _shard(name: str, tensors: dict[str, torch.Tensor]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        safetensors.torch.save_file(tensors, str(path / name), metadata={"format": "pt"})
+
+    return write
+
+
+def _both(first: Callable[[Path], Any], then: Callable[[Path], Any]) -> Callable[[Path], None]:
+    def change(path: Path) -> None:
+        first(path)
+        then(path)
+
+    return change
+
+
+def _map(key: str, shard: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda index: index["weight_map"].__setitem__(key, shard)
+
+
+def _outside_hf(path: Path) -> str:
+    save({"a": torch.full((10,), 7.0)}, path.parent / "secret", format="hf")
+    return str(path.parent / "secret" / "model.safetensors")
+
+
+def _pointing(where: Callable[[Path], str]) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        index = json.loads((path / INDEX).read_text())
+        index["weight_map"]["a"] = where(path)
+        (path / INDEX).write_text(json.dumps(index))
+
+    return edit
+
+
+def _fifo_at(name: str) -> Callable[[Path], None]:
+    def change(path: Path) -> None:
+        (path / name).unlink()
+        os.mkfifo(path / name)
+
+    return change
+
+
+def _bin_dir(tree: Any, **save_args: Any) -> Callable[[Path], Path]:
+    """A directory holding one ``pytorch_model.bin``, as old versions of transformers wrote it."""
+
+    def build(tmp: Path) -> Path:
+        (tmp / "hf").mkdir()
+        torch.save(tree, tmp / "hf" / "pytorch_model.bin", **save_args)
+        return tmp / "hf"
+
+    return build
+
+
+def _bin_payload(tmp: Path) -> Path:
+    from tests.checkpoint.cases import Payload
+
+    return _bin_dir({"w": torch.ones(2), "x": Payload(tmp / "code-ran")})(tmp)
+
+
+def _cut(name: str, size: int) -> Callable[[Path], None]:
+    return lambda path: (path / name).write_bytes((path / name).read_bytes()[:size])
+
+
+def _raw_shard(name: str, header: bytes) -> Callable[[Path], None]:
+    return lambda path: (path / name).write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 160)
+
+
+HFC = r"Hugging Face checkpoint '.*hf': "
+HF_OUTSIDE = HFC + r"model\.safetensors\.index\.json maps 'a' to the file '{}', which is not a file inside the checkpoint directory"
+HF = {
+    "hf index not JSON": (_index(lambda index: "{not json"), CorruptCheckpointError, HFC + r"model\.safetensors\.index\.json is not a JSON index: Expecting property name"),
+    "hf index a JSON array": (_index(lambda index: "[1, 2]"), CorruptCheckpointError, HFC + r"model\.safetensors\.index\.json is not an index: expected a JSON object .* got a JSON list"),
+    "hf index without weight_map": (_index(lambda index: index.pop("weight_map")), CorruptCheckpointError, HFC + r"model\.safetensors\.index\.json is not an index: .* got an object with keys 'metadata'"),
+    "hf index with an empty weight_map": (_index(lambda index: index["weight_map"].clear()), CorruptCheckpointError, HFC + r"model\.safetensors\.index\.json lists no tensor \(its weight_map is empty\)"),
+    "hf index maps a key to a number": (_index(_map("a", 3)), CorruptCheckpointError, HFC + r"model\.safetensors\.index\.json maps 'a' to 3, not to the name of a shard file"),
+    "hf index gives a key twice": (
+        _index(lambda index: json.dumps(index)[:-2] + f', "a": "{SHARD1}"}}}}'),
+        CorruptCheckpointError,
+        HFC + r"model\.safetensors\.index\.json is corrupt: it gives the key 'a' twice",
+    ),
+    "hf shard ../x": (_hf_changed(_pointing(lambda path: os.path.relpath(_outside_hf(path), path))), CorruptCheckpointError, HF_OUTSIDE.format(r"\.\./secret/model\.safetensors")),
+    "hf shard at an absolute path": (_hf_changed(_pointing(_outside_hf)), CorruptCheckpointError, HF_OUTSIDE.format(r"/.*/secret/model\.safetensors")),
+    "hf shard missing": (
+        _hf_changed(lambda path: (path / SHARD2).unlink()),
+        CorruptCheckpointError,
+        HFC + r"the shard 'model-00002-of-00002\.safetensors', which model\.safetensors\.index\.json names for 'b', is missing",
+    ),
+    "hf key missing from its shard": (
+        _index(_map("c", SHARD1)),
+        CorruptCheckpointError,
+        HFC + r"model\.safetensors\.index\.json maps 'c' to the shard 'model-00001-of-00002\.safetensors', which does not hold it\. The index and the shards are from different saves",
+    ),
+    "hf key in the other shard": (
+        _hf_changed(_both(_shard(SHARD1, {"b": SD["b"]}), _shard(SHARD2, {"a": SD["a"]}))),
+        CorruptCheckpointError,
+        HFC + r"model\.safetensors\.index\.json maps 'a' to the shard 'model-00001-of-00002\.safetensors', which does not hold it; it is in 'model-00002-of-00002\.safetensors'",
+    ),
+    "hf key in two shards": (
+        _hf_changed(_shard(SHARD2, dict(SD))),
+        CorruptCheckpointError,
+        HFC + r"'a' is stored in two shards, 'model-00001-of-00002\.safetensors' and 'model-00002-of-00002\.safetensors'",
+    ),
+    "hf shard holds a key the index lacks": (
+        _hf_changed(_shard(SHARD2, {"b": SD["b"], "c": torch.ones(1)})),
+        CorruptCheckpointError,
+        HFC + r"the shard 'model-00002-of-00002\.safetensors' holds 'c', which model\.safetensors\.index\.json does not list",
+    ),
+    "hf stray shard": (
+        _hf_changed(lambda path: (path / "model-00003-of-00003.safetensors").write_bytes((path / SHARD1).read_bytes())),
+        CorruptCheckpointError,
+        HFC + r"'model-00003-of-00003\.safetensors' is named like a shard of this checkpoint, but model\.safetensors\.index\.json does not list it",
+    ),
+    "hf stray shard beside a single file": (
+        _hf_changed(_both(lambda path: (path / INDEX).unlink(), lambda path: (path / SHARD1).rename(path / "model.safetensors"))),
+        CorruptCheckpointError,
+        HFC + r"'model-00002-of-00002\.safetensors' is named like a shard of this checkpoint, but the directory holds 'model\.safetensors', not an index",
+    ),
+    "hf total_size disagrees": (
+        _index(lambda index: index["metadata"].__setitem__("total_size", 999)),
+        CorruptCheckpointError,
+        HFC + r"model\.safetensors\.index\.json gives total_size=999, but its shards hold 200 bytes of tensors",
+    ),
+    "hf total_size not a number": (_index(lambda index: index["metadata"].__setitem__("total_size", "200")), CorruptCheckpointError, HFC + r"model\.safetensors\.index\.json gives total_size='200', but its shards hold 200 bytes"),
+    "hf aliases out of place": (
+        _index(lambda index: index["metadata"].__setitem__("sdtree.aliases", [[9, "c", "a"]])),
+        CorruptCheckpointError,
+        r"Hugging Face checkpoint '.*hf' is corrupt: model\.safetensors\.index\.json's metadata entry 'sdtree\.aliases' is not a JSON list of \[position, alias, stored key\], positions below 3",
+    ),
+    "hf index and model.safetensors both": (
+        _hf_changed(lambda path: save({"a": torch.ones(1)}, path / "model.safetensors")),
+        CheckpointFormatError,
+        r"'.*hf' holds both 'model\.safetensors\.index\.json' and 'model\.safetensors', two Hugging Face checkpoints .* Remove the stale one",
+    ),
+    "hf shards without their index": (
+        _hf_changed(lambda path: (path / INDEX).unlink()),
+        CheckpointFormatError,
+        r"'.*hf' is a directory without a '\.metadata' file.* nor a Hugging Face one .* It holds shards named as Hugging Face names them \('model-00001-of-00002\.safetensors', 'model-00002-of-00002\.safetensors'\) but not their index",
+    ),
+    "hf index a dangling symlink": (
+        _hf_changed(_both(lambda path: (path / INDEX).unlink(), lambda path: (path / INDEX).symlink_to("gone.json"))),
+        CorruptCheckpointError,
+        HFC + r"model\.safetensors\.index\.json is a symlink to nothing \('gone\.json'\)",
+    ),
+    "hf shard a dangling symlink": (
+        _hf_changed(_both(lambda path: (path / SHARD1).unlink(), lambda path: (path / SHARD1).symlink_to("../blobs/gone"))),
+        CorruptCheckpointError,
+        HFC + r"the shard 'model-00001-of-00002\.safetensors', which model\.safetensors\.index\.json names for 'a', is missing",
+    ),
+    "hf index a named pipe": (_hf_changed(_fifo_at(INDEX)), CorruptCheckpointError, HFC + r"the index file '.*model\.safetensors\.index\.json' is not a regular file"),
+    "hf shard a named pipe": (_hf_changed(_fifo_at(SHARD2)), CorruptCheckpointError, HFC + r"the shard file '.*model-00002-of-00002\.safetensors' is not a regular file"),
+    "hf shard truncated": (_hf_changed(_cut(SHARD2, 20)), CorruptCheckpointError, r"safetensors file '.*hf/model-00002-of-00002\.safetensors' is truncated or corrupt"),
+    "hf shard with duplicate keys": (
+        _hf_changed(_raw_shard(SHARD2, b'{"b": {"dtype": "I64", "shape": [20], "data_offsets": [0, 160]}, "b": {"dtype": "I64", "shape": [20], "data_offsets": [0, 160]}}')),
+        CorruptCheckpointError,
+        r"model-00002-of-00002\.safetensors' is corrupt: its header holds the key 'b' twice",
+    ),
+    "hf shard with a dtype sdtree does not read": (
+        _hf_changed(_raw_shard(SHARD2, b'{"b": {"dtype": "F8_E8M0", "shape": [160], "data_offsets": [0, 160]}}')),
+        CheckpointFormatError,
+        r"model-00002-of-00002\.safetensors': 'b' has dtype 'F8_E8M0', which sdtree does not read",
+    ),
+    "hf .bin that runs code": (_bin_payload, UnsafeCheckpointError, r"pytorch_model\.bin' was refused"),
+    "hf .bin holding a non-tensor": (
+        _bin_dir({"w": torch.ones(2), "step": 3}),
+        CheckpointFormatError,
+        HFC + r"the shard 'pytorch_model\.bin' is not a flat \{str: tensor\} model state dict \('step' holds a int\), which a Hugging Face checkpoint holds",
+    ),
+    "hf .bin in the legacy format": (
+        _bin_dir(SD, _use_new_zipfile_serialization=False),
+        CheckpointFormatError,
+        r"pytorch_model\.bin' is in torch\.save's legacy \(pre-1\.6, non-zip\) format",
+    ),
+}
+
+CASES = {**SAFETENSORS, **TORCH, **DCP, **HF}
 
 
 def _convert(path: Path) -> Any:
@@ -426,6 +632,12 @@ CLI_SAMPLE = [
     "a named pipe",
     "claims a huge tensor",
     "storage file ../x",
+    "hf index not JSON",
+    "hf shard ../x",
+    "hf shard missing",
+    "hf key in two shards",
+    "hf stray shard",
+    "hf total_size disagrees",
 ]
 
 
