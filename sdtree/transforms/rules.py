@@ -358,10 +358,17 @@ class TensorRule(Transform):
                     f"{self!r}: {_preview((f'{k!r} ({type(sd[k]).__name__})' for k in bad), quote=False)} "
                     "is not a tensor. Tensor transforms act on tensors only: narrow the pattern."
                 )
-        planned = [self._plan(op, g.members, [_spec(sd[k]) for k in g.members]) for g in groups]
+        # groups of one model mostly share their shapes (every layer alike): plan each once
+        seen: dict[tuple[Spec, ...], Optional[list[Spec]]] = {}
+        planned = []
+        for g in groups:
+            given = tuple(_spec(sd[k]) for k in g.members)
+            if given not in seen:
+                seen[given] = self._plan(op, g.members, given)
+            planned.append(seen[given])
         emitted: dict[str, list[tuple[str, Any]]] = {}
-        for group, specs in zip(groups, planned):
-            outputs = _run(op, [sd[k] for k in group.members], specs, self._factory)
+        for group, plan in zip(groups, planned):
+            outputs = _run(op, [sd[k] for k in group.members], plan, self._factory)
             emitted[group.members[0]] = list(zip(self._targets(group, len(outputs)), outputs))
         if all(len(e) == 1 and e[0][0] == k for k, e in emitted.items()) and all(len(g.members) == 1 for g in groups):
             # each key maps to itself (permute, cast, ...): copy the dict, replace the values in place

@@ -340,8 +340,13 @@ class _PatternRule(TensorRule):
         )
 
     def _targets(self, group: Group, n_outputs: int) -> list[str]:
-        binding = dict(group.binding)
-        return [t.format(binding) for t in self._target_patterns()]
+        templates: Optional[tuple[str, ...]] = getattr(self, "_templates", None)
+        if templates is None:  # once per rule: each target as a template of the group's values
+            names = self._group_names()
+            templates = tuple(t.template(names) for t in self._target_patterns())
+            object.__setattr__(self, "_templates", templates)
+        values = [v for _, v in group.binding]
+        return [t.format(*values) for t in templates]
 
     def _fixed_outputs(self) -> Optional[int]:
         return len(self._target_patterns())
