@@ -26,9 +26,8 @@ tensors (or the input where an op changes nothing).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
-import attrs
 import torch
 
 from sdtree._tree import tree_flatten
@@ -73,15 +72,16 @@ class Op:
         raise NotImplementedError
 
 
-@attrs.frozen(eq=False)
-class Derivation:
+class Derivation(NamedTuple):
     """How meta outputs are computed from the tensors they were planned from
-    (``rule``: the factory name of the rule that planned them, for plans)."""
+    (``rule``: the factory name of the rule that planned them, for plans;
+    ``outputs``: the planned shapes and dtypes). A tuple: one is made per
+    planned group, so it is kept cheap."""
 
     op: Op
     sources: tuple[torch.Tensor, ...]
     rule: str
-    outputs: tuple[Spec, ...]
+    outputs: Sequence[Spec]
 
     def compute(self, fetch: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
         return self.op.compute([materialize(s, fetch) for s in self.sources])
@@ -144,17 +144,20 @@ class Materializer:
 
 
 def _spec(tensor: torch.Tensor) -> Spec:
-    return tuple(tensor.shape), tensor.dtype
+    return tensor.shape, tensor.dtype  # torch.Size is a tuple
 
 
 def _run(op: Op, inputs: Sequence[torch.Tensor], planned: Optional[list[Spec]], rule: str) -> list[torch.Tensor]:
     """The outputs of ``op`` on ``inputs`` (planned already): computed, or
     meta tensors that remember their derivation when any input is meta."""
-    if not any(t.is_meta for t in inputs):
+    for t in inputs:
+        if t.is_meta:
+            break
+    else:
         return op.compute(inputs)
     if planned is None:  # a leaf kind the op cannot plan: the caller may load the data and retry
         raise UnsupportedLeafError(f"{op!r} cannot plan meta tensors: it needs their data.")
-    derivation = Derivation(op, tuple(inputs), rule, tuple(planned))
+    derivation = Derivation(op, tuple(inputs), rule, planned)
     outputs = []
     for index, (shape, dtype) in enumerate(planned):
         out = torch.empty(shape, dtype=dtype, device="meta")
@@ -163,8 +166,7 @@ def _run(op: Op, inputs: Sequence[torch.Tensor], planned: Optional[list[Spec]], 
     return outputs
 
 
-@attrs.frozen
-class Group:
+class Group(NamedTuple):
     """The keys one application of a rule reads, in the order of its sources."""
 
     binding: tuple[tuple[str, str], ...]  # the target's placeholder values
