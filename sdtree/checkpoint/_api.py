@@ -263,6 +263,9 @@ def convert(
         transform: applied to the model and optimizer entries of a combined
             checkpoint (``{"model": ..., "optim": ...}``), else to the whole
             state dict; e.g. ``strip_prefix("_orig_mod.") >> rename(...)``.
+            One built with :func:`~sdtree.transforms.each` or
+            :func:`~sdtree.transforms.at` applies to the whole checkpoint as
+            written (``each(t)`` does what ``t`` does).
         to: the destination format; by default told from ``dst``'s name.
         force: replace an existing ``dst``.
         trust_pickle: see :func:`open_checkpoint`.

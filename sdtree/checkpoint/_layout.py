@@ -17,7 +17,7 @@ from typing import Any, Optional
 from sdtree.checkpoint._formats import Format
 from sdtree.errors import CheckpointFormatError, LayoutMismatchError, _preview
 from sdtree.transforms._forms import is_flat_optim_state_dict, is_optim_state_dict
-from sdtree.transforms.combined import MODEL, OPTIM, each, is_combined
+from sdtree.transforms.combined import MODEL, OPTIM, acts_on_combined, each, is_combined
 from sdtree.transforms.compose import Transform
 
 __all__ = ["MODEL", "OPTIM", "MODEL_ONLY_FORMATS", "is_combined", "apply_transform", "subtree", "keep_model", "fit_format"]
@@ -31,10 +31,12 @@ def apply_transform(transform: Optional[Transform], tree: Any) -> Any:
     checkpoint, to its model and each optimizer keyed by FQNs, together
     (:func:`sdtree.transforms.each`; an optimizer keyed by parameter ids has
     no FQNs to rename and is kept as it is, and so are other entries); any
-    other tree whole."""
+    other tree whole. A transform that says itself where it applies in a
+    combined checkpoint (``each(t)``, ``at("model", t)``, a pipeline with
+    one) is applied to the whole tree, as written."""
     if transform is None:
         return tree
-    if not is_combined(tree):
+    if not is_combined(tree) or acts_on_combined(transform):
         return transform(tree)
     return each(transform)(tree)
 

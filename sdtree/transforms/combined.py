@@ -23,9 +23,9 @@ import attrs
 
 from sdtree.errors import LayoutMismatchError, NotAMappingError, _preview
 from sdtree.transforms._forms import PARAMS, PG, STATE, is_flat_optim_state_dict, is_optim_state_dict
-from sdtree.transforms.compose import Transform
+from sdtree.transforms.compose import Transform, pipeline_steps
 
-__all__ = ["at", "each", "MODEL", "OPTIM", "is_combined", "optimizer_entries"]
+__all__ = ["at", "each", "MODEL", "OPTIM", "is_combined", "optimizer_entries", "acts_on_combined"]
 
 MODEL = "model"
 OPTIM = "optim"
@@ -137,3 +137,14 @@ def each(transform: Transform) -> Transform:
     if not isinstance(transform, Transform):
         raise TypeError(f"each: transform must be a Transform, got {transform!r}.")
     return _Each(transform)
+
+
+def acts_on_combined(transform: Transform) -> bool:
+    """Whether ``transform`` is written for a combined checkpoint: an
+    :func:`at` or :func:`each`, or a pipeline with one among its steps.
+
+    >>> from sdtree.transforms import strip_prefix
+    >>> acts_on_combined(each(strip_prefix("m."))), acts_on_combined(strip_prefix("m."))
+    (True, False)
+    """
+    return any(isinstance(step, (_At, _Each)) for step in pipeline_steps(transform))

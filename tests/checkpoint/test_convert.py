@@ -11,7 +11,7 @@ from sdtree._tree import tree_map
 from sdtree.checkpoint import Checkpoint, convert, load, save
 from sdtree.errors import DestinationExistsError, KeyCollisionError, NothingToWriteError
 from sdtree.testing import assert_state_dict_equal
-from sdtree.transforms import Transform, rename, select_keys, strip_prefix
+from sdtree.transforms import Transform, at, each, rename, select_keys, strip_prefix
 from tests.checkpoint import cases
 
 FORMATS = {"dcp": "ckpt", "torch": "ckpt.pt", "safetensors": "ckpt.safetensors"}
@@ -112,6 +112,15 @@ def test_an_optimizer_under_another_name_is_renamed_with_the_model(tmp_path):
     save(trainer, tmp_path / "src.pt")
     convert(tmp_path / "src.pt", tmp_path / "out.pt", transform=CLEAN)
     assert_state_dict_equal(load(tmp_path / "out.pt"), {"model": CLEAN(trainer["model"]), "optimizer": CLEAN(trainer["optimizer"]), "step": 3})
+
+
+def test_a_transform_that_says_where_it_applies_is_applied_as_written(tmp_path):
+    src, checkpoint = _source(tmp_path, "torch")
+    convert(src, tmp_path / "each.pt", transform=each(CLEAN))  # what transform=CLEAN does
+    assert_state_dict_equal(load(tmp_path / "each.pt"), _expected(checkpoint, "torch"))
+    convert(src, tmp_path / "at.pt", transform=at("model", CLEAN) >> at("optim", strip_prefix("_orig_mod.")))
+    expected = {**checkpoint, "model": CLEAN(checkpoint["model"]), "optim": strip_prefix("_orig_mod.")(checkpoint["optim"])}
+    assert_state_dict_equal(load(tmp_path / "at.pt"), expected)
 
 
 def test_convert_reads_trusted_legacy_torch_save_files(tmp_path):
