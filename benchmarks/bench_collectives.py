@@ -37,11 +37,9 @@ Run: .venv/bin/python benchmarks/bench_collectives.py
 
 from __future__ import annotations
 
-import os
 import socket
 import statistics
 import sys
-import threading
 import time
 import warnings
 
@@ -49,14 +47,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _rss import peak_extra_rss
 from sdtree._collectives import all_gather_single  # torch 2.13 renamed all_gather_into_tensor
 
 KIB, MIB = 1024, 1024 * 1024
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure_rounds(fns: dict, reps: int = 7) -> dict:
@@ -91,23 +85,10 @@ def peak_memory(fn) -> int:
     """The highest RSS sampled (every ms) during one call of ``fn``, minus the
     RSS before it, on the rank where that is largest."""
     dist.barrier()
-    base = _rss()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    fn()
-    stop.set()
-    sampler.join()
-    extra = torch.tensor([max(peak[0], _rss()) - base], dtype=torch.float64)
-    dist.all_reduce(extra, op=dist.ReduceOp.MAX)  # the rank that needed the most
-    return int(extra.item())
+    _, extra = peak_extra_rss(fn)
+    worst = torch.tensor([extra], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # the rank that needed the most
+    return int(worst.item())
 
 
 def shapes(kind: str):

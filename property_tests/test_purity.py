@@ -16,6 +16,8 @@ from sdtree.transforms import (
     add_prefix,
     broadcast,
     cast,
+    combined,
+    compose,
     drop_keys,
     drop_meta_tensors,
     flatten_optimizer,
@@ -140,6 +142,7 @@ EXPORTS = sorted(
 NOT_FUNCTIONS = {
     "Transform", "OptimizerLayout", "KeyPattern", "PatternSet", "Op", "Misfit", "Spec", "Derivation",
     "TensorRule", "Group", "Announcement", "Path", "DEFAULT_BUCKET_BYTES", "dtensor_type", "sharded_tensor_type",
+    "MODEL", "OPTIM",
 }
 # Exports whose inputs are DTensors: checked in a process group, by
 # tests/transforms/test_distributed.py::test_collective_transforms_leave_their_inputs_untouched.
@@ -193,6 +196,18 @@ def _calls(name):
     }
     if name in key_transforms:
         return [(key_transforms[name], (sd,)) for sd in forms]
+    combined_sd = {"model": model, "optim": optim, "step": 3}
+    step = strip_prefix("layers.", strict=False)
+    combined_calls = {
+        "at": [(combined.at("model", step), (combined_sd,))],
+        "each": [(combined.each(step), (combined_sd,))],
+        "is_combined": [(combined.is_combined, (combined_sd,))],
+        "optimizer_entries": [(combined.optimizer_entries, (combined_sd,))],
+        "acts_on_combined": [(combined.acts_on_combined, (combined.each(step),))],
+        "pipeline_steps": [(compose.pipeline_steps, (step >> add_prefix("m."),))],
+    }
+    if name in combined_calls:
+        return combined_calls[name]
     rules_ = _tensor_rules()
     if name in rules_:
         return [(rules_[name], (sd,)) for sd in [*forms, (model, optim)]]
@@ -234,6 +249,7 @@ def _calls(name):
         "nearest_keys": [(patterns.nearest_keys, ([patterns.key_pattern("layers.{i}.v.weight")], list(model)))],
         "derivation_of": [(rules.derivation_of, (planned,))],
         "materialize": [(lambda p, m: rules.materialize(p, lambda t: m[names[id(t)]]), (planned, model))],
+        "Materializer": [(lambda p, m: rules.Materializer({"qk": p}, lambda t: m[names[id(t)]])(p), (planned, model))],
     }
     return table.get(name)
 

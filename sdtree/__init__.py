@@ -1,6 +1,6 @@
 """sdtree: PyTorch state dicts as immutable pytrees moved by small, composable transforms."""
 
-from sdtree import errors, transforms
+from sdtree import errors, recipes, transforms
 from sdtree.adapters import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -31,6 +31,7 @@ __all__ = [
     "patch_model_state_dict",
     "patch_optimizer_state_dict",
     "errors",
+    "recipes",
     "transforms",
     "Transform",
     "pipeline",

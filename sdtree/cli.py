@@ -9,6 +9,7 @@ reader of the output goes away early (``sdtree convert ... --dry-run | head``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,12 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+
 from sdtree import __version__
 from sdtree._tree import tree_flatten_with_path
-from sdtree.checkpoint import FORMATS, CheckpointDiff, Summary, convert, describe, diff, open_checkpoint
-from sdtree.checkpoint.layout import apply_transform, keep_model
-from sdtree.errors import PatternMatchError, SdtreeError, preview
-from sdtree.transforms import Transform, add_prefix, pipeline, rename, strip_prefix
+from sdtree.checkpoint import FORMATS, CheckpointDiff, Conversion, Summary, convert, describe, diff, open_checkpoint
+from sdtree.checkpoint.layout import apply_transform, keep_model, subtree
+from sdtree.errors import InvalidRuleError, PatternMatchError, SdtreeError, UnsupportedLeafError, preview
+from sdtree.recipes import llama, moe
+from sdtree.transforms import Transform, add_prefix, cast, drop_keys, pipeline, rename, select_keys, strip_prefix
 
 __all__ = ["main", "demo_script"]
 
@@ -55,17 +59,26 @@ class _Step(argparse.Action):
         namespace.steps = [*namespace.steps, (self.dest, values)]
 
 
+# --recipe NAME: (family, direction)
+RECIPES = {
+    "llama-hf-to-torchtitan": ("llama", "to_torchtitan"),
+    "llama-torchtitan-to-hf": ("llama", "to_hf"),
+    "mixtral-hf-to-torchtitan": ("mixtral", "to_torchtitan"),
+    "mixtral-torchtitan-to-hf": ("mixtral", "to_hf"),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Inspect, compare and convert PyTorch checkpoints: DCP directories, "
-        "torch.save files and safetensors files.",
+        "torch.save files, safetensors files and Hugging Face directories.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="list keys, shapes, dtypes, sizes and param groups")
-    inspect.add_argument("path", help="a DCP directory, torch.save file or safetensors file")
+    inspect.add_argument("path", help="a DCP directory, torch.save file, safetensors file or Hugging Face directory")
     inspect.add_argument("--json", action="store_true", help="print JSON for machines")
     _trust_option(inspect)
 
@@ -85,13 +98,51 @@ def _parser() -> argparse.ArgumentParser:
     )
     conv.set_defaults(steps=[])
     conv.add_argument("src", help="the checkpoint to read")
-    conv.add_argument("dst", help="where to write (*.safetensors, *.pt, or a directory name for DCP)")
+    conv.add_argument("dst", help="where to write (*.safetensors, *.pt, a directory name for DCP, or one for --to hf)")
     conv.add_argument("--strip-prefix", action=_Step, metavar="P", help="strip P from keys that start with it")
     conv.add_argument("--add-prefix", action=_Step, metavar="P", help="put P before every key")
     conv.add_argument(
         "--rename", action=_Step, nargs=2, metavar=("PATTERN", "REPL"), help="re.sub(PATTERN, REPL, key) on every key"
     )
-    conv.add_argument("--to", choices=FORMATS, help="the destination format (default: from DST's name)")
+    conv.add_argument("--select", action=_Step, metavar="P", help="keep only the keys that start with P")
+    conv.add_argument("--drop", action=_Step, metavar="P", help="drop the keys that start with P")
+    conv.add_argument(
+        "--dtype", action=_Step, metavar="DTYPE", help="cast every floating-point tensor to DTYPE (e.g. bfloat16)"
+    )
+    conv.add_argument(
+        "--transform",
+        action=_Step,
+        metavar="FILE.py:NAME",
+        help="apply the sdtree Transform NAME defined in FILE.py (or returned by NAME(), a recipe)",
+    )
+    conv.add_argument(
+        "--recipe",
+        action=_Step,
+        choices=sorted(RECIPES),
+        help="a conversion of sdtree.recipes, with its model's shape from --n-heads, --n-kv-heads, --dim",
+    )
+    shape = conv.add_argument_group("recipe shape (with --recipe)")
+    shape.add_argument("--n-heads", type=int, help="attention heads (q)")
+    shape.add_argument("--n-kv-heads", type=int, help="key/value heads (k and v; = --n-heads without GQA)")
+    shape.add_argument("--dim", type=int, help="the model's width (hidden_size)")
+    shape.add_argument("--head-dim", type=int, help="per-head width, when not dim / n-heads")
+    shape.add_argument("--fuse-qkv", action="store_true", help="fuse q, k and v into attention.wqkv")
+    shape.add_argument("--fuse-w13", action="store_true", help="fuse gate and up into feed_forward.w13 (llama)")
+    shape.add_argument(
+        "--tie-word-embeddings", action="store_true", help="the Hugging Face side has no lm_head.weight (tied)"
+    )
+    conv.add_argument(
+        "--key",
+        metavar="PATH",
+        help="convert only the entry at PATH (dotted, e.g. 'state_dict' of a trainer's checkpoint)",
+    )
+    conv.add_argument("--to", choices=FORMATS, help="the destination format (default: from DST's name; hf only when given)")
+    conv.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="--to hf: the most tensor bytes per shard, as Hugging Face writes it: 500MB, 5GB (decimal "
+        "units), 2GiB (binary) or a number of bytes; a larger tensor gets a shard of its own (default 5GB)",
+    )
     conv.add_argument("--model-only", action="store_true", help="write only the 'model' entry of the checkpoint")
     conv.add_argument("--force", action="store_true", help="replace DST if it exists")
     conv.add_argument("--dry-run", action="store_true", help="print the key mapping (old -> new); write nothing")
@@ -156,6 +207,9 @@ def _render_summary(summary: Summary) -> str:
     for key, value in summary.values:
         text = repr(value)
         lines.append(f"value {key} = {text if len(text) <= 80 else text[:77] + '...'}")
+    if summary.shards:
+        lines.append(f"shards: {len(summary.shards)}")
+        lines += ["  " + row for row in _table([("file", "bytes", "tensors")] + [(s.name, _human(s.nbytes), str(s.tensors)) for s in summary.shards])]
     return "\n".join(lines)
 
 
@@ -180,31 +234,120 @@ def _diff(args: argparse.Namespace) -> int:
     return 0 if result.equal else 1
 
 
-def _transform(steps: list[tuple[str, Any]]) -> list[Transform]:
+def _recipe(name: str, args: argparse.Namespace) -> Transform:
+    """The recipe ``name`` for the shape given by the shape options."""
+    missing = [f"--{o.replace('_', '-')}" for o in ("n_heads", "n_kv_heads", "dim") if getattr(args, o) is None]
+    if missing:
+        raise InvalidRuleError(f"--recipe {name}: give the model's shape: {', '.join(missing)} (from its config.json).")
+    family, direction = RECIPES[name]
+    shape: dict[str, Any] = dict(
+        n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, dim=args.dim, head_dim=args.head_dim,
+        fuse_qkv=args.fuse_qkv, tie_word_embeddings=args.tie_word_embeddings,
+    )
+    if family == "llama":
+        recipe = llama.hf_to_torchtitan(**shape, fuse_w13=args.fuse_w13)
+    elif args.fuse_w13:
+        raise InvalidRuleError(f"--recipe {name}: --fuse-w13 is for llama; Mixtral's experts are stacked instead.")
+    else:
+        recipe = moe.mixtral_to_torchtitan(**shape)
+    return recipe if direction == "to_torchtitan" else recipe.inverse()
+
+
+def _transform(steps: list[tuple[str, Any]], args: argparse.Namespace) -> list[Transform]:
+    """The transforms the key and tensor options ask for, in command-line order."""
     made: list[Transform] = []
     for option, value in steps:
         if option == "strip_prefix":
             made.append(strip_prefix(value, strict=False))
         elif option == "add_prefix":
             made.append(add_prefix(value))
-        else:
+        elif option == "rename":
             made.append(rename([(value[0], value[1])]))
+        elif option == "select":
+            made.append(select_keys(value))
+        elif option == "drop":
+            made.append(drop_keys(value))
+        elif option == "dtype":
+            made.append(cast(_dtype(value)))
+        elif option == "recipe":
+            made.append(_recipe(value, args))
+        else:
+            made.append(_user_transform(value))
     return made
 
 
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        floats = sorted(n for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype) and getattr(torch, n).is_floating_point)
+        raise InvalidRuleError(f"--dtype {name!r} is not a floating-point torch dtype; choose one of {', '.join(floats)}.")
+    return dtype
+
+
+def _user_transform(spec: str) -> Transform:
+    """The Transform ``NAME`` of ``FILE.py:NAME`` (or what ``NAME()`` returns)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise InvalidRuleError(f"--transform {spec!r}: expected FILE.py:NAME, e.g. my_rules.py:to_titan.")
+    module = _load_file(Path(path), spec)
+    if not hasattr(module, name):
+        defined = [n for n, v in vars(module).items() if isinstance(v, Transform) and not n.startswith("_")]
+        raise InvalidRuleError(
+            f"--transform {spec!r}: {path!r} defines no {name!r}"
+            + (f"; the Transforms it defines are {', '.join(defined)}." if defined else "; it defines no Transform.")
+        )
+    value = getattr(module, name)
+    if callable(value) and not isinstance(value, Transform):
+        try:
+            value = value()
+        except TypeError as err:
+            raise InvalidRuleError(
+                f"--transform {spec!r}: {name} is a function that cannot be called without arguments ({err}); "
+                "give the name of a Transform, or of a function that takes none and returns one."
+            ) from None
+    if not isinstance(value, Transform):
+        raise InvalidRuleError(
+            f"--transform {spec!r}: {name} is {type(value).__name__} {value!r:.60}, not an sdtree Transform "
+            "(build one with the factories of sdtree.transforms)."
+        )
+    return value
+
+
+def _load_file(path: Path, spec: str) -> Any:
+    if not path.is_file():
+        raise InvalidRuleError(f"--transform {spec!r}: there is no file {str(path)!r}.")
+    loader = importlib.util.spec_from_file_location(f"sdtree_user_transform_{path.stem}", path)
+    if loader is None or loader.loader is None:
+        raise InvalidRuleError(f"--transform {spec!r}: {str(path)!r} is not a Python file.")
+    module = importlib.util.module_from_spec(loader)
+    try:
+        loader.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001  # the user's file: report what it raised, in one line
+        raise InvalidRuleError(f"--transform {spec!r}: running {str(path)!r} raised {type(err).__name__}: {err}") from None
+    return module
+
+
+_KEY_OPTIONS = ("strip_prefix", "add_prefix", "rename", "drop")  # each must change some key
+
+
 def _check_each_step_acts(args: argparse.Namespace, made: list[Transform]) -> None:
-    """A key option that changes no key is an error, not a silent no-op (a
-    mistyped prefix would otherwise convert the checkpoint unchanged)."""
+    """Run the steps on the source's index (no tensor data) before converting:
+    a key option that changes no key is an error, not a silent no-op (a
+    mistyped prefix would otherwise convert the checkpoint unchanged), and a
+    rule that does not fit fails here, before anything is read."""
     if not made:
         return
-    tree = open_checkpoint(args.src, trust_pickle=args.trust_pickle).tree
+    tree = subtree(open_checkpoint(args.src, trust_pickle=args.trust_pickle).tree, args.key, fn="convert")
     if args.model_only:
         tree = keep_model(tree)
     keys = tree_flatten_with_path(tree)[0]
     for (option, value), step in zip(args.steps, made):
-        tree = apply_transform(step, tree)
+        try:
+            tree = apply_transform(step, tree)
+        except UnsupportedLeafError:  # a step that needs the data: convert loads it and runs the rest
+            return
         after = tree_flatten_with_path(tree)[0]
-        if after == keys:
+        if after == keys and option in _KEY_OPTIONS:
             flag = f"--{option.replace('_', '-')} {' '.join(map(repr, value)) if isinstance(value, (list, tuple)) else repr(value)}"
             raise PatternMatchError(
                 f"convert: {flag} changes no key of {str(args.src)!r} (its keys look like "
@@ -212,6 +355,28 @@ def _check_each_step_acts(args: argparse.Namespace, made: list[Transform]) -> No
                 "Check the option against the keys that 'sdtree inspect' lists."
             )
         keys = after
+
+
+def _render_plan(result: Conversion, transform: Optional[Transform]) -> str:
+    """A dry run's plan: each tensor to write with its shape, dtype and where
+    it comes from (a source key, or rules over source keys), the keys
+    dropped, and the memory the largest group needs."""
+    used = {key for p in result.plan for key in p.sources}
+    lines = []
+    for p in result.plan:
+        what = f"[{', '.join(map(str, p.shape))}] {str(p.dtype).removeprefix('torch.')}"
+        if p.rules:
+            lines.append(f"{p.key}  {what}  <- {' >> '.join(p.rules)} of {', '.join(p.sources)}")
+        else:
+            lines.append(f"{p.sources[0]} -> {p.key}  {what}")
+    lines += [f"{old} -> (dropped)" for old, new in result.renamed if new is None and old not in used]
+    largest = max(result.plan, key=lambda p: p.peak_bytes, default=None)
+    peak = f"; peak memory about {_human(result.peak_bytes)} (largest: {largest.key})" if largest is not None else ""
+    lines.append(
+        f"dry run: would write {result.dst} ({result.dst_format}): {result.tensors} tensors, "
+        f"{_human(result.nbytes)}{peak}" + (f"; transform: {transform!r}" if transform else "")
+    )
+    return "\n".join(lines)
 
 
 def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int], None]], Callable[[], None]]:
@@ -231,7 +396,7 @@ def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int], None]], 
 
 
 def _convert(args: argparse.Namespace) -> int:
-    made = _transform(args.steps)  # a bad --rename rule raises here, before any file is read
+    made = _transform(args.steps, args)  # a bad rule or recipe raises here, before any file is read
     _check_each_step_acts(args, made)
     transform = pipeline(*made) if made else None
     show = sys.stderr.isatty() if args.progress is None else args.progress
@@ -246,18 +411,15 @@ def _convert(args: argparse.Namespace) -> int:
             force=args.force,
             trust_pickle=args.trust_pickle,
             model_only=args.model_only,
+            key=args.key,
             dry_run=args.dry_run,
             progress=progress,
+            max_shard_size=args.max_shard_size,
         )
     finally:
         close()
     if args.dry_run:
-        for old, new in result.renamed:
-            print(f"{old} -> {new if new is not None else '(dropped)'}")
-        print(
-            f"dry run: would write {result.dst} ({result.dst_format}): {result.tensors} tensors, "
-            f"{_human(result.nbytes)}" + (f"; transform: {transform!r}" if transform else "")
-        )
+        print(_render_plan(result, transform))
         return 0
     seconds = time.perf_counter() - start
     print(

@@ -44,6 +44,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "DestinationExistsError",
     "NothingToWriteError",
+    "DestinationError",
 ]
 
 
@@ -189,3 +190,8 @@ class DestinationExistsError(CheckpointError, FileExistsError):
 class NothingToWriteError(CheckpointError, ValueError):
     """A conversion would write a checkpoint that holds no tensor: its transform
     or options leave nothing of the source."""
+
+
+class DestinationError(CheckpointError, OSError):
+    """A checkpoint cannot be written where asked: the directory cannot be
+    written, or the destination is (or holds) the source being read."""

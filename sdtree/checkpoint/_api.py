@@ -1,28 +1,40 @@
-"""Open, save, load and convert checkpoints in any of the three formats."""
+"""Open, save, load and convert checkpoints in any of the four formats."""
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import attrs
 import torch
 
 from sdtree._tree import tree_flatten, tree_flatten_with_path
-from sdtree.checkpoint._atomic import atomic_destination, check_destination
+from sdtree.checkpoint._atomic import atomic_destination, check_destination, check_not_source
 from sdtree.checkpoint._dcp_read import load_dcp_into, open_dcp
 from sdtree.checkpoint._dcp_write import save_dcp, write_dcp
 from sdtree.checkpoint._formats import Format, PathLike, destination_format, detect_format
-from sdtree.checkpoint.layout import MODEL, OPTIM, apply_transform, fit_format, is_combined, keep_model
+from sdtree.checkpoint._hf import DEFAULT_MAX_SHARD_SIZE, open_hf, parse_size, write_hf
+from sdtree.checkpoint.layout import (
+    MODEL,
+    MODEL_ONLY_FORMATS,
+    OPTIM,
+    apply_transform,
+    fit_format,
+    is_combined,
+    keep_model,
+    subtree,
+)
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, as_is, dotted, first_aliases, tensor_items
 from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
 from sdtree.errors import CheckpointFormatError, NothingToWriteError, UnsupportedLeafError, preview as _preview
 from sdtree.transforms.compose import Transform
+from sdtree.transforms.rules import Materializer, derivation_of
 
-__all__ = ["open_checkpoint", "save", "load", "convert", "Conversion", "Progress"]
+__all__ = ["open_checkpoint", "save", "load", "convert", "Conversion", "Progress", "PlannedTensor"]
 
 Progress = Callable[[int, int], None]
 """Called after each tensor is fetched: ``progress(nbytes, total_bytes)``."""
@@ -31,21 +43,40 @@ _Writer = Callable[..., None]
 _FILE_WRITERS: dict[Format, _Writer] = {"torch": write_torch_file, "safetensors": write_safetensors}
 
 
-def _writer(fmt: Format, dst: Path) -> _Writer:
-    """``write(tmp, tree, fetch, fn=...)`` for ``fmt``; a DCP directory records
-    ``dst``, where ``tmp`` will be renamed to, as its checkpoint id."""
-    return functools.partial(write_dcp, checkpoint_id=dst) if fmt == "dcp" else _FILE_WRITERS[fmt]
+def _writer(fmt: Format, dst: Path, max_shard_size: Union[int, str, None], fn: str) -> _Writer:
+    """``write(tmp, tree, fetch, fn=...)`` for ``fmt``, made before anything is
+    read: a DCP directory records ``dst``, where ``tmp`` will be renamed to,
+    as its checkpoint id; a Hugging Face one is sharded by ``max_shard_size``
+    (default ``"5GB"``), which the other formats refuse.
+
+    Raises:
+        CheckpointFormatError: ``max_shard_size`` is not a size, or is given
+            for a format other than hf.
+    """
+    if fmt == "hf":
+        limit = parse_size(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size, fn=fn)
+        return functools.partial(write_hf, max_shard_size=limit)
+    if max_shard_size is not None:
+        raise CheckpointFormatError(
+            f"{fn}: max_shard_size={max_shard_size!r} (--max-shard-size) sets the shard size of a Hugging "
+            f"Face directory, but the destination format is {fmt!r}. Pass to='hf' (--to hf), or leave "
+            "max_shard_size out. Nothing was written."
+        )
+    if fmt == "dcp":
+        return functools.partial(write_dcp, checkpoint_id=dst)
+    return _FILE_WRITERS[fmt]
 
 
 def open_checkpoint(path: PathLike, *, trust_pickle: bool = False) -> Checkpoint:
     """Open the checkpoint at ``path``: its structure now, its tensors on demand.
 
     Only the index is read (DCP ``.metadata``, the pickle of a ``torch.save``
-    file, a safetensors header); ``Checkpoint.fetch`` reads one tensor.
+    file, a safetensors header, a Hugging Face index and its shards'
+    headers); ``Checkpoint.fetch`` reads one tensor.
 
     Args:
-        path: a DCP directory, a ``torch.save`` file or a safetensors file
-            (see :func:`detect_format`).
+        path: a DCP directory, a ``torch.save`` file, a safetensors file or a
+            Hugging Face directory (see :func:`detect_format`).
         trust_pickle: unpickle anything (only for files from a trusted
             source); by default pickles are read with
             ``torch.load(weights_only=True)`` or, for DCP metadata, an
@@ -62,6 +93,8 @@ def open_checkpoint(path: PathLike, *, trust_pickle: bool = False) -> Checkpoint
         return open_dcp(path, trust_pickle=trust_pickle)
     if fmt == "torch":
         return open_torch_file(path, trust_pickle=trust_pickle)
+    if fmt == "hf":
+        return open_hf(path, trust_pickle=trust_pickle)
     return open_safetensors(path)
 
 
@@ -72,6 +105,7 @@ def save(
     format: Optional[Format] = None,
     force: bool = False,
     process_group: Any = None,
+    max_shard_size: Union[int, str, None] = None,
 ) -> Path:
     """Save a state dict (or a combined ``{"model": ..., "optim": ..., ...}``
     checkpoint) at ``path``; return the path.
@@ -86,34 +120,45 @@ def save(
       stores leaves; an optimizer's empty ``"state"`` is restored).
     - ``"torch"``: a file that loads with ``torch.load(weights_only=True)``.
     - ``"safetensors"``: a model state dict only; tied tensors are stored once.
+    - ``"hf"``: a model state dict as a Hugging Face directory: safetensors
+      shards and ``model.safetensors.index.json``, or one ``model.safetensors``
+      when it fits a shard; tied tensors are stored once.
 
     Args:
         format: the format; by default told from the name (``*.safetensors``,
-            ``*.pt``/``.pth``/``.bin``/..., or no suffix for DCP).
+            ``*.pt``/``.pth``/``.bin``/..., or no suffix for DCP); ``"hf"``
+            only when given.
         force: replace an existing ``path``.
         process_group: the group a DCP save runs over (default: the world).
+        max_shard_size: hf only: the most tensor bytes per shard, an int or
+            a size as Hugging Face writes it (``"500MB"``, ``"5GB"``: decimal
+            units; ``"2GiB"``: binary); default ``"5GB"``. A larger tensor
+            gets a shard of its own.
 
     Raises:
         DestinationExistsError: ``path`` exists and ``force`` is false.
-        CheckpointFormatError: the format cannot hold ``state_dict``.
+        DestinationError: ``path``'s directory cannot be created or written.
+        CheckpointFormatError: the format cannot hold ``state_dict``, or
+            ``max_shard_size`` is not a size or is given for another format.
         UnsupportedLeafError: a file format is given a sharded (DTensor) tensor.
     """
     path = Path(path)
     fmt = destination_format(path, format)
+    write = _writer(fmt, path, max_shard_size, "save")
     if fmt == "dcp":
         save_dcp(state_dict, path, force=force, fn="save", process_group=process_group)
         return path
     tree = fit_format(state_dict, fmt, fn="save")
-    with atomic_destination(path, force=force, directory=False, fn="save") as tmp:
-        _writer(fmt, path)(tmp, tree, as_is, fn="save")
+    with atomic_destination(path, force=force, directory=fmt == "hf", fn="save") as tmp:
+        write(tmp, tree, as_is, fn="save")
     return path
 
 
 def load(path: PathLike, *, template: Any = None, trust_pickle: bool = False, process_group: Any = None) -> Any:
     """Load the checkpoint at ``path`` into new CPU tensors.
 
-    Tied tensors of a safetensors or ``torch.save`` file load as one tensor
-    object under each of their keys.
+    Tied tensors of a safetensors or ``torch.save`` file, or a Hugging Face
+    directory sdtree wrote, load as one tensor object under each of their keys.
 
     Args:
         template: DCP only: a state dict whose tensors (DTensors too) give
@@ -147,8 +192,12 @@ class Conversion:
         renamed: for each tensor of the source, by flat key (``"model.w"``),
             its flat key in the destination, or ``None`` if dropped.
         tensors, nbytes: the tensors written (tied ones once) and their size.
-        streamed: tensors were read one at a time (false when the transform
-            made new tensors, which needs the whole source in memory).
+        streamed: tensors were read one at a time, or group by group (false
+            when a transform needed the whole source in memory).
+        plan: every tensor written, with its sources and rules.
+        peak_bytes: the most memory one of them holds while it is computed
+            (the largest group), about the conversion's peak above its
+            baseline when ``streamed``.
     """
 
     src: Path
@@ -160,6 +209,30 @@ class Conversion:
     nbytes: int
     streamed: bool
     written: bool
+    plan: tuple[PlannedTensor, ...] = ()
+    peak_bytes: int = 0
+
+
+@attrs.frozen
+class PlannedTensor:
+    """One tensor of the destination, as :func:`convert` plans it (no data read).
+
+    Attributes:
+        key: its flat key in the destination.
+        shape, dtype: what it will hold.
+        sources: the flat keys of the source tensors it is read or computed from.
+        rules: the tensor transforms that compute it, innermost first
+            (``("unpermute_for_rope", "fuse")``); empty when it is copied as it is.
+        peak_bytes: the memory held while it is computed: its sources, and
+            every output of the groups on the way.
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    sources: tuple[str, ...]
+    rules: tuple[str, ...]
+    peak_bytes: int
 
 
 def convert(
@@ -171,32 +244,45 @@ def convert(
     force: bool = False,
     trust_pickle: bool = False,
     model_only: bool = False,
+    key: Optional[str] = None,
     dry_run: bool = False,
     progress: Optional[Progress] = None,
+    max_shard_size: Union[int, str, None] = None,
 ) -> Conversion:
     """Convert the checkpoint ``src`` to ``dst``, applying ``transform`` on the way.
 
     Any format converts to any other (DCP shards are consolidated). Tensors
     are read and written one at a time, so memory stays near the largest
-    tensor — as long as ``transform`` only moves, renames or drops entries
-    (every key transform); a transform that makes new tensors gets the whole
-    source loaded first.
+    tensor, or with tensor transforms (fuse, split, stack, permute, cast,
+    ...) near the largest group: each output is computed from its sources
+    when the writer reaches it. Only a transform that cannot plan on meta
+    tensors (a ``map_tensors`` whose function needs data, ``offload_to_cpu``)
+    gets the whole source loaded first.
 
     Args:
         transform: applied to the model and optimizer entries of a combined
             checkpoint (``{"model": ..., "optim": ...}``), else to the whole
             state dict; e.g. ``strip_prefix("_orig_mod.") >> rename(...)``.
+            One built with :func:`~sdtree.transforms.each` or
+            :func:`~sdtree.transforms.at` applies to the whole checkpoint as
+            written (``each(t)`` does what ``t`` does).
         to: the destination format; by default told from ``dst``'s name.
         force: replace an existing ``dst``.
         trust_pickle: see :func:`open_checkpoint`.
         model_only: write only the ``"model"`` entry of a combined
-            checkpoint (needed to put one that holds more into safetensors).
-            A safetensors source is a model state dict already; any other
-            without a ``"model"`` state dict is an error.
+            checkpoint (needed to put one that holds more into safetensors
+            or hf). A safetensors or hf source is a model state dict
+            already; any other without a ``"model"`` state dict is an error.
+        key: convert only the entry at this dotted path of the source (the
+            ``"state_dict"`` of a trainer's checkpoint), before ``model_only``
+            and ``transform``.
         dry_run: only work out the key mapping; write nothing.
         progress: called as ``progress(nbytes, total_bytes)`` per tensor.
+        max_shard_size: ``to="hf"`` only: see :func:`save`.
 
     Raises:
+        DestinationError: ``dst`` is ``src`` or holds it (checked first, even
+            with ``force``), or cannot be written.
         DestinationExistsError: ``dst`` exists and ``force`` is false (checked first).
         NothingToWriteError: the result would hold no tensor: ``transform``
             drops every one, ``model_only`` finds no ``"model"`` state dict,
@@ -204,35 +290,40 @@ def convert(
             count) are nothing to write. Raised before anything is written,
             and by a dry run too.
         KeyCollisionError: the transform maps two keys to one.
-        CheckpointFormatError: the destination format cannot hold the result.
+        CheckpointFormatError: the destination format cannot hold the
+            result, or ``max_shard_size`` is bad (checked first).
         and the errors of :func:`open_checkpoint`.
     """
     src, dst = Path(src), Path(dst)
+    check_not_source(src, dst, fn="convert")
     dst_format = destination_format(dst, to)
+    write = _writer(dst_format, dst, max_shard_size, "convert")
     if not dry_run:
         check_destination(dst, force=force, fn="convert")
     checkpoint = open_checkpoint(src, trust_pickle=trust_pickle)
-    if model_only and checkpoint.format != "safetensors" and not is_combined(checkpoint.tree):
-        raise NothingToWriteError(_no_model(checkpoint))
-    source, tree, streamed = _transformed(checkpoint, transform, model_only)
+    base = subtree(checkpoint.tree, key, fn="convert")
+    if model_only and checkpoint.format not in MODEL_ONLY_FORMATS and not is_combined(base):
+        raise NothingToWriteError(_no_model(checkpoint, base))
+    source, tree, streamed = _transformed(checkpoint, base, key, transform, model_only)
     tree = fit_format(tree, dst_format, fn="convert")
     tensors = _unique(tree, dst_format)
     if not tensors:
         raise NothingToWriteError(_nothing_left(checkpoint, source, tree, transform, model_only))
     total = sum(t.numel() * t.element_size() for t in tensors)
+    plan = _plan(source, tree, dst_format)
     result = Conversion(
-        src, dst, checkpoint.format, dst_format, _renamed(source, tree), len(tensors), total, streamed, not dry_run
+        src, dst, checkpoint.format, dst_format, _renamed(source, tree), len(tensors), total, streamed, not dry_run,
+        plan, max((p.peak_bytes for p in plan), default=0),
     )
     if dry_run:
         return result
-    fetch = _reporting(checkpoint.fetch, progress, total)
-    with atomic_destination(dst, force=force, directory=dst_format == "dcp", fn="convert") as tmp:
-        _writer(dst_format, dst)(tmp, tree, fetch, fn="convert")
+    fetch = _reporting(Materializer(tree, checkpoint.fetch), progress, total)
+    with atomic_destination(dst, force=force, directory=dst_format in ("dcp", "hf"), fn="convert") as tmp:
+        write(tmp, tree, fetch, fn="convert")
     return result
 
 
-def _no_model(checkpoint: Checkpoint) -> str:
-    tree = checkpoint.tree
+def _no_model(checkpoint: Checkpoint, tree: Any) -> str:
     holds = f"top-level keys: {_preview(tree)}" if isinstance(tree, Mapping) else f"it holds a {type(tree).__name__}"
     return (
         f"convert: model_only=True (--model-only) writes the {MODEL!r} entry of a combined checkpoint "
@@ -270,17 +361,21 @@ def _nothing_left(
 
 
 def _transformed(
-    checkpoint: Checkpoint, transform: Optional[Transform], model_only: bool
+    checkpoint: Checkpoint, base: Any, key: Optional[str], transform: Optional[Transform], model_only: bool
 ) -> tuple[Any, Any, bool]:
     """``(source, transformed, streamed)``: the transform applied to the
-    placeholders if it keeps them, else to the loaded checkpoint."""
+    placeholders of ``base`` (the entry at ``key``) if it keeps them, else to
+    the loaded checkpoint."""
     try:
-        out = apply_transform(transform, keep_model(checkpoint.tree) if model_only else checkpoint.tree)
+        out = apply_transform(transform, keep_model(base) if model_only else base)
     except UnsupportedLeafError:  # a tensor transform that refuses meta tensors
         out = None
-    if out is not None and all(checkpoint.is_placeholder(leaf) or not leaf.is_meta for _, leaf in tensor_items(out)):
-        return checkpoint.tree, out, True
-    loaded = checkpoint.load()
+    if out is not None and all(
+        checkpoint.is_placeholder(leaf) or derivation_of(leaf) is not None or not leaf.is_meta
+        for _, leaf in tensor_items(out)
+    ):  # tensor transforms plan meta outputs that the Materializer computes group by group
+        return base, out, True
+    loaded = subtree(checkpoint.load(), key, fn="convert")
     return loaded, apply_transform(transform, keep_model(loaded) if model_only else loaded), False
 
 
@@ -290,6 +385,38 @@ def _unique(tree: Any, fmt: Format) -> list[torch.Tensor]:
     if fmt == "dcp":
         return leaves
     return [leaf for i, (leaf, first) in enumerate(zip(leaves, first_aliases(leaves))) if first == i]
+
+
+def _plan(source: Any, tree: Any, fmt: Format) -> tuple[PlannedTensor, ...]:
+    """What each tensor a writer of ``fmt`` fetches is made of, traced through
+    the derivations of the tensor transforms back to the source's keys."""
+    source_keys = {id(leaf): key for key, leaf in tensor_items(source)}
+    written = {id(t) for t in _unique(tree, fmt)}
+    plan = []
+    for key, leaf in tensor_items(tree):
+        if id(leaf) not in written:
+            continue
+        written.discard(id(leaf))  # tied: planned once, under its first key
+        sources, rules, peak = _trace(leaf, source_keys, key)
+        plan.append(PlannedTensor(key, tuple(leaf.shape), leaf.dtype, tuple(dict.fromkeys(sources)), rules, peak))
+    return tuple(plan)
+
+
+def _trace(leaf: torch.Tensor, source_keys: Mapping[int, str], key: str) -> tuple[list[str], tuple[str, ...], int]:
+    """``(source keys, rules innermost first, bytes held)`` of a planned tensor."""
+    derived = derivation_of(leaf)
+    if derived is None:
+        return [source_keys.get(id(leaf), key)], (), leaf.numel() * leaf.element_size()
+    derivation = derived[0]
+    sources: list[str] = []
+    rules: list[str] = []
+    held = sum(math.prod(shape) * dtype.itemsize for shape, dtype in derivation.outputs)
+    for part in derivation.sources:
+        part_sources, part_rules, part_held = _trace(part, source_keys, key)
+        sources += part_sources
+        rules += [r for r in part_rules if r not in rules]
+        held += part_held
+    return sources, (*rules, derivation.rule), held
 
 
 def _renamed(before: Any, after: Any) -> tuple[tuple[str, Optional[str]], ...]:

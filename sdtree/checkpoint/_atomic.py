@@ -3,20 +3,37 @@
 A failed or interrupted write leaves nothing behind: not the temporary file or
 directory, not the parent directories it created, and not a half-written
 destination. An existing destination is replaced only with ``force=True``.
+
+A write killed outright (SIGKILL, power loss) cannot clean up: what it leaves
+is a hidden temporary ``.<name>.sdtree-tmp-<pid>-<random>`` beside the
+destination, never the destination itself. The next write to the same
+destination removes such leftovers once their process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from sdtree.errors import DestinationExistsError
+from sdtree.errors import DestinationError, DestinationExistsError
 
-__all__ = ["check_destination", "atomic_destination", "temporary_name", "commit", "remove"]
+__all__ = [
+    "check_destination",
+    "check_not_source",
+    "atomic_destination",
+    "temporary_name",
+    "remove_stale_temporaries",
+    "commit",
+    "remove",
+]
+
+_TEMPORARY = ".sdtree-tmp-"
+_OWNER = re.compile(r"(\d+)-[0-9a-f]+")
 
 
 def check_destination(dst: Path, *, force: bool, fn: str) -> None:
@@ -30,19 +47,55 @@ def check_destination(dst: Path, *, force: bool, fn: str) -> None:
     )
 
 
+def check_not_source(src: Path, dst: Path, *, fn: str) -> None:
+    """Raise if writing ``dst`` would replace ``src``: the same path (or file),
+    or a directory that holds it. Checked before anything is read or written,
+    whatever ``force`` says."""
+    source, target = os.path.realpath(src), os.path.realpath(dst)
+    same = source == target or (os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst))
+    if same or source.startswith(target.rstrip(os.sep) + os.sep):
+        what = "is the source" if same else "holds the source"
+        raise DestinationError(
+            f"{fn}: the destination {str(dst)!r} {what} {str(src)!r}, so writing it would destroy "
+            "what is being read (even with force=True). Choose another destination. Nothing was written."
+        )
+
+
 def temporary_name(dst: Path) -> Path:
-    """A fresh hidden name beside ``dst`` (same directory, so renaming is atomic)."""
-    return dst.parent / f".{dst.name}.sdtree-{uuid.uuid4().hex[:12]}.tmp"
+    """A fresh hidden name beside ``dst`` (same directory, so renaming is atomic)
+    that names this process, so a later write can tell a leftover from a live one."""
+    return dst.parent / f".{dst.name}{_TEMPORARY}{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-def _make_parents(directory: Path) -> list[Path]:
-    """Create ``directory`` and its missing parents; return those created, deepest first."""
+def remove_stale_temporaries(dst: Path) -> None:
+    """Remove the temporaries that writes to ``dst`` left when they were killed
+    (their process is gone)."""
+    prefix = f".{dst.name}{_TEMPORARY}"
+    for name in os.listdir(dst.parent):
+        owner = _OWNER.fullmatch(name[len(prefix) :]) if name.startswith(prefix) else None
+        if owner is not None and not _alive(int(owner.group(1))):
+            remove(dst.parent / name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def _missing_parents(directory: Path) -> list[Path]:
+    """``directory`` and those of its parents that do not exist, deepest first."""
     missing = []
     here = directory
-    while not here.exists():
+    while not os.path.lexists(here) and here != here.parent:
         missing.append(here)
         here = here.parent
-    directory.mkdir(parents=True, exist_ok=True)
     return missing
 
 
@@ -81,13 +134,21 @@ def atomic_destination(dst: Path, *, force: bool, directory: bool, fn: str) -> I
     Raises:
         DestinationExistsError: ``dst`` exists and ``force`` is false (checked
             before anything is written, and again at the end).
+        DestinationError: ``dst``'s directory cannot be created or written.
     """
     check_destination(dst, force=force, fn=fn)
-    created = _make_parents(dst.parent)
+    created = _missing_parents(dst.parent)
     tmp = temporary_name(dst)
     try:
-        if directory:
-            tmp.mkdir()
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(dst)
+            if directory:
+                tmp.mkdir()
+            else:
+                tmp.touch(exist_ok=False)
+        except OSError as err:
+            raise _unwritable(dst, err, fn) from None
         yield tmp
         commit(tmp, dst, force=force, fn=fn)
     except BaseException:
@@ -96,3 +157,11 @@ def atomic_destination(dst: Path, *, force: bool, directory: bool, fn: str) -> I
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
+
+
+def _unwritable(dst: Path, err: OSError, fn: str) -> DestinationError:
+    where = f" ({err.filename})" if err.filename else ""
+    return DestinationError(
+        f"{fn}: cannot write {str(dst)!r}: {err.strerror or err}{where}. Choose a destination "
+        "in a directory you can write to. Nothing was written."
+    )

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import io
+import math
+import reprlib
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,9 +50,10 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from sdtree._collectives import several_ranks
 from sdtree._tree import tree_map
 from sdtree.checkpoint._formats import DCP_METADATA
-from sdtree.checkpoint._lazy import Checkpoint, read_into
+from sdtree.checkpoint._lazy import Checkpoint
 from sdtree.checkpoint._pickle import LOAD_ERRORS, load_dcp_metadata, load_error, torch_load
-from sdtree.checkpoint._torch_file import byteorder
+from sdtree.checkpoint._shard_files import names_inside, shard_file_size
+from sdtree.checkpoint._torch_file import TorchArchive
 from sdtree.errors import CorruptCheckpointError, IncompatibleStateDictError, SdtreeError, preview as _preview
 from sdtree.types import PG, STATE
 from sdtree.transforms.nested import unflatten_state_dict
@@ -62,19 +65,33 @@ __all__ = ["open_dcp", "load_dcp_into", "quiet_single_process", "unwrapped_error
 
 
 class _SafeReader(FileSystemReader):
-    """torch's reader, but ``.metadata`` is unpickled without running code."""
+    """torch's reader, but ``.metadata`` is unpickled without running code,
+    and checked (:func:`_check_metadata`) before anything reads by it.
+
+    ``dcp.load`` reports a failure to read metadata only as text; the error
+    itself is kept in ``failure``.
+    """
 
     def __init__(self, path: Path, *, trust_pickle: bool) -> None:
         super().__init__(path)
         self.trust_pickle = trust_pickle
+        self.failure: Optional[SdtreeError] = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            return self._read_metadata(kwargs.get("rank"))
+        except SdtreeError as err:
+            self.failure = self.failure or err
+            raise
+
+    def _read_metadata(self, rank: Optional[int]) -> Metadata:
+        path = self._get_metadata_path(rank)
         what = f"DCP checkpoint {str(self.path)!r}: {DCP_METADATA}"
         with self.fs.create_stream(path, "rb") as file:
             metadata = load_dcp_metadata(cast(IO[bytes], file), what=what, trust_pickle=self.trust_pickle)
         if not isinstance(metadata, Metadata):
             raise CorruptCheckpointError(f"{what} holds a {type(metadata).__name__}, not DCP Metadata.")
+        _check_metadata(metadata, Path(self.path), f"DCP checkpoint {str(self.path)!r}")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]  # set just above
@@ -125,8 +142,6 @@ def _read(reader: FileSystemReader, items: list[ReadItem], planner: _ReadInto, w
             f"{what}: the shard file {err.filename!r} is missing. Copy the whole checkpoint "
             "directory, every *.distcp file with its .metadata."
         ) from None
-    except KeyError as err:
-        raise CorruptCheckpointError(f"{what}: {DCP_METADATA} has no storage entry for {err}.") from None
     except LOAD_ERRORS as err:
         raise load_error(err, what) from None
 
@@ -159,34 +174,30 @@ def _read_chunks_in_place(reader: FileSystemReader, fqn: str, md: TensorStorageM
         if info is None or getattr(info, "transform_descriptors", None) or not dest.is_contiguous():
             return False
         places.append((Path(reader.path) / info.relative_path, info.offset, info.length, dest))
-    for path, offset, length, dest in places:
-        start = _tensor_data_offset(path, offset, length, dest, what)
-        if start is None:
-            return False
-        read_into(path, offset + start, dest, what=what)
-    return True
+    return all(_read_blob_into(path, offset, length, dest, what) for path, offset, length, dest in places)
 
 
-def _tensor_data_offset(path: Path, offset: int, length: int, dest: torch.Tensor, what: str) -> Optional[int]:
-    """Where, in the ``torch.save`` blob at ``offset`` of ``path``, the data of a
-    tensor shaped like ``dest`` starts; None unless it is stored plainly."""
+def _read_blob_into(path: Path, offset: int, length: int, dest: torch.Tensor, what: str) -> bool:
+    """Read the tensor in the ``torch.save`` blob at ``offset`` of ``path``
+    into ``dest``; False, reading nothing, unless it is stored plainly: one
+    tensor shaped like ``dest`` that spans its whole record, in this
+    machine's byte order."""
     with open(path, "rb") as file:
-        blob = _Window(file, offset, length)
-        meta = torch_load(blob, what=what, trust_pickle=False, map_location="meta")
+        archive = TorchArchive.open(_Window(file, offset, length), length, what)
+        meta = archive.skeleton(trust_pickle=False)
+        record = TorchArchive.record_of(meta) if type(meta) is torch.Tensor else None
         plain = (
-            type(meta) is torch.Tensor
-            and meta.is_meta
+            record is not None
             and meta.shape == dest.shape
             and meta.dtype == dest.dtype
             and meta.is_contiguous()
             and meta.storage_offset() == 0
+            and record.nbytes == dest.numel() * dest.element_size()
+            and archive.byteorder in (None, sys.byteorder)
         )
-        if not plain:
-            return None
-        blob.seek(0)
-        if byteorder(blob) not in (None, sys.byteorder):
-            return None
-    return getattr(meta.untyped_storage(), "_checkpoint_offset", None)
+        if plain and record is not None:
+            archive.read_record_into(record.key, dest)
+        return plain
 
 
 def _narrow(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
@@ -247,7 +258,6 @@ def open_dcp(path: Path, *, trust_pickle: bool) -> Checkpoint:
     what = f"DCP checkpoint {str(path)!r}"
     reader = _SafeReader(path, trust_pickle=trust_pickle)
     metadata = reader.read_metadata()
-    _check_metadata(metadata, path, what)
     reader.set_up_storage_reader(metadata, True)
     entries = metadata.state_dict_metadata
     values = _read_values(
@@ -282,27 +292,155 @@ def _with_optimizer_state(tree: Any) -> Any:
 
 
 def _check_metadata(metadata: Metadata, path: Path, what: str) -> None:
-    """Check what can be checked before reading: entries, chunk coverage, files."""
+    """Check what can be checked before reading: every entry, every chunk,
+    every storage record and file, so that nothing is allocated for a size
+    the files do not back and no file outside ``path`` is read.
+
+    Raises:
+        CorruptCheckpointError: ``.metadata`` is inconsistent, names a file
+            outside the directory, or claims more bytes than its files hold.
+    """
     entries, storage = metadata.state_dict_metadata, metadata.storage_data
     if not isinstance(entries, Mapping) or not isinstance(storage, Mapping):
         raise CorruptCheckpointError(f"{what}: {DCP_METADATA} lacks its key and storage tables.")
-    for fqn, md in entries.items():
-        if isinstance(md, TensorStorageMetadata):
-            covered = sum(torch.Size(c.sizes).numel() for c in md.chunks)
-            if covered != torch.Size(md.size).numel():
-                raise CorruptCheckpointError(
-                    f"{what}: the chunks of {fqn!r} cover {covered} of its {torch.Size(md.size).numel()} "
-                    f"elements ({DCP_METADATA} is inconsistent)."
-                )
-        elif not isinstance(md, BytesStorageMetadata):
-            raise CorruptCheckpointError(f"{what}: {fqn!r} has unknown metadata {type(md).__name__}.")
-    files = {getattr(info, "relative_path", None) for info in storage.values()}
-    missing = sorted(str(name) for name in files if not isinstance(name, str) or not (path / name).is_file())
+    try:
+        records = _check_storage(storage, path, what)
+        for fqn, md in entries.items():
+            if isinstance(md, TensorStorageMetadata):
+                _check_tensor_entry(fqn, md, records, what)
+            elif not isinstance(md, BytesStorageMetadata):
+                raise CorruptCheckpointError(f"{what}: {fqn!r} has unknown metadata {type(md).__name__}.")
+            elif MetadataIndex(fqn) not in records:
+                raise CorruptCheckpointError(f"{what}: {DCP_METADATA} has no storage entry for the value {fqn!r}.")
+        _check_planner_paths(metadata.planner_data, len(entries), what)
+    except CorruptCheckpointError:
+        raise
+    except (TypeError, ValueError, AttributeError) as err:  # fields of the wrong types
+        raise CorruptCheckpointError(f"{what}: {DCP_METADATA} is corrupt: {type(err).__name__}: {err}.") from None
+
+
+def _check_storage(storage: Mapping[Any, Any], path: Path, what: str) -> Mapping[Any, Any]:
+    """Check that every storage record lies inside a regular file inside
+    ``path``, and that no two overlap; return the records."""
+    sizes: dict[str, int] = {}
+    missing: list[str] = []
+    spans: dict[str, list[tuple[int, int, Any]]] = {}
+    for index, info in storage.items():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not names_inside(name):
+            raise CorruptCheckpointError(
+                f"{what}: {DCP_METADATA} names the storage file {name!r} for {index}, which is not a file "
+                "inside the checkpoint directory; sdtree reads only files inside it (a '..' or an "
+                "absolute path could read any file on this machine)."
+            )
+        if name not in sizes:
+            sizes[name] = shard_file_size(path / name, what)
+            if sizes[name] < 0:
+                missing.append(name)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            raise CorruptCheckpointError(f"{what}: {DCP_METADATA} gives {index} the byte range offset={offset!r}, length={length!r}.")
+        spans.setdefault(name, []).append((offset, offset + length, index))
     if missing:
         raise CorruptCheckpointError(
             f"{what}: {len(missing)} shard file(s) named in {DCP_METADATA} are missing: "
-            f"{_preview(missing)}. Copy the whole checkpoint directory, every *.distcp file with its .metadata."
+            f"{_preview(sorted(missing))}. Copy the whole checkpoint directory, every *.distcp file with its .metadata."
         )
+    for name, ranges in spans.items():
+        ranges.sort(key=lambda r: r[:2])
+        for (begin, end, index), (after, _, other) in zip(ranges, ranges[1:] + [(sizes[name], 0, None)]):
+            if end > after:
+                where = f"the end of the file ({sizes[name]} bytes)" if other is None else f"the record of {other}"
+                raise CorruptCheckpointError(
+                    f"{what}: {DCP_METADATA} places {index} at bytes [{begin}, {end}) of {name!r}, past {where} "
+                    "(a truncated shard file, or inconsistent metadata)."
+                )
+    return storage
+
+
+def _check_tensor_entry(fqn: str, md: TensorStorageMetadata, records: Mapping[Any, Any], what: str) -> None:
+    """The chunks of ``fqn`` tile its shape exactly, each backed by a record
+    that holds at least its bytes (unless the record is transformed)."""
+    size = tuple(md.size)
+    dtype = md.properties.dtype
+    if not isinstance(dtype, torch.dtype) or not all(type(n) is int and n >= 0 for n in size):
+        raise CorruptCheckpointError(f"{what}: {DCP_METADATA} gives {fqn!r} the shape {list(size)!r} and dtype {dtype!r}.")
+    boxes = [(tuple(chunk.offsets), tuple(chunk.sizes)) for chunk in md.chunks]
+    for index, (offsets, sizes) in enumerate(boxes):
+        inside = len(offsets) == len(sizes) == len(size) and all(
+            type(o) is int and type(n) is int and o >= 0 and n >= 0 and o + n <= d for o, n, d in zip(offsets, sizes, size)
+        )
+        if not inside:
+            raise CorruptCheckpointError(
+                f"{what}: chunk {index} of {fqn!r} (offsets {list(offsets)}, sizes {list(sizes)}) lies outside its "
+                f"shape {list(size)} ({DCP_METADATA} is inconsistent)."
+            )
+    covered = sum(math.prod(sizes) for _, sizes in boxes)
+    overlap = covered == math.prod(size) and _overlap(boxes)
+    if covered != math.prod(size) or overlap:
+        raise CorruptCheckpointError(
+            f"{what}: the chunks of {fqn!r} cover {covered} of its {math.prod(size)} elements"
+            + (" and overlap" if overlap else "")
+            + f" ({DCP_METADATA} is inconsistent)."
+        )
+    for index, chunk in enumerate(md.chunks):
+        info = records.get(MetadataIndex(fqn, chunk.offsets, index))
+        if info is None:
+            raise CorruptCheckpointError(f"{what}: {DCP_METADATA} has no storage entry for chunk {index} of {fqn!r}.")
+        nbytes = math.prod(chunk.sizes) * dtype.itemsize
+        if nbytes > info.length and not getattr(info, "transform_descriptors", None):
+            # A transformed (compressed) record's length does not bound its
+            # contents; torch's reader inflates it as the extension says.
+            raise CorruptCheckpointError(
+                f"{what}: chunk {index} of {fqn!r} is {nbytes} bytes ({list(chunk.sizes)} {dtype}), but its record "
+                f"in {info.relative_path!r} holds {info.length} ({DCP_METADATA} is inconsistent, or claims a huge tensor)."
+            )
+
+
+# The most cells _overlap counts in (4 bytes each); past it, it sweeps.
+_MAX_CELLS = 1 << 22
+
+
+def _overlap(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    """Whether two of the boxes (offsets, sizes), all of one rank, share an element.
+
+    The boxes' edges cut the shape into a grid of cells (one per shard, for a
+    tensor sharded on a grid); each box adds one to the cells it covers.
+    Where that grid is too large, a sweep along one dimension compares each
+    box with those still open there.
+    """
+    boxes = [(o, s) for o, s in boxes if all(s)]  # an empty box shares nothing
+    if len(boxes) < 2:
+        return False
+    ndim = len(boxes[0][0])
+    if ndim == 0:
+        return True  # both hold the one element
+    cuts = [sorted({o[d] for o, _ in boxes} | {o[d] + s[d] for o, s in boxes}) for d in range(ndim)]
+    if math.prod(len(c) - 1 for c in cuts) <= _MAX_CELLS:
+        where = [{x: i for i, x in enumerate(c)} for c in cuts]
+        count = torch.zeros([len(c) - 1 for c in cuts], dtype=torch.int32)
+        for o, s in boxes:
+            count[tuple(slice(where[d][o[d]], where[d][o[d] + s[d]]) for d in range(ndim))] += 1
+        return bool((count > 1).any())
+    dim = max(range(ndim), key=lambda d: len(cuts[d]))
+    open_: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for offsets, sizes in sorted(boxes, key=lambda box: box[0][dim]):
+        open_ = [(o, s) for o, s in open_ if o[dim] + s[dim] > offsets[dim]]
+        if any(all(a < c + d and c < a + b for a, b, c, d in zip(o, s, offsets, sizes)) for o, s in open_):
+            return True
+        open_.append((offsets, sizes))
+    return False
+
+
+def _check_planner_paths(planner_data: Any, count: int, what: str) -> None:
+    """Each key's path in the tree is a tuple of keys and list positions that exist."""
+    if not isinstance(planner_data, Mapping):
+        return
+    for fqn, where in planner_data.items():
+        if not isinstance(where, (tuple, list)) or not all(
+            type(p) is str or (type(p) is int and 0 <= p < count) for p in where
+        ):
+            raise CorruptCheckpointError(f"{what}: {DCP_METADATA} gives {fqn!r} the tree path {reprlib.repr(where)}.")
 
 
 # -- calling torch's DCP API -------------------------------------------------------
@@ -362,12 +500,18 @@ def load_dcp_into(path: Path, template: Any, *, trust_pickle: bool, process_grou
     """
     what = f"DCP checkpoint {str(path)!r}"
     target = tree_map(lambda leaf: torch.empty_like(leaf) if isinstance(leaf, torch.Tensor) else leaf, template)
-    with quiet_single_process(), unwrapped_errors("load"):
-        dcp_load(
-            target,
-            storage_reader=_SafeReader(path, trust_pickle=trust_pickle),
-            planner=_SafeLoadPlanner(trust_pickle=trust_pickle, what=what),
-            process_group=process_group,
-            no_dist=not several_ranks(process_group),
-        )
+    reader = _SafeReader(path, trust_pickle=trust_pickle)
+    try:
+        with quiet_single_process(), unwrapped_errors("load"):
+            dcp_load(
+                target,
+                storage_reader=reader,
+                planner=_SafeLoadPlanner(trust_pickle=trust_pickle, what=what),
+                process_group=process_group,
+                no_dist=not several_ranks(process_group),
+            )
+    except CheckpointException:
+        if reader.failure is not None:  # every rank read the same .metadata, so all raise this
+            raise reader.failure from None
+        raise
     return target

@@ -13,7 +13,7 @@ import torch
 from sdtree._tree import codify, tree_flatten_with_path
 from sdtree.checkpoint._api import open_checkpoint
 from sdtree.checkpoint._formats import Format, PathLike
-from sdtree.checkpoint._lazy import Checkpoint, dotted
+from sdtree.checkpoint._lazy import Checkpoint, ShardInfo, dotted
 from sdtree.types import PARAMS, PG, is_optim_state_dict
 
 __all__ = ["TensorInfo", "ParamGroupInfo", "Summary", "describe", "Difference", "CheckpointDiff", "diff"]
@@ -50,6 +50,7 @@ class Summary:
         tensors: every tensor entry, in order (tied keys included, marked).
         param_groups: the param groups of every optimizer state dict in it.
         values: every other non-tensor entry (flat key, value), param groups aside.
+        shards: the shard files of a Hugging Face directory (name, bytes, tensors).
     """
 
     path: Path
@@ -57,6 +58,7 @@ class Summary:
     tensors: tuple[TensorInfo, ...]
     param_groups: tuple[ParamGroupInfo, ...]
     values: tuple[tuple[str, Any], ...]
+    shards: tuple[ShardInfo, ...] = ()
 
     @property
     def stored_bytes(self) -> int:
@@ -92,6 +94,7 @@ class Summary:
                 for g in self.param_groups
             ],
             "values": {key: _jsonable(value) for key, value in self.values},
+            "shards": [{"name": s.name, "bytes": s.nbytes, "tensors": s.tensors} for s in self.shards],
         }
 
 
@@ -172,7 +175,7 @@ def describe(path: PathLike, *, trust_pickle: bool = False) -> Summary:
     param_groups = tuple(
         ParamGroupInfo(dotted(p), len(g.get(PARAMS, ())), {k: v for k, v in g.items() if k != PARAMS}) for p, g in groups
     )
-    return Summary(checkpoint.path, checkpoint.format, tuple(tensors), param_groups, tuple(values))
+    return Summary(checkpoint.path, checkpoint.format, tuple(tensors), param_groups, tuple(values), checkpoint.shards)
 
 
 # -- diff ---------------------------------------------------------------------

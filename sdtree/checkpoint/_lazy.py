@@ -10,11 +10,9 @@ tensor it stands for and read when a writer needs it — one tensor at a time.
 
 from __future__ import annotations
 
-import ctypes
-import math
 from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import attrs
 import torch
@@ -25,17 +23,16 @@ from sdtree.errors import CorruptCheckpointError, UnsupportedLeafError
 
 __all__ = [
     "Checkpoint",
+    "ShardInfo",
     "Fetch",
     "as_is",
-    "read_range",
-    "read_into",
-    "tensor_from_bytes",
     "plain_cpu",
     "fetched_plain",
     "alias_key",
     "first_aliases",
     "dotted",
     "tensor_items",
+    "not_flat_model",
 ]
 
 Fetch = Callable[[torch.Tensor], torch.Tensor]
@@ -46,31 +43,45 @@ def as_is(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@attrs.frozen
+class ShardInfo:
+    """One file of a sharded checkpoint: its name in the checkpoint directory,
+    its size in bytes, and how many tensors it stores."""
+
+    name: str
+    nbytes: int
+    tensors: int
+
+
 @attrs.frozen(eq=False)
 class Checkpoint:
     """A checkpoint opened by :func:`sdtree.checkpoint.open_checkpoint`.
 
     Attributes:
         path: where it is.
-        format: ``"dcp"``, ``"torch"`` or ``"safetensors"``.
+        format: ``"dcp"``, ``"torch"``, ``"safetensors"`` or ``"hf"``.
         tree: its state dict, tensors as meta placeholders (shape and dtype as
             stored; one placeholder object per stored tensor, so tied
             tensors share it). Legacy ``torch.save`` files, which cannot be
             read piecewise, hold real tensors here.
+        shards: the shard files of a Hugging Face directory, in order.
     """
 
     path: Path
     format: Format
     tree: Any
     _readers: Mapping[int, Callable[[], torch.Tensor]] = attrs.field(repr=False, alias="readers")
+    shards: tuple[ShardInfo, ...] = ()
 
     def is_placeholder(self, leaf: Any) -> bool:
         """Whether ``leaf`` is one of this checkpoint's placeholders."""
         return id(leaf) in self._readers
 
     def fetch(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Read the tensor a placeholder stands for (a new CPU tensor each call).
+        """Read the tensor a placeholder stands for, as a CPU tensor.
 
+        A new tensor each call, except from a safetensors file: there it is a
+        view of the file's copy-on-write memory map, the same for each call.
         A tensor that is not a placeholder is returned as it is.
         """
         reader = self._readers.get(id(tensor))
@@ -101,40 +112,18 @@ def tensor_items(tree: Any) -> list[tuple[str, torch.Tensor]]:
     return [(dotted(p), leaf) for p, leaf in zip(paths, leaves) if isinstance(leaf, torch.Tensor)]
 
 
-def read_range(path: Path, offset: int, nbytes: int, *, what: str) -> torch.Tensor:
-    """Read ``nbytes`` at ``offset`` of the file ``path`` into a new uint8 tensor."""
-    return read_into(path, offset, torch.empty(nbytes, dtype=torch.uint8), what=what)
-
-
-def read_into(path: Path, offset: int, out: torch.Tensor, *, what: str) -> torch.Tensor:
-    """Read the bytes at ``offset`` of the file ``path`` straight into the
-    memory of the contiguous CPU tensor ``out``; return ``out``."""
-    nbytes = out.numel() * out.element_size()
-    if nbytes == 0:
-        return out
-    view = memoryview((ctypes.c_ubyte * nbytes).from_address(out.data_ptr())).cast("B")
-    done = 0
-    with open(path, "rb") as file:
-        file.seek(offset)
-        while done < nbytes:
-            got = file.readinto(view[done:])
-            if not got:
-                raise CorruptCheckpointError(
-                    f"{what} is truncated: expected {nbytes} bytes at offset {offset} of "
-                    f"{str(path)!r}, the file ends after {done}."
-                )
-            done += got
-    return out
-
-
-def tensor_from_bytes(
-    buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], stride: tuple[int, ...]
-) -> torch.Tensor:
-    """View raw bytes as a tensor of ``dtype`` with ``shape`` and ``stride``; compact it."""
-    if math.prod(shape) == 0:
-        return torch.empty(shape, dtype=dtype)
-    flat = buffer.view(dtype)
-    return torch.as_strided(flat, shape, stride).contiguous()
+def not_flat_model(tree: Any) -> Optional[str]:
+    """What keeps ``tree`` from being a flat ``{str: tensor}`` model state dict
+    (``"it is a list"``, ``"it has the key 3"``, ``"'step' holds a int"``), or
+    ``None`` when it is one."""
+    if not isinstance(tree, Mapping):
+        return f"it is a {type(tree).__name__}"
+    for key, value in tree.items():
+        if type(key) is not str:
+            return f"it has the key {key!r}"
+        if not isinstance(value, torch.Tensor):
+            return f"{key!r} holds a {type(value).__name__}"
+    return None
 
 
 def plain_cpu(tensor: torch.Tensor, key: str, fn: str) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Unpickle checkpoint data without running code from the file.
 
 Checkpoints come from strangers, and unpickling can call any function the
-pickle names. ``torch.save`` data is read with ``torch.load(weights_only=True)``;
-a DCP ``.metadata`` file (which torch reads with plain ``pickle.load``) is read
-with an unpickler that imports only the classes DCP metadata is made of.
-``trust_pickle=True`` lifts both restrictions, for files from a trusted source.
+pickle names. ``torch.save`` data is read with torch's weights-only unpickler
+(what ``torch.load(weights_only=True)`` runs); a DCP ``.metadata`` file
+(which torch reads with plain ``pickle.load``) is read with an unpickler that
+imports only the classes DCP metadata is made of. ``trust_pickle=True`` lifts
+both restrictions, for files from a trusted source.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from __future__ import annotations
 import io
 import pickle
 import re
-from typing import IO, Any, Optional, Union, cast
+from typing import IO, Any, Callable, Optional, Union, cast
 
 import torch
+import torch._utils
+from torch import _weights_only_unpickler
+from torch.serialization import StorageType
 
 from sdtree.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
-__all__ = ["TRUST_HINT", "LOAD_ERRORS", "torch_load", "load_error", "load_dcp_metadata"]
+__all__ = ["TRUST_HINT", "LOAD_ERRORS", "torch_load", "unpickle_torch_data", "load_error", "load_dcp_metadata"]
 
 TRUST_HINT = (
     "Pass trust_pickle=True (--trust-pickle on the command line) only if you trust "
@@ -52,12 +56,52 @@ def torch_load(
 LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError)
 
 
+class _TrustingUnpickler(pickle.Unpickler):
+    """Unpickle anything, resolving names as ``torch.load`` does (storage
+    classes by dtype, the old home of ``torch.tensor``)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if "Storage" in name:
+            try:
+                return StorageType(name)  # type: ignore[no-untyped-call]  # untyped in torch
+            except KeyError:
+                pass
+        return super().find_class("torch._tensor" if module == "torch.tensor" else module, name)
+
+
+def unpickle_torch_data(
+    data: bytes, persistent_load: Callable[[Any], Any], *, what: str, trust_pickle: bool
+) -> Any:
+    """Unpickle the ``data.pkl`` of a ``torch.save`` archive as ``torch.load``
+    does, its storages resolved by ``persistent_load``; with torch's
+    weights-only unpickler unless ``trust_pickle``.
+
+    Raises:
+        UnsafeCheckpointError: the pickle imports something ``weights_only`` refuses.
+        CorruptCheckpointError: the data cannot be unpickled.
+    """
+    file = io.BytesIO(data)
+    unpickler: Any = _TrustingUnpickler(file, encoding="utf-8") if trust_pickle else _weights_only_unpickler.Unpickler(file, encoding="utf-8")
+    unpickler.persistent_load = persistent_load
+    try:
+        return unpickler.load()
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as err:
+        raise load_error(err, what) from None
+    except Exception as err:  # a garbled pickle raises almost anything
+        raise CorruptCheckpointError(f"{what} is corrupt: its pickle could not be read ({type(err).__name__}: {err}).") from None
+    finally:
+        # sparse tensors queued for torch.load's check; these are placeholders
+        torch._utils._sparse_tensors_to_validate.clear()
+
+
 def load_error(err: BaseException, what: str) -> Exception:
     """The sdtree error for a failure of ``torch.load`` while reading ``what``."""
     if isinstance(err, CheckpointError):
         return err
     text = str(err)
-    if isinstance(err, pickle.UnpicklingError) and _REFUSED in text:
+    if isinstance(err, pickle.UnpicklingError) and (_REFUSED in text or _GLOBAL.search(text)):
         found = _GLOBAL.search(text)
         if found is not None:
             return UnsafeCheckpointError(

@@ -3,10 +3,18 @@
 A safetensors file is an 8-byte little-endian header size, a JSON header
 (``{key: {"dtype", "shape", "data_offsets"}, "__metadata__": {str: str}}``)
 and the tensors' raw bytes; it holds a flat ``{key: tensor}`` model state
-dict and nothing else. Both directions are done here without the
-``safetensors`` package's all-at-once API: the header is written first (the
-sizes are known from shapes and dtypes), then each tensor's bytes as it is
-fetched; reading parses the header and reads one byte range per tensor.
+dict and nothing else.
+
+Reading goes through ``safetensors.safe_open``: it checks the header in Rust
+(its size against the file's, its JSON, dtypes, shapes, and data offsets
+that tile the data exactly) and maps the file, so each tensor is read when it
+is fetched. sdtree reads the header again itself only for what ``safe_open``
+does not check or tell: duplicate keys (``safe_open`` keeps the last), the
+order of the tensors in the file, and its own alias metadata.
+
+Writing is done here, without the ``safetensors`` package's all-at-once API:
+the header is written first (the sizes are known from shapes and dtypes),
+then each tensor's bytes as it is fetched.
 
 Tied tensors (keys holding the same view of the same memory) are stored once.
 The other keys are recorded in the metadata entry ``"sdtree.aliases"``: a JSON
@@ -17,28 +25,21 @@ stored keys, as with checkpoints that drop tied weights.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 
-from sdtree.checkpoint._lazy import (
-    Checkpoint,
-    Fetch,
-    fetched_plain,
-    first_aliases,
-    read_range,
-    tensor_from_bytes,
-)
+from sdtree.checkpoint._lazy import Checkpoint, Fetch, fetched_plain, first_aliases, not_flat_model
 from sdtree.errors import CheckpointFormatError, CorruptCheckpointError
-from sdtree.transforms.tensors import contiguous_strides
 
-__all__ = ["open_safetensors", "write_safetensors", "check_model_state_dict", "ALIASES_KEY"]
+__all__ = ["open_safetensors", "write_safetensors", "check_model_state_dict", "with_aliases", "loads_unique", "ALIASES_KEY"]
 
 ALIASES_KEY = "sdtree.aliases"
 _METADATA = "__metadata__"
@@ -69,83 +70,117 @@ _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
 def open_safetensors(path: Path) -> Checkpoint:
-    """Open a safetensors file: its header now, each tensor on demand."""
+    """Open a safetensors file: its header now, each tensor on demand.
+
+    Raises:
+        CorruptCheckpointError: the file is truncated, or its header is
+            malformed or inconsistent with its data.
+        CheckpointFormatError: it holds a dtype sdtree does not read.
+    """
     what = f"safetensors file {str(path)!r}"
-    header, data_start, data_size = _read_header(path, what)
-    metadata = header.pop(_METADATA, None) or {}
-    entries = sorted(((key, _entry(key, value, data_size, what)) for key, value in header.items()), key=lambda e: e[1][2])
+    try:
+        file: Any = safe_open(str(path), framework="pt")
+    except Exception as err:  # safetensors raises its own SafetensorError, or an OSError
+        raise CorruptCheckpointError(f"{what} is truncated or corrupt: {err}.") from None
+    header = _read_header(path, what)
+    header.pop(_METADATA, None)
     tree: dict[str, torch.Tensor] = {}
     readers: dict[int, Callable[[], torch.Tensor]] = {}
-    for key, (dtype, shape, begin, end) in entries:
-        placeholder = torch.empty(shape, dtype=dtype, device="meta")
-        tree[key] = placeholder
-        read = functools.partial(read_range, path, data_start + begin, end - begin, what=what)
-        readers[id(placeholder)] = functools.partial(_build, read, dtype, shape)
-    return Checkpoint(path, "safetensors", _with_aliases(tree, metadata, what), readers=readers)
-
-
-def _build(read: Callable[[], torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    return tensor_from_bytes(read(), dtype, shape, contiguous_strides(shape))
-
-
-def _read_header(path: Path, what: str) -> tuple[dict[str, Any], int, int]:
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        head = file.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= length <= size - 8:
-            raise CorruptCheckpointError(
-                f"{what} is corrupt: its first 8 bytes give a header of {length} bytes, but the "
-                f"file has {size} bytes."
+    for key, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        if entry["dtype"] not in _DTYPES:
+            raise CheckpointFormatError(
+                f"{what}: {key!r} has dtype {entry['dtype']!r}, which sdtree does not read "
+                f"(it reads {', '.join(sorted(_DTYPES))})."
             )
-        raw = file.read(length)
+        placeholder = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]], device="meta")
+        tree[key] = placeholder
+        readers[id(placeholder)] = functools.partial(_get_tensor, file, key, what)
+    return Checkpoint(path, "safetensors", _with_aliases(tree, file.metadata() or {}, what), readers=readers)
+
+
+def _get_tensor(file: Any, key: str, what: str) -> torch.Tensor:
+    """The tensor ``key``, in memory of its own: ``get_tensor`` gives a view of
+    one copy-on-write map per open file, so two fetches would share memory (a
+    write into one would show in the next) and a file truncated meanwhile
+    would crash the reader (SIGBUS)."""
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptCheckpointError(f"{what} is corrupt: its header is not JSON ({err}).") from None
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{what} is corrupt: its header is a {type(header).__name__}, not an object.")
-    return header, 8 + length, size - 8 - length
+        return file.get_tensor(key).clone()  # type: ignore[no-any-return]
+    except Exception as err:  # as in open_safetensors
+        raise CorruptCheckpointError(f"{what}: {key!r} cannot be read: {err}.") from None
 
 
-def _entry(key: str, value: Any, data_size: int, what: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
-    """Validate one header entry; return its dtype, shape and byte range."""
-    try:
-        dtype = _DTYPES[value["dtype"]]
-        shape = tuple(int(n) for n in value["shape"])
-        begin, end = (int(n) for n in value["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise CorruptCheckpointError(
-            f"{what} is corrupt: the header entry of {key!r} is {value!r}; expected "
-            f"{{'dtype': one of {sorted(_DTYPES)}, 'shape': [...], 'data_offsets': [begin, end]}}."
-        ) from None
-    nbytes = math.prod(shape) * dtype.itemsize
-    if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != nbytes:
-        raise CorruptCheckpointError(
-            f"{what} is corrupt: {key!r} ({value['dtype']} {list(shape)}, {nbytes} bytes) has data "
-            f"offsets [{begin}, {end}] in a data section of {data_size} bytes (truncated file?)."
-        )
-    return dtype, shape, begin, end
+def _read_header(path: Path, what: str) -> dict[str, Any]:
+    """The header (which ``safe_open`` has checked) as JSON, refusing a key
+    that appears twice in one object: other readers may take either."""
+    with open(path, "rb") as file:
+        raw = file.read(int.from_bytes(file.read(8), "little"))
+
+    header: dict[str, Any] = loads_unique(raw, lambda key: f"{what} is corrupt: its header holds the key {key!r} twice.")
+    return header
 
 
-def _with_aliases(tree: dict[str, torch.Tensor], metadata: Any, what: str) -> dict[str, torch.Tensor]:
-    """Put each recorded alias back at its position, as the tensor it aliases."""
-    if not isinstance(metadata, dict) or ALIASES_KEY not in metadata:
+def loads_unique(raw: bytes, twice: Callable[[str], str]) -> Any:
+    """``json.loads``, refusing a key given twice in one object (readers
+    differ in which they take); ``twice(key)`` is the error's message.
+
+    Raises:
+        CorruptCheckpointError: a key is given twice.
+    """
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            key = next(key for key, n in collections.Counter(key for key, _ in pairs).items() if n > 1)
+            raise CorruptCheckpointError(twice(key))
+        return out
+
+    return json.loads(raw, object_pairs_hook=unique)
+
+
+def _with_aliases(tree: dict[str, torch.Tensor], metadata: Mapping[str, str], what: str) -> dict[str, torch.Tensor]:
+    """Put back the aliases recorded in the file's metadata."""
+    if ALIASES_KEY not in metadata:
         return tree
     try:
-        aliases = sorted((int(pos), str(alias), str(target)) for pos, alias, target in json.loads(metadata[ALIASES_KEY]))
+        recorded = json.loads(metadata[ALIASES_KEY])
     except (TypeError, ValueError):
+        recorded = None
+    return with_aliases(tree, recorded, what, where="its metadata entry")
+
+
+def with_aliases(tree: dict[str, torch.Tensor], recorded: Any, what: str, *, where: str) -> dict[str, torch.Tensor]:
+    """Put each recorded alias (``[position, alias, stored key]``) back at
+    its position, as the tensor it aliases; ``where`` says where they were
+    recorded, for errors.
+
+    Raises:
+        CorruptCheckpointError: ``recorded`` is not such a list, or an alias
+            names a stored key, is given twice, aliases no stored key, or
+            shares its position.
+    """
+    try:
+        aliases = sorted((pos, alias, target) for pos, alias, target in recorded)
+    except (TypeError, ValueError):
+        aliases = [(-1, "", "")]
+    total = len(tree) + len(aliases)
+    if not all(type(pos) is int and 0 <= pos < total and type(a) is str and type(t) is str for pos, a, t in aliases):
         raise CorruptCheckpointError(
-            f"{what} is corrupt: its metadata entry {ALIASES_KEY!r} is not a JSON list of "
-            "[position, alias, stored key]."
-        ) from None
+            f"{what} is corrupt: {where} {ALIASES_KEY!r} is not a JSON list of "
+            f"[position, alias, stored key], positions below {total}."
+        )
     items = list(tree.items())
+    names = collections.Counter(alias for _, alias, _ in aliases)
+    positions = collections.Counter(pos for pos, _, _ in aliases)
     for pos, alias, target in aliases:
-        if target not in tree or alias in tree:
-            raise CorruptCheckpointError(
-                f"{what} is corrupt: alias {alias!r} -> {target!r} in {ALIASES_KEY!r} names "
-                f"{'a key that is stored too' if alias in tree else 'no stored key'}."
-            )
+        problem = (
+            "names a key that is stored too" if alias in tree
+            else "is given twice" if names[alias] > 1
+            else "names no stored key (a missing key, or another alias)" if target not in tree
+            else "shares its position with another" if positions[pos] > 1
+            else None
+        )
+        if problem is not None:
+            raise CorruptCheckpointError(f"{what} is corrupt: alias {alias!r} -> {target!r} in {ALIASES_KEY!r} {problem}.")
         items.insert(pos, (alias, tree[target]))
     return dict(items)
 
@@ -153,27 +188,26 @@ def _with_aliases(tree: dict[str, torch.Tensor], metadata: Any, what: str) -> di
 # -- writing ------------------------------------------------------------------
 
 
-def check_model_state_dict(tree: Any, fn: str) -> Mapping[str, torch.Tensor]:
-    """``tree`` if it is a flat ``{str: tensor}`` mapping safetensors can hold; else raise."""
-    if not isinstance(tree, Mapping):
+def check_model_state_dict(tree: Any, fn: str, holder: str = "a safetensors file") -> Mapping[str, torch.Tensor]:
+    """``tree`` if it is a flat ``{str: tensor}`` mapping safetensors can hold; else raise.
+
+    ``holder`` names what is written, for errors.
+    """
+    problem = not_flat_model(tree)
+    if problem is not None:
         raise CheckpointFormatError(
-            f"{fn}: a safetensors file holds a flat {{key: tensor}} model state dict, got a "
-            f"{type(tree).__name__}. Save it as 'torch' or 'dcp' instead."
+            f"{fn}: {holder} holds a flat {{str: tensor}} model state dict only, but "
+            f"{problem}. Drop or convert such entries first (drop_keys(...)), or save as "
+            "'torch' or 'dcp', which hold any state dict."
         )
-    for key, value in tree.items():
-        if type(key) is not str or not isinstance(value, torch.Tensor):
-            got = f"key {key!r}" if type(key) is not str else f"{key!r} holds a {type(value).__name__}"
-            raise CheckpointFormatError(
-                f"{fn}: a safetensors file holds a flat {{str: tensor}} model state dict only, but "
-                f"{got}. Drop or convert such entries first (drop_keys(...)), or save as "
-                "'torch' or 'dcp', which hold any state dict."
-            )
+    model: Mapping[str, torch.Tensor] = tree
+    for key, value in model.items():
         if value.dtype not in _CODES:
             raise CheckpointFormatError(
                 f"{fn}: {key!r} has dtype {value.dtype}, which safetensors cannot store "
                 f"(it stores {', '.join(sorted(str(d) for d in _CODES))}). Save as 'torch' or 'dcp'."
             )
-    return tree
+    return model
 
 
 def write_safetensors(path: Path, tree: Any, fetch: Fetch, *, fn: str) -> None:

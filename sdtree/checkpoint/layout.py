@@ -3,9 +3,10 @@
 A *combined* checkpoint is ``{"model": model_state_dict, "optim":
 optim_state_dict, ...}``; other entries (a scheduler, a step count) are
 allowed and kept as they are. DCP directories and ``torch.save`` files hold
-any such tree. A safetensors file holds one flat ``{key: tensor}`` model state
-dict: a combined checkpoint goes there as its ``"model"`` entry, and only
-when it holds nothing else (or with ``model_only=True``).
+any such tree. A safetensors file, and a Hugging Face directory of them,
+holds one flat ``{key: tensor}`` model state dict: a combined checkpoint goes
+there as its ``"model"`` entry, and only when it holds nothing else (or with
+``model_only=True``).
 """
 
 from __future__ import annotations
@@ -14,54 +15,51 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from sdtree.checkpoint._formats import Format
-from sdtree.errors import CheckpointFormatError, preview as _preview
-from sdtree.types import PARAMS, PG, STATE, is_flat_optim_state_dict, is_optim_state_dict
+from sdtree.errors import CheckpointFormatError, LayoutMismatchError, preview as _preview
+from sdtree.types import is_flat_optim_state_dict, is_optim_state_dict
+from sdtree.transforms.combined import MODEL, OPTIM, acts_on_combined, each, is_combined
 from sdtree.transforms.compose import Transform
 
-__all__ = ["MODEL", "OPTIM", "is_combined", "apply_transform", "keep_model", "fit_format"]
+__all__ = ["MODEL", "OPTIM", "MODEL_ONLY_FORMATS", "is_combined", "apply_transform", "subtree", "keep_model", "fit_format"]
 
-MODEL = "model"
-OPTIM = "optim"
-
-
-def is_combined(tree: Any) -> bool:
-    """Whether ``tree`` is ``{"model": {...}, ...}``."""
-    return isinstance(tree, Mapping) and isinstance(tree.get(MODEL), Mapping)
-
-
-def _keyed_by_fqns(optim: Any) -> bool:
-    """Whether an optimizer state dict names its parameters (FQNs), not ids."""
-    if not is_optim_state_dict(optim):
-        return isinstance(optim, Mapping)
-    keys = list(optim[STATE]) + [k for group in optim[PG] for k in group.get(PARAMS, ())]
-    return all(type(k) is str for k in keys)
-
-
-def _is_optimizer(value: Any) -> bool:
-    """Whether ``value`` is an optimizer state dict, nested or flat."""
-    return is_optim_state_dict(value) or (isinstance(value, Mapping) and is_flat_optim_state_dict(value))
+MODEL_ONLY_FORMATS: dict[Format, str] = {"safetensors": "a safetensors file", "hf": "a Hugging Face (hf) directory"}
+"""The formats that hold a model state dict only, and how errors name them."""
 
 
 def apply_transform(transform: Optional[Transform], tree: Any) -> Any:
-    """Apply ``transform`` to a checkpoint's state dicts.
-
-    On a combined checkpoint it maps the ``"model"`` entry, the ``"optim"``
-    entry, and every other top-level entry that is an optimizer state dict
-    (trainers name it ``"optimizer"``, too), so that the optimizer's FQNs
-    follow the model's; an optimizer keyed by parameter ids has no FQNs to
-    rename and is kept as it is, and so are other entries. Any other tree is
-    mapped whole.
-    """
+    """Apply ``transform`` to a checkpoint's state dicts: on a combined
+    checkpoint, to its model and each optimizer keyed by FQNs, together
+    (:func:`sdtree.transforms.each`; an optimizer keyed by parameter ids has
+    no FQNs to rename and is kept as it is, and so are other entries); any
+    other tree whole. A transform that says itself where it applies in a
+    combined checkpoint (``each(t)``, ``at("model", t)``, a pipeline with
+    one) is applied to the whole tree, as written."""
     if transform is None:
         return tree
-    if not is_combined(tree):
+    if not is_combined(tree) or acts_on_combined(transform):
         return transform(tree)
-    out = dict(tree)
-    out[MODEL] = transform(tree[MODEL])
-    for key, value in tree.items():
-        if key != MODEL and (key == OPTIM or _is_optimizer(value)) and _keyed_by_fqns(value):
-            out[key] = transform(value)
-    return out
+    return each(transform)(tree)
+
+
+def subtree(tree: Any, path: Optional[str], *, fn: str) -> Any:
+    """The entry of ``tree`` at the dotted ``path`` (``"state_dict"``,
+    ``"checkpoint.model"``); ``tree`` itself when ``path`` is None.
+
+    Raises:
+        LayoutMismatchError: no such entry (the message lists what is there).
+    """
+    if path is None:
+        return tree
+    node = tree
+    walked: list[str] = []
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            where = "the checkpoint" if not walked else repr(".".join(walked))
+            there = f"its entries are {_preview(node)}" if isinstance(node, Mapping) else f"it is a {type(node).__name__}"
+            raise LayoutMismatchError(f"{fn}: key={path!r}: {where} has no entry {part!r} ({there}).")
+        node = node[part]
+        walked.append(part)
+    return node
 
 
 def keep_model(tree: Any) -> Any:
@@ -70,27 +68,28 @@ def keep_model(tree: Any) -> Any:
 
 
 def fit_format(tree: Any, fmt: Format, *, fn: str) -> Any:
-    """The tree to write in format ``fmt``: a safetensors file gets the model
+    """The tree to write in format ``fmt``: safetensors and hf get the model
     state dict of a combined checkpoint, and nothing that is not a model.
 
     Raises:
-        CheckpointFormatError: safetensors, and ``tree`` holds an optimizer or
-            other entries besides the model.
+        CheckpointFormatError: safetensors or hf, and ``tree`` holds an
+            optimizer or other entries besides the model.
     """
-    if fmt != "safetensors":
+    holder = MODEL_ONLY_FORMATS.get(fmt)
+    if holder is None:
         return tree
     if is_combined(tree):
         others = [k for k in tree if k != MODEL]
         if others:
             raise CheckpointFormatError(
-                f"{fn}: a safetensors file holds a model state dict only, but the checkpoint also "
+                f"{fn}: {holder} holds a model state dict only, but the checkpoint also "
                 f"holds {_preview(others)}. Pass model_only=True (--model-only) to write just its "
                 f"{MODEL!r} entry, or write 'dcp' or 'torch', which hold optimizers too."
             )
         return tree[MODEL]
     if is_optim_state_dict(tree) or (isinstance(tree, Mapping) and is_flat_optim_state_dict(tree)):
         raise CheckpointFormatError(
-            f"{fn}: a safetensors file holds a model state dict only, and this is an optimizer "
+            f"{fn}: {holder} holds a model state dict only, and this is an optimizer "
             "state dict. Write it as 'dcp' or 'torch'."
         )
     return tree

@@ -3,6 +3,7 @@
 See :mod:`sdtree.transforms.compose` for what a transform promises.
 """
 
+from sdtree.transforms.combined import at, each
 from sdtree.transforms.compose import Transform, identity, pipeline
 from sdtree.transforms.keys import (
     add_prefix,
@@ -66,4 +67,6 @@ __all__ = [
     "reshape",
     "cast",
     "map_tensors",
+    "at",
+    "each",
 ]

@@ -16,7 +16,7 @@ import attrs
 
 from sdtree.errors import NotInvertibleError
 
-__all__ = ["Transform", "pipeline", "identity"]
+__all__ = ["Transform", "pipeline", "identity", "pipeline_steps"]
 
 
 class Transform:
@@ -107,6 +107,16 @@ def pipeline(*transforms: Transform) -> Transform:
     if len(steps) == 1:
         return steps[0]
     return _Pipeline(tuple(steps))
+
+
+def pipeline_steps(transform: Transform) -> tuple[Transform, ...]:
+    """The steps of a pipeline, in order; a transform that is no pipeline is its one step.
+
+    >>> from sdtree.transforms import strip_prefix, add_prefix
+    >>> pipeline_steps(strip_prefix("module.") >> add_prefix("model."))
+    (strip_prefix('module.'), add_prefix('model.'))
+    """
+    return transform.transforms if isinstance(transform, _Pipeline) else (transform,)
 
 
 def identity() -> Transform:

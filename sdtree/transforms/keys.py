@@ -23,6 +23,7 @@ import torch
 from sdtree.errors import (
     InvalidRuleError,
     KeyCollisionError,
+    LayoutMismatchError,
     MissingPrefixError,
     NonStringKeyError,
     PatternMatchError,
@@ -45,6 +46,19 @@ __all__ = [
 NewKeys = list[Optional[str]]  # None drops the key
 
 
+def _is_pair(transform: Transform, state_dict: Any) -> bool:
+    """Whether ``state_dict`` is ``(model_state_dict, optim_state_dict)``, as
+    the tensor transforms take it (the second is checked)."""
+    if not (isinstance(state_dict, tuple) and len(state_dict) == 2):
+        return False
+    if form_of(state_dict[1], transform._factory) == "model":
+        raise LayoutMismatchError(
+            f"{transform!r}: the second of (model_state_dict, optim_state_dict) is not an optimizer state "
+            "dict (neither {'state': ..., 'param_groups': [...]} nor its flat form)."
+        )
+    return True
+
+
 class _KeyTransform(Transform):
     """A transform defined by a function on keys, applied to every form."""
 
@@ -52,7 +66,9 @@ class _KeyTransform(Transform):
         """Map ``keys`` to new keys (``None`` to drop); raise on bad keys."""
         raise NotImplementedError
 
-    def __call__(self, state_dict: Mapping[Any, Any], /) -> dict[Any, Any]:
+    def __call__(self, state_dict: Any, /) -> Any:
+        if _is_pair(self, state_dict):
+            return self(state_dict[0]), self(state_dict[1])
         form = form_of(state_dict, self._factory)
         if form == "optim":
             return self._apply_optim(state_dict)
@@ -269,7 +285,7 @@ class _RenameByRegex(_KeyTransform):
 class _RenameByPattern(_KeyTransform):
     _factory = "rename"
     pairs: tuple[tuple[str, str], ...]
-    _compiled: tuple[PatternSet, tuple[KeyPattern, ...]] = attrs.field(init=False, eq=False, repr=False)
+    _compiled: tuple[PatternSet, tuple[str, ...]] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         sources = tuple(key_pattern(old, fn="rename") for old, _ in self.pairs)
@@ -284,17 +300,20 @@ class _RenameByPattern(_KeyTransform):
             found = PatternSet(sources)
         except ValueError as err:
             raise InvalidRuleError(f"rename: {err}") from None
-        object.__setattr__(self, "_compiled", (found, targets))
+        # each target as a template filled with its source's placeholder values, in the source's order
+        templates = tuple(t.template(source.names) for source, t in zip(sources, targets))
+        object.__setattr__(self, "_compiled", (found, templates))
 
     def _map_keys(self, keys: list[str]) -> NewKeys:
-        found, targets = self._compiled
-        out: NewKeys = []
-        for key in keys:
-            try:
-                match = found.match(key)
-            except ValueError as err:
-                raise PatternMatchError(f"{self!r}: {err}") from None
-            out.append(key if match is None else targets[match[0]].format(match[1]))
+        found, templates = self._compiled
+        match = found.match_values
+        out: NewKeys = list(keys)
+        maybe = set(found.candidates(keys))
+        for i, key in enumerate(keys):
+            if key in maybe:
+                hit = match(key)
+                if hit is not None:
+                    out[i] = templates[hit[0]].format(*hit[1])
         return out
 
     def inverse(self) -> Transform:
@@ -467,7 +486,9 @@ def drop_keys(
 class _DropMetaTensors(Transform):
     _factory = "drop_meta_tensors"
 
-    def __call__(self, state_dict: Mapping[Any, Any], /) -> dict[Any, Any]:
+    def __call__(self, state_dict: Any, /) -> Any:
+        if _is_pair(self, state_dict):
+            return self(state_dict[0]), self(state_dict[1])
         form = form_of(state_dict, self._factory)
         if form == "optim":
             return {

@@ -26,11 +26,11 @@ tensors (or the input where an op changes nothing).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
-import attrs
 import torch
 
+from sdtree._tree import tree_flatten
 from sdtree.errors import (
     KeyCollisionError,
     LayoutMismatchError,
@@ -45,7 +45,7 @@ from sdtree.transforms.compose import Transform
 from sdtree.fqn import split_flat_keys
 from sdtree.transforms.patterns import KeyPattern, PatternSet, nearest_keys
 
-__all__ = ["Op", "Misfit", "Spec", "Derivation", "derivation_of", "materialize", "TensorRule", "Group"]
+__all__ = ["Op", "Misfit", "Spec", "Derivation", "derivation_of", "materialize", "Materializer", "TensorRule", "Group"]
 
 Spec = tuple[tuple[int, ...], torch.dtype]  # an output's shape and dtype
 _DERIVED = "_sdtree_derivation"
@@ -72,12 +72,16 @@ class Op:
         raise NotImplementedError
 
 
-@attrs.frozen(eq=False)
-class Derivation:
-    """How meta outputs are computed from the tensors they were planned from."""
+class Derivation(NamedTuple):
+    """How meta outputs are computed from the tensors they were planned from
+    (``rule``: the factory name of the rule that planned them, for plans;
+    ``outputs``: the planned shapes and dtypes). A tuple: one is made per
+    planned group, so it is kept cheap."""
 
     op: Op
     sources: tuple[torch.Tensor, ...]
+    rule: str
+    outputs: Sequence[Spec]
 
     def compute(self, fetch: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
         return self.op.compute([materialize(s, fetch) for s in self.sources])
@@ -99,18 +103,61 @@ def materialize(tensor: torch.Tensor, fetch: Callable[[torch.Tensor], torch.Tens
     return derivation.compute(fetch)[index]
 
 
+class Materializer:
+    """Fetch the tensors of a planned tree one at a time, each group once.
+
+    ``Materializer(tree, fetch)(leaf)`` is ``materialize(leaf, fetch)``, except
+    that a group with several outputs (a split, an unstack) is computed once:
+    its outputs wait until the last of those in ``tree`` is asked for, then
+    are let go. So reading a tree output by output holds at most one group's
+    sources and outputs at a time.
+    """
+
+    def __init__(self, tree: Any, fetch: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._fetch = fetch
+        wanted: dict[int, int] = {}
+        leaves = {id(leaf): leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)}
+        for leaf in leaves.values():  # a leaf held under two keys (tied) is fetched once
+            derived = derivation_of(leaf)
+            if derived is not None:
+                wanted[id(derived[0])] = wanted.get(id(derived[0]), 0) + 1
+        self._wanted = wanted
+        self._held: dict[int, list[torch.Tensor]] = {}
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        derived = derivation_of(tensor)
+        if derived is None:
+            return self._fetch(tensor)
+        derivation, index = derived
+        key = id(derivation)
+        outputs = self._held.get(key)
+        if outputs is None:
+            outputs = derivation.op.compute([self(s) for s in derivation.sources])
+        left = self._wanted.get(key, 1) - 1
+        if left > 0:
+            self._wanted[key] = left
+            self._held[key] = outputs
+        else:
+            self._held.pop(key, None)
+            self._wanted.pop(key, None)
+        return outputs[index]
+
+
 def _spec(tensor: torch.Tensor) -> Spec:
-    return tuple(tensor.shape), tensor.dtype
+    return tensor.shape, tensor.dtype  # torch.Size is a tuple
 
 
-def _run(op: Op, inputs: Sequence[torch.Tensor], planned: Optional[list[Spec]]) -> list[torch.Tensor]:
+def _run(op: Op, inputs: Sequence[torch.Tensor], planned: Optional[list[Spec]], rule: str) -> list[torch.Tensor]:
     """The outputs of ``op`` on ``inputs`` (planned already): computed, or
     meta tensors that remember their derivation when any input is meta."""
-    if not any(t.is_meta for t in inputs):
+    for t in inputs:
+        if t.is_meta:
+            break
+    else:
         return op.compute(inputs)
-    if planned is None:
-        raise TensorMismatchError(f"{op!r} cannot plan meta tensors: it needs their data.")
-    derivation = Derivation(op, tuple(inputs))
+    if planned is None:  # a leaf kind the op cannot plan: the caller may load the data and retry
+        raise UnsupportedLeafError(f"{op!r} cannot plan meta tensors: it needs their data.")
+    derivation = Derivation(op, tuple(inputs), rule, planned)
     outputs = []
     for index, (shape, dtype) in enumerate(planned):
         out = torch.empty(shape, dtype=dtype, device="meta")
@@ -119,8 +166,7 @@ def _run(op: Op, inputs: Sequence[torch.Tensor], planned: Optional[list[Spec]]) 
     return outputs
 
 
-@attrs.frozen
-class Group:
+class Group(NamedTuple):
     """The keys one application of a rule reads, in the order of its sources."""
 
     binding: tuple[tuple[str, str], ...]  # the target's placeholder values
@@ -203,17 +249,18 @@ class TensorRule(Transform):
         over = self._over()
         names = self._group_names()
         patterns = self._pattern_set()
+        # per pattern: where each group placeholder (and ``over``) sits among its values
+        picks = [tuple(p.names.index(n) for n in names) for p in sources]
+        at_over = [p.names.index(over) if over is not None else -1 for p in sources]
         slots: dict[tuple[str, ...], dict[Any, str]] = {}
-        for key in keys:
-            try:
-                found = patterns.match(key)
-            except ValueError as err:
-                raise self._fail(str(err)) from None
+        match = patterns.match_values
+        for key in patterns.candidates(keys):
+            found = match(key)
             if found is None:
                 continue
-            index, binding = found
-            gid = tuple(binding[n] for n in names)
-            slot: Any = index if over is None else binding[over]
+            index, values = found
+            gid = tuple(values[i] for i in picks[index])
+            slot: Any = index if over is None else values[at_over[index]]
             slots.setdefault(gid, {})[slot] = key
         if not slots:
             if self.strict:
@@ -294,7 +341,17 @@ class TensorRule(Transform):
     def _apply_model(self, sd: Mapping[str, Any]) -> dict[str, Any]:
         keys = list(sd)
         self._check_str(keys)
-        groups = self._groups([k for k in keys if self._accepts(sd[k])])
+        accepts = self._accepts
+        try:
+            groups = self._groups(keys if type(self)._accepts is TensorRule._accepts else [k for k in keys if accepts(sd[k])])
+        except PatternMatchError as err:
+            nested = [k for k, v in sd.items() if isinstance(v, Mapping)]
+            if not nested:
+                raise
+            raise PatternMatchError(
+                f"{err} The state dict holds nested state dicts ({_preview(nested)}): a combined checkpoint? "
+                "Apply the rule inside them with sdtree.transforms.each(rule) or at('model', rule)."
+            ) from None
         op = self._op()
         for group in groups:
             bad = [k for k in group.members if not isinstance(sd[k], torch.Tensor)]
@@ -303,11 +360,23 @@ class TensorRule(Transform):
                     f"{self!r}: {_preview((f'{k!r} ({type(sd[k]).__name__})' for k in bad), quote=False)} "
                     "is not a tensor. Tensor transforms act on tensors only: narrow the pattern."
                 )
-        planned = [self._plan(op, g.members, [_spec(sd[k]) for k in g.members]) for g in groups]
+        # groups of one model mostly share their shapes (every layer alike): plan each once
+        seen: dict[tuple[Spec, ...], Optional[list[Spec]]] = {}
+        planned = []
+        for g in groups:
+            given = tuple(_spec(sd[k]) for k in g.members)
+            if given not in seen:
+                seen[given] = self._plan(op, g.members, given)
+            planned.append(seen[given])
         emitted: dict[str, list[tuple[str, Any]]] = {}
-        for group, specs in zip(groups, planned):
-            outputs = _run(op, [sd[k] for k in group.members], specs)
+        for group, plan in zip(groups, planned):
+            outputs = _run(op, [sd[k] for k in group.members], plan, self._factory)
             emitted[group.members[0]] = list(zip(self._targets(group, len(outputs)), outputs))
+        if all(len(e) == 1 and e[0][0] == k for k, e in emitted.items()) and all(len(g.members) == 1 for g in groups):
+            # each key maps to itself (permute, cast, ...): copy the dict, replace the values in place
+            same = dict(sd)
+            same.update(e[0] for e in emitted.values())
+            return same
         consumed = {k for g in groups for k in g.members}
         out: dict[str, Any] = {}
         for key, value in sd.items():
@@ -395,7 +464,7 @@ class TensorRule(Transform):
                     "to drop such entries, or convert them first."
                 )
             labels = [f"{m} ({name})" for m in members]
-            mapped[name] = _run(op, values, self._plan(op, labels, [_spec(v) for v in values]))
+            mapped[name] = _run(op, values, self._plan(op, labels, [_spec(v) for v in values]), self._factory)
         counts = {len(v) for v in mapped.values()}
         n = counts.pop() if counts else self._n_outputs(group, param_shapes)
         targets = self._targets(group, n)

@@ -52,7 +52,7 @@ def _preview_names(names: Sequence[str]) -> str:
 
 
 def _shapes(names: Sequence[str], specs: Sequence[Spec]) -> str:
-    return ", ".join(f"{n!r} {s}" for n, (s, _) in zip(names, specs))
+    return ", ".join(f"{n!r} {tuple(s)}" for n, (s, _) in zip(names, specs))
 
 
 def _one_dtype(names: Sequence[str], specs: Sequence[Spec]) -> torch.dtype:
@@ -111,11 +111,11 @@ class _SplitOp(Op):
         d = _axis(self.dim, len(shape), names)
         if self.sizes is not None:
             if sum(self.sizes) != shape[d]:
-                raise Misfit(f"sizes={self.sizes} add up to {sum(self.sizes)}, but {names[0]!r} {shape} has {shape[d]} along dim {d}")
+                raise Misfit(f"sizes={self.sizes} add up to {sum(self.sizes)}, but {names[0]!r} {tuple(shape)} has {shape[d]} along dim {d}")
             return d, self.sizes
         if shape[d] % self.n:
             raise Misfit(
-                f"{names[0]!r} {shape} has {shape[d]} along dim {d}, which does not split into {self.n} equal parts; "
+                f"{names[0]!r} {tuple(shape)} has {shape[d]} along dim {d}, which does not split into {self.n} equal parts; "
                 "pass sizes=(...) for unequal parts"
             )
         return d, (shape[d] // self.n,) * self.n
@@ -173,17 +173,17 @@ class _RopeOp(Op):
         rows = shape[0]
         if self.head_dim is None and rows % self.n_heads:
             raise Misfit(
-                f"{names[0]!r} {shape}: dim 0 is {rows}, which does not divide by n_heads={self.n_heads}; "
+                f"{names[0]!r} {tuple(shape)}: dim 0 is {rows}, which does not divide by n_heads={self.n_heads}; "
                 "check n_heads (n_kv_heads for k)"
             )
         head_dim = self.head_dim if self.head_dim is not None else rows // self.n_heads
         if rows != self.n_heads * head_dim:
             raise Misfit(
-                f"{names[0]!r} {shape}: dim 0 is {rows}, not n_heads={self.n_heads} x head_dim={head_dim}; "
+                f"{names[0]!r} {tuple(shape)}: dim 0 is {rows}, not n_heads={self.n_heads} x head_dim={head_dim}; "
                 "check n_heads (n_kv_heads for k) and head_dim"
             )
         if head_dim % 2:
-            raise Misfit(f"{names[0]!r} {shape}: head_dim={head_dim} is odd; rotary embeddings pair dimensions")
+            raise Misfit(f"{names[0]!r} {tuple(shape)}: head_dim={head_dim} is odd; rotary embeddings pair dimensions")
         return head_dim
 
     def plan(self, names: Sequence[str], specs: Sequence[Spec]) -> list[Spec]:
@@ -222,16 +222,16 @@ class _ReshapeOp(Op):
     def plan(self, names: Sequence[str], specs: Sequence[Spec]) -> list[Spec]:
         shape, dtype = specs[0]
         if self.from_shape is not None and shape != self.from_shape:
-            raise Misfit(f"{names[0]!r} has shape {shape}, not from_shape={self.from_shape}")
+            raise Misfit(f"{names[0]!r} has shape {tuple(shape)}, not from_shape={self.from_shape}")
         numel = math.prod(shape)
         known = math.prod(s for s in self.shape if s != -1)
         out = self.shape
         if -1 in out:
             if known == 0 or numel % known:
-                raise Misfit(f"{names[0]!r} {shape} ({numel} elements) cannot be reshaped to {self.shape}")
+                raise Misfit(f"{names[0]!r} {tuple(shape)} ({numel} elements) cannot be reshaped to {self.shape}")
             out = tuple(numel // known if s == -1 else s for s in out)
         if math.prod(out) != numel:
-            raise Misfit(f"{names[0]!r} {shape} ({numel} elements) cannot be reshaped to {self.shape} ({math.prod(out)} elements)")
+            raise Misfit(f"{names[0]!r} {tuple(shape)} ({numel} elements) cannot be reshaped to {self.shape} ({math.prod(out)} elements)")
         return [(out, dtype)]
 
     def compute(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -340,8 +340,13 @@ class _PatternRule(TensorRule):
         )
 
     def _targets(self, group: Group, n_outputs: int) -> list[str]:
-        binding = dict(group.binding)
-        return [t.format(binding) for t in self._target_patterns()]
+        templates: Optional[tuple[str, ...]] = getattr(self, "_templates", None)
+        if templates is None:  # once per rule: each target as a template of the group's values
+            names = self._group_names()
+            templates = tuple(t.template(names) for t in self._target_patterns())
+            object.__setattr__(self, "_templates", templates)
+        values = [v for _, v in group.binding]
+        return [t.format(*values) for t in templates]
 
     def _fixed_outputs(self) -> Optional[int]:
         return len(self._target_patterns())

@@ -11,7 +11,7 @@ from sdtree._tree import tree_map
 from sdtree.checkpoint import Checkpoint, convert, load, save
 from sdtree.errors import DestinationExistsError, KeyCollisionError, NothingToWriteError
 from sdtree.testing import assert_state_dict_equal
-from sdtree.transforms import Transform, rename, select_keys, strip_prefix
+from sdtree.transforms import Transform, at, each, rename, select_keys, strip_prefix
 from tests.checkpoint import cases
 
 FORMATS = {"dcp": "ckpt", "torch": "ckpt.pt", "safetensors": "ckpt.safetensors"}
@@ -114,10 +114,19 @@ def test_an_optimizer_under_another_name_is_renamed_with_the_model(tmp_path):
     assert_state_dict_equal(load(tmp_path / "out.pt"), {"model": CLEAN(trainer["model"]), "optimizer": CLEAN(trainer["optimizer"]), "step": 3})
 
 
-def test_convert_reads_legacy_torch_save_files(tmp_path):
+def test_a_transform_that_says_where_it_applies_is_applied_as_written(tmp_path):
+    src, checkpoint = _source(tmp_path, "torch")
+    convert(src, tmp_path / "each.pt", transform=each(CLEAN))  # what transform=CLEAN does
+    assert_state_dict_equal(load(tmp_path / "each.pt"), _expected(checkpoint, "torch"))
+    convert(src, tmp_path / "at.pt", transform=at("model", CLEAN) >> at("optim", strip_prefix("_orig_mod.")))
+    expected = {**checkpoint, "model": CLEAN(checkpoint["model"]), "optim": strip_prefix("_orig_mod.")(checkpoint["optim"])}
+    assert_state_dict_equal(load(tmp_path / "at.pt"), expected)
+
+
+def test_convert_reads_trusted_legacy_torch_save_files(tmp_path):
     sd = cases.model_state_dict()
     torch.save(sd, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
-    convert(tmp_path / "old.pt", tmp_path / "new.safetensors")
+    convert(tmp_path / "old.pt", tmp_path / "new.safetensors", trust_pickle=True)
     assert_state_dict_equal(load(tmp_path / "new.safetensors"), sd)
 
 
@@ -217,3 +226,31 @@ def test_a_dcp_checkpoint_is_one_data_file_that_names_its_final_path(tmp_path, h
     template["step"] = 0
     dcp.load(template, storage_reader=FileSystemReader(dst), no_dist=True)
     assert_state_dict_equal(template, checkpoint)
+
+
+@pytest.mark.parametrize("dst_fmt", ["torch", "safetensors", "dcp"])
+def test_tensor_transforms_stream_one_group_at_a_time(tmp_path, monkeypatch, dst_fmt):
+    from sdtree.transforms import fuse, map_tensors, permute_for_rope, split
+
+    g = torch.Generator().manual_seed(0)
+    model = {}
+    for i in range(3):
+        model.update({f"l.{i}.q": torch.randn(8, 4, generator=g), f"l.{i}.k": torch.randn(4, 4, generator=g), f"l.{i}.w13": torch.randn(6, 4, generator=g)})
+    model["norm"] = torch.ones(4)
+    save(model, tmp_path / "src.safetensors")
+    rule = (
+        permute_for_rope("l.{i}.q", n_heads=2)
+        >> fuse(["l.{i}.q", "l.{i}.k"], "l.{i}.qk", sizes=(8, 4))
+        >> split("l.{i}.w13", ["l.{i}.w1", "l.{i}.w3"])
+    )
+    reads = []
+    fetch = Checkpoint.fetch
+    monkeypatch.setattr(Checkpoint, "fetch", lambda self, t: reads.append(t) or fetch(self, t))
+    done = convert(tmp_path / "src.safetensors", tmp_path / FORMATS[dst_fmt], transform=rule)
+    assert done.streamed and len(reads) == len(model)  # every source read once, w13 once for both halves
+    assert_state_dict_equal(load(tmp_path / FORMATS[dst_fmt]), rule(model))
+    # a function that cannot run on meta tensors: the source is loaded whole instead, and still right
+    needs_data = map_tensors(lambda t: t * float(t.sum() > -1e9), where="norm")
+    done = convert(tmp_path / "src.safetensors", tmp_path / ("b" + FORMATS[dst_fmt]), transform=needs_data)
+    assert not done.streamed
+    assert_state_dict_equal(load(tmp_path / ("b" + FORMATS[dst_fmt])), needs_data(model))

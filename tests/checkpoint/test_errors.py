@@ -56,14 +56,14 @@ def test_truncated_safetensors_file_is_corrupt(tmp_path):
     save(cases.model_state_dict(), tmp_path / "m.safetensors")
     data = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "m.safetensors").write_bytes(data[:-10])
-    with pytest.raises(CorruptCheckpointError, match=r"'mlp\.2\.bias' \(F32 \[4\], 16 bytes\) has data offsets \[\d+, \d+\] in a data section of \d+ bytes \(truncated file\?\)"):
+    with pytest.raises(CorruptCheckpointError, match=r"safetensors file '.*m\.safetensors' is truncated or corrupt: Error while deserializing header"):
         load(tmp_path / "m.safetensors")
 
 
 def test_garbled_safetensors_header_is_corrupt(tmp_path):
     header = b'{"w": oops}'
     (tmp_path / "m.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
-    with pytest.raises(CorruptCheckpointError, match="its header is not JSON"):
+    with pytest.raises(CorruptCheckpointError, match=r"m\.safetensors' is truncated or corrupt: Error while deserializing header"):
         load(tmp_path / "m.safetensors")
 
 

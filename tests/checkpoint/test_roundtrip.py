@@ -5,7 +5,7 @@ import safetensors.torch
 import torch
 
 from sdtree.checkpoint import load, open_checkpoint, save
-from sdtree.checkpoint._lazy import read_into as _read_into
+from sdtree.checkpoint._torch_file import TorchArchive
 from sdtree.errors import CheckpointFormatError, IncompatibleStateDictError, UnsupportedLeafError
 from sdtree.testing import assert_state_dict_equal
 from tests.checkpoint import cases
@@ -23,12 +23,11 @@ def test_model_and_optimizer_round_trip(tmp_path, name):
 
 
 def test_large_tensors_are_read_straight_into_place(tmp_path, monkeypatch):
-    from sdtree.checkpoint import _dcp_read
-
     sd = {"big": torch.randn(512, 1024), "t": torch.randn(300, 1000).t(), "small": torch.ones(3)}
     save(sd, tmp_path / "ckpt")
     calls = []
-    monkeypatch.setattr(_dcp_read, "read_into", lambda *a, **k: calls.append(a[2].shape) or _read_into(*a, **k))
+    read = TorchArchive.read_record_into
+    monkeypatch.setattr(TorchArchive, "read_record_into", lambda self, key, out: calls.append(out.shape) or read(self, key, out))
     assert_state_dict_equal(load(tmp_path / "ckpt"), sd)
     assert calls == [torch.Size([512, 1024])]  # the transposed one goes through torch's reader
 
@@ -153,3 +152,14 @@ def test_template_is_for_dcp_only(tmp_path):
     save({"w": torch.ones(2)}, tmp_path / "m.pt")
     with pytest.raises(CheckpointFormatError, match="template= reshards DCP checkpoints only"):
         load(tmp_path / "m.pt", template={"w": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "dcp"])
+def test_each_fetch_is_a_tensor_of_its_own(tmp_path, name):
+    """Writing into what one fetch gave never shows in the next (nor in the file)."""
+    save({"w": torch.zeros(4)}, tmp_path / name)
+    checkpoint = open_checkpoint(tmp_path / name)
+    first = checkpoint.fetch(checkpoint.tree["w"])
+    first.add_(1)
+    assert torch.equal(checkpoint.fetch(checkpoint.tree["w"]), torch.zeros(4))
+    assert torch.equal(load(tmp_path / name)["w"], torch.zeros(4))

@@ -103,8 +103,9 @@ def test_convert_dry_run_prints_the_key_mapping(ckpts, capsys):
     status, out, _ = run(capsys, "convert", ckpts / "full.pt", ckpts / "new", "--strip-prefix", "_orig_mod.", "--dry-run")
     assert status == 0
     lines = out.splitlines()
-    assert "model._orig_mod.mlp.0.weight -> model.mlp.0.weight" in lines
-    assert "optim.state._orig_mod.mlp.0.weight.exp_avg -> optim.state.mlp.0.weight.exp_avg" in lines
+    assert "model._orig_mod.mlp.0.weight -> model.mlp.0.weight  [5, 4] float32" in lines
+    assert "optim.state._orig_mod.mlp.0.weight.exp_avg -> optim.state.mlp.0.weight.exp_avg  [5, 4] float32" in lines
+    assert "; peak memory about " in lines[-1]
     assert lines[-1].startswith("dry run: would write ") and "strip_prefix('_orig_mod.', strict=False)" in lines[-1]
     assert not (ckpts / "new").exists()
 
@@ -212,3 +213,138 @@ def test_a_key_option_that_changes_no_key_exits_2(ckpts, capsys, option, shown):
     assert_one_error_line(status, out, err, shown, "sdtree inspect")
     assert "(its keys look like model." in err  # what the keys look like instead
     assert not (ckpts / "nothing.pt").exists()
+
+
+def test_select_drop_and_dtype_apply_in_order(ckpts, capsys):
+    out_path = ckpts / "small.pt"
+    status, _, err = run(
+        capsys, "convert", ckpts / "full.pt", out_path, "--strip-prefix", "_orig_mod.", "--select", "mlp.", "--drop", "mlp.2.", "--dtype", "bfloat16"
+    )
+    assert status == 0, err
+    got = load(out_path)
+    assert list(got["model"]) == ["mlp.0.weight", "mlp.0.bias"]
+    assert all(v.dtype == torch.bfloat16 for v in got["model"].values())
+    assert list(got["optim"]["state"]) == ["mlp.0.weight", "mlp.0.bias"]
+    assert got["optim"]["state"]["mlp.0.weight"]["exp_avg"].dtype == torch.bfloat16  # moments follow
+
+
+def test_key_takes_a_subtree_of_a_trainers_checkpoint(tmp_path, capsys):
+    model = {"w": torch.ones(2), "b": torch.zeros(1)}
+    torch.save({"state_dict": model, "epoch": 3, "hparams": {"lr": 0.1}}, tmp_path / "trainer.pt")
+    assert run(capsys, "convert", tmp_path / "trainer.pt", tmp_path / "m.safetensors", "--key", "state_dict")[0] == 0
+    assert_state_dict_equal(load(tmp_path / "m.safetensors"), model)
+    status, out, err = run(capsys, "convert", tmp_path / "trainer.pt", tmp_path / "x.safetensors", "--key", "state_dict.model")
+    assert_one_error_line(status, out, err, "key='state_dict.model': 'state_dict' has no entry 'model' (its entries are 'w', 'b')")
+
+
+USER_RULES = '''
+import torch
+from sdtree.transforms import add_prefix, cast, strip_prefix
+
+clean = strip_prefix("_orig_mod.", strict=False) >> add_prefix("net.")
+not_a_transform = {"a": 1}
+
+def recipe():
+    return cast(torch.float64)
+
+def needs_args(n_heads):
+    return add_prefix("x.")
+'''
+
+
+def test_transform_from_a_users_file(ckpts, capsys):
+    rules = ckpts / "rules.py"
+    rules.write_text(USER_RULES)
+    assert run(capsys, "convert", ckpts / "model.safetensors", ckpts / "a.safetensors", "--transform", f"{rules}:clean")[0] == 0
+    assert list(load(ckpts / "a.safetensors"))[0] == "net.scale"
+    assert run(capsys, "convert", ckpts / "model.safetensors", ckpts / "b.safetensors", "--transform", f"{rules}:recipe")[0] == 0
+    assert {v.dtype for v in load(ckpts / "b.safetensors").values()} == {torch.float64}
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("{rules}:missing", ["defines no 'missing'", "the Transforms it defines are clean"]),
+        ("{rules}:not_a_transform", ["not_a_transform is dict", "not an sdtree Transform"]),
+        ("{rules}:needs_args", ["needs_args is a function that cannot be called without arguments"]),
+        ("{dir}/nowhere.py:clean", ["there is no file"]),
+        ("{rules}", ["expected FILE.py:NAME"]),
+        ("{broken}:clean", ["raised ZeroDivisionError"]),
+    ],
+)
+def test_bad_transform_option_exits_2(ckpts, capsys, spec, words):
+    (ckpts / "rules.py").write_text(USER_RULES)
+    (ckpts / "broken.py").write_text("1 / 0\n")
+    spec = spec.format(rules=ckpts / "rules.py", broken=ckpts / "broken.py", dir=ckpts)
+    status, out, err = run(capsys, "convert", ckpts / "model.safetensors", ckpts / "c.safetensors", "--transform", spec)
+    assert_one_error_line(status, out, err, "--transform", *words)
+    assert not (ckpts / "c.safetensors").exists()
+
+
+def test_bad_dtype_and_a_drop_that_drops_nothing_exit_2(ckpts, capsys):
+    status, out, err = run(capsys, "convert", ckpts / "model.safetensors", ckpts / "d.pt", "--dtype", "int8")
+    assert_one_error_line(status, out, err, "--dtype 'int8' is not a floating-point torch dtype", "bfloat16")
+    status, out, err = run(capsys, "convert", ckpts / "model.safetensors", ckpts / "d.pt", "--drop", "decoder.")
+    assert_one_error_line(status, out, err, "--drop 'decoder.' changes no key")
+
+
+def _tiny_llama_state_dict():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return {k: v.detach().clone() for k, v in LlamaForCausalLM(config).state_dict().items()}
+
+
+def test_recipe_converts_to_torchtitan_and_back(tmp_path, capsys):
+    from sdtree.recipes import llama
+
+    model = _tiny_llama_state_dict()
+    save(model, tmp_path / "hf.safetensors")
+    shape = ["--n-heads", "4", "--n-kv-heads", "2", "--dim", "32"]
+    status, _, err = run(capsys, "convert", tmp_path / "hf.safetensors", tmp_path / "titan.pt", "--recipe", "llama-hf-to-torchtitan", *shape, "--fuse-qkv", "--fuse-w13")
+    assert status == 0, err
+    expected = llama.hf_to_torchtitan(n_heads=4, n_kv_heads=2, dim=32, fuse_qkv=True, fuse_w13=True)(model)
+    titan = load(tmp_path / "titan.pt")
+    assert list(titan) == list(expected) and "layers.0.attention.wqkv.weight" in titan
+    assert_state_dict_equal(titan, expected)
+    status, _, err = run(capsys, "convert", tmp_path / "titan.pt", tmp_path / "back.safetensors", "--recipe", "llama-torchtitan-to-hf", *shape, "--fuse-qkv", "--fuse-w13")
+    assert status == 0, err
+    assert_state_dict_equal(load(tmp_path / "back.safetensors"), model)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--n-heads", "4", "--dim", "32"], ["--recipe llama-hf-to-torchtitan: give the model's shape: --n-kv-heads"]),
+        (["--n-heads", "3", "--n-kv-heads", "3", "--dim", "32"], ["dim=32 does not divide by n_heads=3"]),
+        (["--n-heads", "8", "--n-kv-heads", "2", "--dim", "32"], ["'layers.0.attention.wk.weight' (16, 32)", "not n_heads=2 x head_dim=4"]),
+    ],
+)
+def test_a_recipe_with_a_wrong_shape_exits_2_naming_the_option_or_key(tmp_path, capsys, extra, words):
+    save(_tiny_llama_state_dict(), tmp_path / "hf.safetensors")
+    status, out, err = run(capsys, "convert", tmp_path / "hf.safetensors", tmp_path / "t.pt", "--recipe", "llama-hf-to-torchtitan", *extra)
+    assert_one_error_line(status, out, err, *words)
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_dry_run_prints_the_plan_of_a_recipe_without_reading_data(tmp_path, capsys, monkeypatch):
+    from sdtree.checkpoint import Checkpoint
+
+    save(_tiny_llama_state_dict(), tmp_path / "hf.safetensors")
+    monkeypatch.setattr(Checkpoint, "fetch", lambda self, t: pytest.fail("a dry run read tensor data"))
+    status, out, err = run(
+        capsys, "convert", tmp_path / "hf.safetensors", tmp_path / "t.pt", "--recipe", "llama-hf-to-torchtitan",
+        "--n-heads", "4", "--n-kv-heads", "2", "--dim", "32", "--fuse-qkv", "--dry-run",
+    )
+    assert status == 0, err
+    lines = out.splitlines()
+    assert (
+        "layers.0.attention.wqkv.weight  [64, 32] float32  <- unpermute_for_rope >> fuse of "
+        "model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight"
+    ) in lines, out
+    assert "model.layers.0.mlp.gate_proj.weight -> layers.0.feed_forward.w1.weight  [48, 32] float32" in lines
+    # the largest group: q (32x32), k and v (16x32 each), q's and k's permuted copies, the fused output (float32)
+    assert lines[-1].startswith(f"dry run: would write {tmp_path / 't.pt'} (torch): 17 tensors, 76.6 KiB")
+    assert "; peak memory about 22.0 KiB (largest: layers.0.attention.wqkv.weight)" in lines[-1]
+    assert not (tmp_path / "t.pt").exists()

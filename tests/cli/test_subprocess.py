@@ -32,6 +32,8 @@ def runs(tmp_path_factory):
     torch.save({"x": Payload(tmp / "code-ran")}, tmp / "evil.pt")
     # a dry run prints a line per key: far more than a pipe holds
     torch.save({f"layers.{i}.self_attn.q_proj.weight": torch.zeros(1) for i in range(4000)}, tmp / "many.pt")
+    save(checkpoint["model"], tmp / "stale-hf", format="hf", max_shard_size=100)
+    (tmp / "stale-hf" / "model-00009-of-00009.safetensors").write_bytes(b"")  # left from another save
     module = [sys.executable, "-m", "sdtree"]
     commands = {
         "inspect": module + ["inspect", tmp / "dcp", "--json"],
@@ -40,6 +42,8 @@ def runs(tmp_path_factory):
         "version": module + ["--version"],
         "demo help": module + ["demo", "--help"],
         "head": module + ["convert", tmp / "many.pt", tmp / "never.pt", "--dry-run"],
+        "hf": module + ["convert", tmp / "dcp", tmp / "hf", "--to", "hf", "--model-only", "--strip-prefix", "_orig_mod.", "--max-shard-size", "0.1kB"],
+        "hf stale": module + ["inspect", tmp / "stale-hf"],
     }
     if CONSOLE_SCRIPT.exists():
         commands["script"] = [CONSOLE_SCRIPT, "convert", tmp / "dcp", tmp / "m.safetensors", "--model-only", "--strip-prefix", "_orig_mod."]
@@ -97,6 +101,21 @@ def test_demo_help_names_the_command(runs):
 
 def test_a_closed_output_pipe_ends_quietly(runs):
     status, first_line, err = runs[1]["head"]
-    assert first_line == "layers.0.self_attn.q_proj.weight -> layers.0.self_attn.q_proj.weight\n"
+    assert first_line == "layers.0.self_attn.q_proj.weight -> layers.0.self_attn.q_proj.weight  [1] float32\n"
     assert (status, err) == (141, "")  # 128 + SIGPIPE, as a shell reports for `yes | head`; no traceback
     assert not (runs[0] / "never.pt").exists()
+
+
+def test_convert_to_hf_writes_shards_by_size(runs):
+    tmp, done = runs
+    status, out, err = done["hf"]
+    assert status == 0 and out.startswith(f"wrote {tmp / 'hf'} (hf) from {tmp / 'dcp'} (dcp): 7 tensors"), err
+    assert sorted(p.name for p in (tmp / "hf").iterdir()) == [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)] + ["model.safetensors.index.json"]
+    assert_state_dict_equal(load(tmp / "hf"), cases.combined()["model"])
+
+
+def test_a_stray_hf_shard_exits_2_with_one_line(runs):
+    tmp, done = runs
+    status, out, err = done["hf stale"]
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("sdtree: error: Hugging Face checkpoint ") and "'model-00009-of-00009.safetensors' is named like a shard of this checkpoint" in err

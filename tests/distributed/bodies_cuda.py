@@ -119,8 +119,9 @@ def checkpoint_formats(rank: int, world_size: int, directory: str) -> list[str]:
     # tensors only: safetensors holds no extra state (and refuses it, tested elsewhere)
     msd = {k: v for k, v in sdtree.get_model_state_dict(model).items() if isinstance(v, torch.Tensor)}
     done = []
-    for fmt in ("torch", "safetensors", "dcp"):
-        path = checkpoint.save(msd, f"{directory}/model.{fmt}", format=fmt)
+    for fmt in ("torch", "safetensors", "dcp", "hf"):
+        shards = {"max_shard_size": 4096} if fmt == "hf" else {}  # several shards
+        path = checkpoint.save(msd, f"{directory}/model.{fmt}", format=fmt, **shards)
         loaded = checkpoint.load(path)
         assert set(_devices(loaded)) == {"cpu"}
         assert_state_dict_equal(loaded, _cpu(msd))

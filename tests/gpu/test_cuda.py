@@ -39,4 +39,4 @@ def test_collective_utilities_on_cuda_match_torch(pool_cuda):
 
 
 def test_checkpoint_formats_save_cuda_tensors_and_load_on_cpu(pool_cuda, tmp_path):
-    assert pool_cuda.run(bodies.checkpoint_formats, str(tmp_path)) == [["torch", "safetensors", "dcp"]]
+    assert pool_cuda.run(bodies.checkpoint_formats, str(tmp_path)) == [["torch", "safetensors", "dcp", "hf"]]

@@ -222,3 +222,20 @@ def test_flat_optimizer_state_key_without_param_group_is_an_error():
     flat = {"state.a.step": 1, "param_groups.b.lr": 0.1}
     with pytest.raises(LayoutMismatchError, match=re.escape("'state.a.step' belongs to no parameter")):
         add_prefix("x.")(flat)
+
+
+def test_key_transforms_take_model_and_optimizer_pairs_like_the_tensor_transforms():
+    from sdtree.transforms import fuse
+
+    model = {"l.0.q": torch.zeros(2), "l.0.k": torch.ones(2)}
+    optim = {"state": {k: {"exp_avg": v + 1} for k, v in model.items()}, "param_groups": [{"params": list(model), "lr": 0.1}]}
+    t = rename({"l.{i}.q": "layers.{i}.q", "l.{i}.k": "layers.{i}.k"})
+    out_model, out_optim = t((model, optim))
+    assert list(out_model) == ["layers.0.q", "layers.0.k"] and out_model["layers.0.q"] is model["l.0.q"]
+    assert out_optim == t(optim)
+    fused_model, fused_optim = (t >> fuse(["layers.{i}.q", "layers.{i}.k"], "layers.{i}.qk"))((model, optim))
+    assert list(fused_model) == ["layers.0.qk"] and fused_optim["param_groups"][0]["params"] == ["layers.0.qk"]
+    with pytest.raises(LayoutMismatchError, match=r"the second of \(model_state_dict, optim_state_dict\) is not an optimizer"):
+        t((model, model))
+    dropped_model, dropped_optim = drop_meta_tensors()(({**model, "m": torch.empty(1, device="meta")}, optim))
+    assert list(dropped_model) == list(model) and dropped_optim == drop_meta_tensors()(optim)

@@ -29,7 +29,7 @@ from sdtree.transforms import (
     unpermute_for_rope,
     unstack,
 )
-from sdtree.transforms.rules import derivation_of, materialize
+from sdtree.transforms.rules import Materializer, derivation_of, materialize
 
 QKV = fuse(["l.{i}.q", "l.{i}.k", "l.{i}.v"], "l.{i}.qkv", sizes=(4, 2, 2))
 
@@ -332,3 +332,21 @@ def test_param_names_follow_params_when_they_name_them():
     osd["param_groups"][0]["param_names"] = list(osd["param_groups"][0]["params"])
     out = QKV(osd)
     assert out["param_groups"][0]["param_names"] == out["param_groups"][0]["params"] == ["l.0.qkv", "l.0.o", "norm"]
+
+
+def test_materializer_computes_a_split_once_and_lets_its_outputs_go():
+    sd = {"w13": torch.arange(8.0).reshape(4, 2), "b": torch.ones(1)}
+    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}
+    by_id = {id(meta[k]): v for k, v in sd.items()}
+    reads = []
+
+    def fetch(placeholder):
+        reads.append(placeholder)
+        return by_id[id(placeholder)]
+
+    planned = split("w13", ["w1", "w3"])(meta)
+    read = Materializer(planned, fetch)
+    got = {k: read(v) for k, v in planned.items()}
+    assert len(reads) == 2  # w13 once for both halves, b once
+    assert torch.equal(got["w1"], sd["w13"][:2]) and torch.equal(got["w3"], sd["w13"][2:])
+    assert read._held == {}  # nothing kept once every output was read
