@@ -143,6 +143,10 @@ NOT_FUNCTIONS = {
     "Transform", "OptimizerLayout", "KeyPattern", "PatternSet", "Op", "Misfit", "Spec", "Derivation",
     "TensorRule", "Group", "Announcement", "Path", "DEFAULT_BUCKET_BYTES", "dtensor_type", "sharded_tensor_type",
     "MODEL", "OPTIM",
+    # the ops and rule classes behind the tensor transforms: their factories are checked
+    "CatOp", "SplitOp", "StackOp", "UnbindOp", "RopeOp", "TransposeOp", "ReshapeOp", "CastOp", "MapOp", "Sizes",
+    "PatternRule", "Fuse", "Split", "Stacking", "Stack", "Unstack", "Unary", "PermuteForRope", "UnpermuteForRope",
+    "TransposeRule", "ReshapeRule", "CastRule", "MapTensors", "Where", "EXACT_WIDENINGS",
 }
 # Exports whose inputs are DTensors: checked in a process group, by
 # tests/transforms/test_distributed.py::test_collective_transforms_leave_their_inputs_untouched.
