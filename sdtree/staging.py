@@ -37,33 +37,49 @@ StateDict = dict[str, Any]
 # many bytes as in the source, so a view of any dtype stays aligned.
 _ALIGN = 16
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_TENSOR, _DTENSOR, _SHARDED = 0, 1, 2  # how a leaf holds its local tensors
 
 
-def _signature(leaf: Any) -> Optional[tuple[Any, ...]]:
+def _signature(leaf: Any, dtensor_cls: Any, sharded_cls: Any) -> Optional[tuple[Any, ...]]:
     """What a leaf must keep for the mirror to fit it: None for a non-tensor;
     shape, dtype and device; and for sharded tensors the sharding and the
-    local shapes."""
+    local shapes. (The classes are :func:`dtensor_type` and
+    :func:`sharded_tensor_type`, looked up once per call of the caller.)"""
     cls = type(leaf)
     if cls in _PLAIN:
         return (leaf.shape, leaf.dtype, leaf.device)
-    if isinstance(leaf, dtensor_type()):
-        spec, local = leaf._spec, leaf._local_tensor
-        return ("DTensor", leaf.shape, leaf.dtype, spec.mesh, spec.placements, local.shape, local.device)
-    if isinstance(leaf, sharded_tensor_type()):
+    if isinstance(leaf, dtensor_cls):
+        spec, local = leaf._spec, leaf._local_tensor  # not the public properties: this runs once per leaf per stage
+        return ("DTensor", spec.tensor_meta, spec.mesh, spec.placements, local.shape, local.device)
+    if isinstance(leaf, sharded_cls):
         shards = tuple((tuple(s.metadata.shard_offsets), s.tensor.shape, s.tensor.device) for s in leaf.local_shards())
-        return ("ShardedTensor", leaf.size(), leaf.dtype, shards)
+        return ("ShardedTensor", *_shape_and_dtype(leaf), shards)
     if isinstance(leaf, torch.Tensor):
         return (leaf.shape, leaf.dtype, leaf.device)
     return None
+
+
+def _signatures(leaves: list[Any]) -> list[Optional[tuple[Any, ...]]]:
+    dtensor_cls, sharded_cls = dtensor_type(), sharded_tensor_type()
+    return [_signature(leaf, dtensor_cls, sharded_cls) for leaf in leaves]
+
+
+def _shape_and_dtype(leaf: Any) -> tuple[torch.Size, torch.dtype]:
+    """A tensor's (global) shape and dtype; a ShardedTensor's from its metadata
+    (its tensor attributes warn that ShardedTensor is deprecated)."""
+    if isinstance(leaf, sharded_tensor_type()):
+        meta = leaf.metadata()
+        return torch.Size(meta.size), meta.tensor_properties.dtype
+    return leaf.shape, leaf.dtype
 
 
 def _render(sig: Optional[tuple[Any, ...]]) -> str:
     if sig is None:
         return "a non-tensor value"
     if sig[0] == "DTensor":
-        _, shape, dtype, mesh, placements, local, device = sig
+        _, meta, mesh, placements, local, device = sig
         return (
-            f"DTensor{tuple(shape)} {dtype} [{', '.join(map(repr, placements))}] on {mesh!r} "
+            f"DTensor{tuple(meta.shape)} {meta.dtype} [{', '.join(map(repr, placements))}] on {mesh!r} "
             f"with local {tuple(local)} on {device}"
         )
     if sig[0] == "ShardedTensor":
@@ -173,6 +189,7 @@ class Stager:
         self._paths: list[Any] = []
         self._sigs: list[Optional[tuple[Any, ...]]] = []
         self._owner: list[int] = []  # the leaf of each local tensor
+        self._kinds: list[tuple[int, int]] = []  # (leaf, kind) of the leaves copied by local tensor, in order
         self._mirror: list[Any] = []  # per leaf: its mirror, None for a non-tensor
         self._copies: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
         self._tied: list[list[int]] = []
@@ -267,12 +284,13 @@ class Stager:
     def _build(self, state_dict: Mapping[str, Any]) -> None:
         paths, leaves, self._spec = tree_flatten_keyed(state_dict)
         self._paths = paths
-        self._sigs = [_signature(leaf) for leaf in leaves]
+        self._sigs = _signatures(leaves)
         wrapped = (dtensor_type(), sharded_tensor_type())
         local: list[torch.Tensor] = []  # every local tensor copied by position, in leaf order
         owner: list[int] = []
         gathered: list[int] = []
         replicated: set[int] = set()  # full_state_dict: DTensors whose local tensor is the full tensor
+        self._kinds = []
         for i, (leaf, sig) in enumerate(zip(leaves, self._sigs)):
             if sig is None:
                 continue
@@ -283,6 +301,7 @@ class Stager:
                     gathered.append(i)
                     continue
             parts = local_tensors(leaf) or []
+            self._kinds.append((i, _DTENSOR if isinstance(leaf, wrapped[0]) else _SHARDED if isinstance(leaf, wrapped[1]) else _TENSOR))
             local.extend(parts)
             owner.extend([i] * len(parts))
         self._check_supported(paths, leaves, local, owner, gathered)
@@ -310,7 +329,7 @@ class Stager:
         self, paths: list[Any], leaves: list[Any], local: list[torch.Tensor], owner: list[int], gathered: list[int]
     ) -> None:
         bad = {owner[k] for k, t in enumerate(local) if t.is_meta or t.layout != torch.strided or t.is_quantized}
-        bad.update(i for i in gathered if leaves[i].is_meta)
+        bad.update(i for i in gathered if isinstance(leaves[i], dtensor_type()) and leaves[i]._local_tensor.is_meta)
         if bad:
             shown = [codify(paths[i]) for i in sorted(bad)]
             raise UnsupportedLeafError(
@@ -388,7 +407,8 @@ class Stager:
         specs, kinds = [], []
         for i in gathered:
             leaf = leaves[i]
-            shape = tuple(leaf.shape)
+            size, dtype = _shape_and_dtype(leaf)
+            shape = tuple(size)
             kind = "other"
             if dtensor is not None and isinstance(leaf, dtensor.DTensor):
                 (placement, *rest) = leaf._spec.placements
@@ -396,12 +416,12 @@ class Stager:
                     kind = "shard0"
                     world = leaf._spec.mesh.size()
                     shape = (world * row_counts(shape[0], world)[0], *shape[1:])
-            specs.append((torch.Size(shape), leaf.dtype))
+            specs.append((torch.Size(shape), dtype))
             kinds.append(kind)
         gathers = []
         for i, kind, buffer in zip(gathered, kinds, allocate(specs, pin_memory=self._pinned(), share_memory=self.share_memory)):
             leaf = leaves[i]
-            gather = _Gather(i, kind, buffer[: leaf.shape[0]] if kind == "shard0" else buffer, buffer)
+            gather = _Gather(i, kind, buffer[: leaf._spec.shape[0]] if kind == "shard0" else buffer, buffer)
             local = leaf._local_tensor if kind == "shard0" else None
             rows = buffer.shape[0] // leaf._spec.mesh.size() if kind == "shard0" else 0
             if local is not None and local.shape[0] < rows and local.device == buffer.device:
@@ -427,15 +447,20 @@ class Stager:
         if spec != self._spec:
             self._raise_structure(paths)
         sigs = self._sigs
-        bad = [i for i, (leaf, sig) in enumerate(zip(leaves, sigs)) if _signature(leaf) != sig]
+        found_sigs = _signatures(leaves)
+        bad = [i for i, (found, sig) in enumerate(zip(found_sigs, sigs)) if found != sig]
         if bad:
-            found = [f"{codify(paths[i])}: expected {_render(sigs[i])}, found {_render(_signature(leaves[i]))}" for i in bad]
+            found = [f"{codify(paths[i])}: expected {_render(sigs[i])}, found {_render(found_sigs[i])}" for i in bad]
             self._fail(f"{len(bad)} of {len(leaves)} value(s) do not fit the mirror: {preview(found, quote=False)}")
         sources: list[torch.Tensor] = []
-        gathered = {g.leaf for g in self._gathers}
-        for i, (leaf, sig) in enumerate(zip(leaves, sigs)):
-            if sig is not None and i not in gathered:
-                sources.extend(local_tensors(leaf) or [])
+        for i, kind in self._kinds:
+            leaf = leaves[i]
+            if kind == _TENSOR:
+                sources.append(leaf)
+            elif kind == _DTENSOR:
+                sources.append(leaf._local_tensor)
+            else:
+                sources.extend(s.tensor for s in leaf.local_shards())
         self._check_sharing(sources)
         return leaves, sources
 
