@@ -29,3 +29,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_collectives.py
 	$(BIN)/python benchmarks/bench_checkpoint.py
 	$(BIN)/python benchmarks/bench_tensor_ops.py
+	$(BIN)/python benchmarks/bench_staging.py

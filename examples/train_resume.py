@@ -4,9 +4,13 @@ A small transformer trains with FSDP2 (``fully_shard`` on every block and on
 the root) in CPU processes that talk over gloo, in three jobs:
 
 1. uninterrupted: ``--steps`` steps at world size 2 (``--world-size``), recording each loss;
-2. interrupted:   the same run stops after ``--resume-at`` steps and checkpoints
-                  model, AdamW optimizer, LR scheduler and step with
-                  ``sdtree.get_state_dict`` + ``torch.distributed.checkpoint.save``;
+2. interrupted:   the same run checkpoints model, AdamW optimizer, LR scheduler
+                  and step every ``--checkpoint-every`` steps and stops after
+                  ``--resume-at``, with ``sdtree.get_state_dict`` +
+                  ``dcp.async_save`` through an ``sdtree.Stager`` (a CPU mirror
+                  the save reads while training goes on); each checkpoint is
+                  also saved with a plain ``dcp.save``, to compare how long
+                  each blocks training;
 3. resumed:       a new job at ``--resume-world-size`` processes (1 by default)
                   loads that checkpoint with ``dcp.load`` + ``sdtree.set_state_dict``
                   and trains on to the last step.
@@ -14,7 +18,8 @@ the root) in CPU processes that talk over gloo, in three jobs:
 Every world size trains on the same global batch at every step (each rank
 takes its slice; loss and gradients are means over ranks), so the resumed run's
 losses equal the uninterrupted run's up to float summation order. The script
-prints both, step by step, and exits 0 when they match, 1 when they do not.
+prints both, step by step, how long each checkpoint blocked training, and
+exits 0 when the losses match, 1 when they do not.
 
     python examples/train_resume.py                        # starts its own processes
     torchrun --nproc-per-node 2 examples/train_resume.py   # jobs 1 and 2 run in torchrun's
@@ -35,7 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from concurrent.futures import Future
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,6 +68,16 @@ class Config:
     resume_at: int
     checkpoint: str  # a directory: DCP writes one file per rank plus metadata
     seed: int = 0
+    checkpoint_every: int = 5  # the interrupted job checkpoints after every this many steps, and at resume_at
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocked:
+    """How long one checkpoint blocked training (the slowest rank's), in seconds."""
+
+    step: int  # checkpoint after this many steps
+    async_save: float  # dcp.async_save through sdtree.Stager (waiting for the previous save included)
+    save: float  # dcp.save of the same state
 
 
 # ---------------------------------------------------------------------------
@@ -182,10 +198,44 @@ def train(model: nn.Module, optim: torch.optim.Optimizer, scheduler: LambdaLR, s
 # ---------------------------------------------------------------------------
 
 
-def save_checkpoint(path: str, model: nn.Module, optim: torch.optim.Optimizer, scheduler: LambdaLR, step: int) -> None:
+def checkpoint_state(model: nn.Module, optim: torch.optim.Optimizer, scheduler: LambdaLR, step: int) -> dict:
     model_sd, optim_sd = sdtree.get_state_dict(model, optim)  # FQN-keyed; model and optimizer are not touched
-    state = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": step}
-    dcp.save(state, checkpoint_id=path)  # non-tensor entries (scheduler, step) are pickled into the same checkpoint
+    return {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": step}
+
+
+class AsyncCheckpointer:
+    """Checkpoints with ``dcp.async_save`` through an ``sdtree.Stager``: training
+    waits only while the state is copied into the stager's CPU mirror; DCP
+    writes the mirror in a background thread, over a process group of its own
+    (its collectives run beside training's). Non-tensor entries (scheduler,
+    step) are pickled into the same checkpoint."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo")
+        self.stager: Optional[sdtree.Stager] = None
+        self.pending: Optional[Future] = None
+
+    def save(self, path: str, state: dict) -> None:
+        self.wait()  # the mirror is written again only once the previous save has read it
+        if self.stager is None:
+            self.stager = sdtree.Stager(state)  # once: the mirror is reused by every checkpoint
+        self.pending = dcp.async_save(state, checkpoint_id=path, async_stager=self.stager, process_group=self.group)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def close(self) -> None:
+        self.wait()
+        if self.stager is not None:
+            self.stager.close()
+        dist.destroy_process_group(self.group)
+
+
+def save_checkpoint(path: str, model: nn.Module, optim: torch.optim.Optimizer, scheduler: LambdaLR, step: int) -> None:
+    """The synchronous way, for comparison: training waits until the files are written."""
+    dcp.save(checkpoint_state(model, optim, scheduler, step), checkpoint_id=path)
 
 
 def load_checkpoint(path: str, model: nn.Module, optim: torch.optim.Optimizer, scheduler: LambdaLR) -> int:
@@ -216,11 +266,32 @@ def uninterrupted(cfg: Config) -> list[float]:
     return train(model, optim, scheduler, range(cfg.steps), cfg.seed)
 
 
-def interrupted(cfg: Config) -> list[float]:
+def interrupted(cfg: Config) -> tuple[list[float], list[Blocked]]:
     model, optim, scheduler = build(cfg)
-    losses = train(model, optim, scheduler, range(cfg.resume_at), cfg.seed)
-    save_checkpoint(cfg.checkpoint, model, optim, scheduler, step=cfg.resume_at)
-    return losses  # ... and the job ends here, as if preempted
+    checkpointer = AsyncCheckpointer()
+    losses, blocked = [], []
+    stops = sorted({*range(cfg.checkpoint_every, cfg.resume_at, cfg.checkpoint_every), cfg.resume_at})
+    done = 0
+    for stop in stops:
+        losses += train(model, optim, scheduler, range(done, stop), cfg.seed)
+        done = stop
+        path = cfg.checkpoint if stop == cfg.resume_at else str(Path(cfg.checkpoint).with_name(f"step_{stop}"))
+        sync_path = str(Path(cfg.checkpoint).with_name(f"sync_step_{stop}"))
+        start = time.perf_counter()
+        checkpointer.wait()  # the previous save must be done: training blocks here if it is not
+        waited = time.perf_counter() - start
+        start = time.perf_counter()
+        save_checkpoint(sync_path, model, optim, scheduler, stop)  # the same state, saved the synchronous way
+        sync = time.perf_counter() - start
+        start = time.perf_counter()
+        checkpointer.save(path, checkpoint_state(model, optim, scheduler, stop))
+        seconds = torch.tensor([waited + time.perf_counter() - start, sync], dtype=torch.float64)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest rank is what training waits for
+        blocked.append(Blocked(stop, *seconds.tolist()))
+        if dist.get_rank() == 0:
+            shutil.rmtree(sync_path, ignore_errors=True)  # only measured
+    checkpointer.close()  # the last save has landed before the job ends
+    return losses, blocked  # ... and the job ends here, as if preempted
 
 
 def resumed(cfg: Config) -> list[float]:
@@ -229,7 +300,7 @@ def resumed(cfg: Config) -> list[float]:
     return train(model, optim, scheduler, range(step, cfg.steps), cfg.seed)
 
 
-Job = Callable[[Config], "list[float]"]
+Job = Callable[[Config], Any]  # losses; the interrupted job also its checkpoints' Blocked
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +310,7 @@ Job = Callable[[Config], "list[float]"]
 # ---------------------------------------------------------------------------
 
 
-def _worker(job: Job, cfg: Config) -> list[float]:
+def _worker(job: Job, cfg: Config) -> Any:
     """Entry point of a launched process: the launcher has set RANK, WORLD_SIZE, MASTER_ADDR/PORT."""
     torch.set_num_threads(1)  # one process per core; more threads only add overhead at this size
     dist.init_process_group("gloo")
@@ -255,7 +326,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch(world_size: int, job: Job, cfg: Config) -> list[float]:
+def launch(world_size: int, job: Job, cfg: Config) -> Any:
     """Run ``job`` in ``world_size`` new processes, as ``torchrun --nproc-per-node`` would; return rank 0's result."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -280,8 +351,8 @@ def launch(world_size: int, job: Job, cfg: Config) -> list[float]:
     return elastic_launch(config, _worker)(job, cfg)[0]
 
 
-def run_job(world_size: int, job: Job, cfg: Config) -> tuple[list[float], float]:
-    """Run ``job`` at ``world_size``; return its losses and wall time (process start included).
+def run_job(world_size: int, job: Job, cfg: Config) -> tuple[Any, float]:
+    """Run ``job`` at ``world_size``; return its result and wall time (process start included).
 
     Under torchrun, a job at torchrun's world size runs in torchrun's processes;
     one at another world size is launched by rank 0 while the other ranks wait.
@@ -319,6 +390,7 @@ class Results:
     full: list[float]  # uninterrupted run, every step
     split: list[float]  # interrupted run's steps, then the resumed run's
     seconds: dict[str, float]
+    blocked: list[Blocked] = dataclasses.field(default_factory=list)  # the interrupted run's checkpoints
 
     def diffs(self) -> list[float]:
         return [abs(a - b) for a, b in zip(self.full, self.split)]
@@ -352,6 +424,11 @@ def print_summary(res: Results, plot: Optional[Path]) -> None:
     )
     if plot is not None:
         print(f"plot: {plot}")
+    for b in res.blocked:
+        print(
+            f"checkpoint after {b.step} steps: training blocked {b.async_save * 1e3:.1f} ms by dcp.async_save "
+            f"through sdtree.Stager, {b.save * 1e3:.1f} ms by dcp.save"
+        )
     diffs, k = res.diffs(), res.cfg.resume_at
     print(f"before the checkpoint (same world size): max |diff| {max(diffs[:k]):.1e}; after: {max(diffs[k:]):.1e}")
 
@@ -402,6 +479,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=os.environ.get("SDTREE_DEMO_PROG"), description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="steps of the whole run (default 30)")
     parser.add_argument("--resume-at", type=int, default=None, help="checkpoint after this many steps (default half)")
+    parser.add_argument("--checkpoint-every", type=int, default=5, help="steps between checkpoints (default 5)")
     parser.add_argument("--world-size", type=int, default=2, help="of jobs 1 and 2 (default 2; under torchrun, its)")
     parser.add_argument("--resume-world-size", type=int, default=1, help="of the resumed job (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="for checkpoint and plot (default: a new temp dir)")
@@ -410,6 +488,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume_at is None:
         args.resume_at = args.steps // 2
+    if args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     if not 0 < args.resume_at < args.steps:
         parser.error(f"--resume-at must be between 1 and --steps - 1 = {args.steps - 1}, got {args.resume_at}")
     if dist.is_torchelastic_launched():
@@ -439,19 +519,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(1)
         dist.init_process_group("gloo")
     out = _out_dir(args)
-    cfg = Config(steps=args.steps, resume_at=args.resume_at, checkpoint=str(out / f"step_{args.resume_at}"))
+    cfg = Config(
+        steps=args.steps,
+        resume_at=args.resume_at,
+        checkpoint=str(out / f"step_{args.resume_at}"),
+        checkpoint_every=args.checkpoint_every,
+    )
     leader = not dist.is_initialized() or dist.get_rank() == 0
     say = print if leader and not args.quiet else (lambda *a, **k: None)
 
     say(f"1/3 uninterrupted: {cfg.steps} steps at world size {args.world_size}", flush=True)
     full, t_full = run_job(args.world_size, uninterrupted, cfg)
-    say(f"2/3 interrupted: stops after {cfg.resume_at} steps, checkpoints to {cfg.checkpoint}", flush=True)
-    first, t_first = run_job(args.world_size, interrupted, cfg)
+    say(
+        f"2/3 interrupted: checkpoints every {cfg.checkpoint_every} steps (dcp.async_save through sdtree.Stager), "
+        f"stops after {cfg.resume_at} steps, last checkpoint in {cfg.checkpoint}",
+        flush=True,
+    )
+    (first, blocked), t_first = run_job(args.world_size, interrupted, cfg)
     say(f"3/3 resumed: world size {args.resume_world_size}, steps {cfg.resume_at}..{cfg.steps - 1}", flush=True)
     rest, t_rest = run_job(args.resume_world_size, resumed, cfg)
 
     seconds = {"uninterrupted": t_full, "interrupted": t_first, "resumed": t_rest}
-    res = Results(cfg, args.world_size, args.resume_world_size, full, first + rest, seconds)
+    res = Results(cfg, args.world_size, args.resume_world_size, full, first + rest, seconds, blocked)
     ok = [res.matches()]
     if dist.is_initialized():  # every torchrun rank exits with rank 0's verdict
         dist.broadcast_object_list(ok, src=0)

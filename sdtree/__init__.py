@@ -13,6 +13,7 @@ from sdtree.adapters import (
 )
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, pipeline
+from sdtree.staging import Stager
 from sdtree.state_dict_utils import broadcast_state_dict, copy_state_dict, distribute_state_dict, distribute_tensors
 from sdtree.transforms.gather import gather_state_dict
 from sdtree.transforms.nested import flatten_state_dict, unflatten_state_dict
@@ -45,4 +46,5 @@ __all__ = [
     "broadcast_state_dict",
     "distribute_state_dict",
     "distribute_tensors",
+    "Stager",
 ]

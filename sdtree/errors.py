@@ -34,6 +34,8 @@ __all__ = [
     "NotInvertibleError",
     "InvalidRuleError",
     "StructureMismatchError",
+    "StagingMismatchError",
+    "StagerClosedError",
     "PatternMatchError",
     "TensorMismatchError",
     "IncompatibleStateDictError",
@@ -94,6 +96,16 @@ class InvalidRuleError(SdtreeError, ValueError):
 
 class StructureMismatchError(SdtreeError, ValueError):
     """Two state dicts that must share a structure do not."""
+
+
+class StagingMismatchError(StructureMismatchError):
+    """A state dict given to a :class:`~sdtree.Stager` differs from the one
+    its mirror was built for (keys, shapes, dtypes, sharding, or which
+    tensors share storage)."""
+
+
+class StagerClosedError(SdtreeError, RuntimeError):
+    """A :class:`~sdtree.Stager` was asked to stage after ``close()``."""
 
 
 class PatternMatchError(SdtreeError, ValueError):

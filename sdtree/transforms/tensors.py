@@ -46,6 +46,7 @@ __all__ = [
     "sharded_tensor_type",
     "is_sharded_tensor",
     "local_tensors",
+    "rewrap",
     "pair_leaves",
     "check_leaf_types",
 ]
@@ -355,8 +356,10 @@ def local_tensors(leaf: Any) -> Optional[list[torch.Tensor]]:
     return None
 
 
-def _rewrap(leaf: Any, tensors: list[torch.Tensor]) -> Any:
-    """``leaf`` (as :func:`local_tensors` takes it apart) over ``tensors``."""
+def rewrap(leaf: Any, tensors: list[torch.Tensor]) -> Any:
+    """A new leaf like ``leaf`` (as :func:`local_tensors` takes it apart) over
+    ``tensors``: a DTensor with the same spec, a ShardedTensor with the same
+    metadata and group, or ``tensors[0]`` (no collective)."""
     if isinstance(leaf, sharded_tensor_type()):
         return _with_local_tensors(leaf, tensors)
     if isinstance(leaf, dtensor_type()):
@@ -399,7 +402,7 @@ def create_cpu_state_dict(
         for source, tensor in zip(local, new):
             if source.dim() == 0 or source.numel() == 0:
                 tensor.zero_()
-        leaves[i] = _rewrap(leaves[i], new)
+        leaves[i] = rewrap(leaves[i], new)
     result: dict[str, Any] = tree_unflatten(spec, leaves)
     return result
 

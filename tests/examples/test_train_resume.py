@@ -5,11 +5,16 @@ subprocess from the repository root, on a few steps.
 """
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+BLOCKED = (
+    r"checkpoint after (?P<step>\d+) steps: training blocked (?P<async_ms>[\d.]+) ms by dcp.async_save "
+    r"through sdtree.Stager, (?P<sync_ms>[\d.]+) ms by dcp.save"
+)
 SCRIPT = ROOT / "examples" / "train_resume.py"
 
 
@@ -22,7 +27,8 @@ def _load_script():
 
 
 def test_resumed_run_at_world_size_1_matches_uninterrupted_run(tmp_path):
-    cmd = [sys.executable, str(SCRIPT.relative_to(ROOT)), "--steps", "6", "--resume-at", "3", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(SCRIPT.relative_to(ROOT)), "--steps", "6", "--resume-at", "3", "--checkpoint-every", "2"]
+    cmd += ["--out", str(tmp_path)]
     proc = subprocess.run(cmd + ["--no-plot"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
@@ -33,6 +39,12 @@ def test_resumed_run_at_world_size_1_matches_uninterrupted_run(tmp_path):
     assert all(abs(float(row[1]) - float(row[2])) <= 1e-5 for row in rows)
     assert float(rows[-1][1]) < float(rows[0][1])  # it learns
     assert (tmp_path / "step_3" / ".metadata").is_file()
+    # checkpoints after 2 and 3 steps, each through the stager and (measured, then removed) with dcp.save
+    blocked = [re.fullmatch(BLOCKED, line) for line in lines if line.startswith("checkpoint after ")]
+    assert [int(m["step"]) for m in blocked if m] == [2, 3], lines
+    assert all(float(m["async_ms"]) >= 0 and float(m["sync_ms"]) > 0 for m in blocked)
+    assert (tmp_path / "step_2" / ".metadata").is_file()
+    assert not list(tmp_path.glob("sync_step_*"))
     assert not (tmp_path / "losses.png").exists()
     assert "Warning" not in proc.stderr, proc.stderr
 
