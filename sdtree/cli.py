@@ -147,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--force", action="store_true", help="replace DST if it exists")
     conv.add_argument("--dry-run", action="store_true", help="print the key mapping (old -> new); write nothing")
     conv.add_argument(
+        "--no-sync",
+        dest="sync",
+        action="store_false",
+        help="do not flush DST to the disk (fsync) before renaming it into place: faster, for scratch "
+        "conversions; after a crash or power loss DST may hold empty or partial files",
+    )
+    conv.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -415,6 +422,7 @@ def _convert(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             progress=progress,
             max_shard_size=args.max_shard_size,
+            sync=args.sync,
         )
     finally:
         close()

@@ -43,11 +43,12 @@ _Writer = Callable[..., None]
 _FILE_WRITERS: dict[Format, _Writer] = {"torch": write_torch_file, "safetensors": write_safetensors}
 
 
-def _writer(fmt: Format, dst: Path, max_shard_size: Union[int, str, None], fn: str) -> _Writer:
+def _writer(fmt: Format, dst: Path, max_shard_size: Union[int, str, None], fn: str, sync: bool) -> _Writer:
     """``write(tmp, tree, fetch, fn=...)`` for ``fmt``, made before anything is
     read: a DCP directory records ``dst``, where ``tmp`` will be renamed to,
-    as its checkpoint id; a Hugging Face one is sharded by ``max_shard_size``
-    (default ``"5GB"``), which the other formats refuse.
+    as its checkpoint id (its writer fsyncs each file with ``sync``); a
+    Hugging Face one is sharded by ``max_shard_size`` (default ``"5GB"``),
+    which the other formats refuse.
 
     Raises:
         CheckpointFormatError: ``max_shard_size`` is not a size, or is given
@@ -63,7 +64,7 @@ def _writer(fmt: Format, dst: Path, max_shard_size: Union[int, str, None], fn: s
             "max_shard_size out. Nothing was written."
         )
     if fmt == "dcp":
-        return functools.partial(write_dcp, checkpoint_id=dst)
+        return functools.partial(write_dcp, checkpoint_id=dst, sync=sync)
     return _FILE_WRITERS[fmt]
 
 
@@ -106,6 +107,7 @@ def save(
     force: bool = False,
     process_group: Any = None,
     max_shard_size: Union[int, str, None] = None,
+    sync: bool = True,
 ) -> Path:
     """Save a state dict (or a combined ``{"model": ..., "optim": ..., ...}``
     checkpoint) at ``path``; return the path.
@@ -134,6 +136,11 @@ def save(
             a size as Hugging Face writes it (``"500MB"``, ``"5GB"``: decimal
             units; ``"2GiB"``: binary); default ``"5GB"``. A larger tensor
             gets a shard of its own.
+        sync: flush every file written to the disk (``fsync``) before the
+            rename, and the rename after, so that once this returns a crash
+            or power loss leaves the complete checkpoint at ``path``. Pass
+            ``False`` for scratch files: faster, but after a crash ``path``
+            may hold empty or partial files.
 
     Raises:
         DestinationExistsError: ``path`` exists and ``force`` is false.
@@ -144,12 +151,12 @@ def save(
     """
     path = Path(path)
     fmt = destination_format(path, format)
-    write = _writer(fmt, path, max_shard_size, "save")
+    write = _writer(fmt, path, max_shard_size, "save", sync)
     if fmt == "dcp":
-        save_dcp(state_dict, path, force=force, fn="save", process_group=process_group)
+        save_dcp(state_dict, path, force=force, fn="save", sync=sync, process_group=process_group)
         return path
     tree = fit_format(state_dict, fmt, fn="save")
-    with atomic_destination(path, force=force, directory=fmt == "hf", fn="save") as tmp:
+    with atomic_destination(path, force=force, directory=fmt == "hf", fn="save", sync=sync) as tmp:
         write(tmp, tree, as_is, fn="save")
     return path
 
@@ -248,6 +255,7 @@ def convert(
     dry_run: bool = False,
     progress: Optional[Progress] = None,
     max_shard_size: Union[int, str, None] = None,
+    sync: bool = True,
 ) -> Conversion:
     """Convert the checkpoint ``src`` to ``dst``, applying ``transform`` on the way.
 
@@ -279,6 +287,7 @@ def convert(
         dry_run: only work out the key mapping; write nothing.
         progress: called as ``progress(nbytes, total_bytes)`` per tensor.
         max_shard_size: ``to="hf"`` only: see :func:`save`.
+        sync: see :func:`save` (``--no-sync`` on the command line).
 
     Raises:
         DestinationError: ``dst`` is ``src`` or holds it (checked first, even
@@ -297,7 +306,7 @@ def convert(
     src, dst = Path(src), Path(dst)
     check_not_source(src, dst, fn="convert")
     dst_format = destination_format(dst, to)
-    write = _writer(dst_format, dst, max_shard_size, "convert")
+    write = _writer(dst_format, dst, max_shard_size, "convert", sync)
     if not dry_run:
         check_destination(dst, force=force, fn="convert")
     checkpoint = open_checkpoint(src, trust_pickle=trust_pickle)
@@ -318,7 +327,7 @@ def convert(
     if dry_run:
         return result
     fetch = _reporting(Materializer(tree, checkpoint.fetch), progress, total)
-    with atomic_destination(dst, force=force, directory=dst_format in ("dcp", "hf"), fn="convert") as tmp:
+    with atomic_destination(dst, force=force, directory=dst_format in ("dcp", "hf"), fn="convert", sync=sync) as tmp:
         write(tmp, tree, fetch, fn="convert")
     return result
 

@@ -107,29 +107,56 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def commit(tmp: Path, dst: Path, *, force: bool, fn: str) -> None:
+def commit(tmp: Path, dst: Path, *, force: bool, fn: str, sync: bool) -> None:
     """Move ``tmp`` to ``dst``, replacing an existing ``dst`` only when ``force``.
 
     A file replaces a file atomically; otherwise the old ``dst`` is first moved
-    aside, then removed once ``tmp`` is in place.
+    aside, then removed once ``tmp`` is in place. With ``sync``, what ``tmp``
+    holds is flushed to the disk first (``fsync`` of each file and directory)
+    and the rename after: once this returns, a crash leaves ``dst`` complete
+    (without it, the disk may hold the new name before the data).
     """
     check_destination(dst, force=force, fn=fn)
+    if sync:
+        _sync_tree(tmp)
     if not os.path.lexists(dst) or (tmp.is_file() and dst.is_file() and not dst.is_symlink()):
         os.replace(tmp, dst)
+    else:
+        aside = temporary_name(dst)
+        os.replace(dst, aside)
+        try:
+            os.replace(tmp, dst)
+        except BaseException:
+            os.replace(aside, dst)
+            raise
+        remove(aside)
+    if sync:
+        _fsync(dst.parent)
+
+
+def _sync_tree(path: Path) -> None:
+    """``fsync`` the file ``path``, or every file and directory under it."""
+    if not path.is_dir():
+        _fsync(path)
         return
-    aside = temporary_name(dst)
-    os.replace(dst, aside)
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync(Path(root, name))
+        _fsync(Path(root))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.replace(tmp, dst)
-    except BaseException:
-        os.replace(aside, dst)
-        raise
-    remove(aside)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
-def atomic_destination(dst: Path, *, force: bool, directory: bool, fn: str) -> Iterator[Path]:
-    """Yield a temporary path to write; on success rename it to ``dst``.
+def atomic_destination(dst: Path, *, force: bool, directory: bool, fn: str, sync: bool) -> Iterator[Path]:
+    """Yield a temporary path to write; on success rename it to ``dst``,
+    flushed to the disk first with ``sync`` (see :func:`commit`).
 
     Raises:
         DestinationExistsError: ``dst`` exists and ``force`` is false (checked
@@ -150,7 +177,7 @@ def atomic_destination(dst: Path, *, force: bool, directory: bool, fn: str) -> I
         except OSError as err:
             raise _unwritable(dst, err, fn) from None
         yield tmp
-        commit(tmp, dst, force=force, fn=fn)
+        commit(tmp, dst, force=force, fn=fn, sync=sync)
     except BaseException:
         remove(tmp)
         for parent in created:

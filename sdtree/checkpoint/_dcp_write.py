@@ -75,10 +75,11 @@ class _OneFilePerRankWriter(FileSystemWriter):
     file as ``dcp.save`` does, but tensor by tensor: torch's own keeps every
     tensor of a file alive until the file is done, which for a streamed
     conversion is the whole checkpoint. ``.metadata`` records
-    ``checkpoint_id``, where the directory being written will end up."""
+    ``checkpoint_id``, where the directory being written will end up; with
+    ``sync``, each file is flushed to the disk (``fsync``) once written."""
 
-    def __init__(self, directory: Path, checkpoint_id: Path) -> None:
-        super().__init__(directory, single_file_per_rank=True, thread_count=1)
+    def __init__(self, directory: Path, checkpoint_id: Path, *, sync: bool) -> None:
+        super().__init__(directory, single_file_per_rank=True, thread_count=1, sync_files=sync)
         self._checkpoint_id = checkpoint_id
 
     def storage_meta(self) -> Optional[StorageMeta]:
@@ -123,24 +124,26 @@ def write_dcp(
     *,
     fn: str,
     checkpoint_id: Path,
+    sync: bool,
     no_dist: bool = True,
     process_group: Any = None,
 ) -> None:
     """Write ``tree`` into the (empty) ``directory``, fetching each tensor as it
     is written and releasing it before the next; ``checkpoint_id`` is the path
-    the directory will be renamed to, which ``.metadata`` records."""
+    the directory will be renamed to, which ``.metadata`` records; ``sync``:
+    each file is flushed to the disk once written."""
     check_keys(tree, fn)
     with quiet_single_process(), unwrapped_errors(fn):
         dcp_save(
             dict(tree),
-            storage_writer=_OneFilePerRankWriter(directory, checkpoint_id),
+            storage_writer=_OneFilePerRankWriter(directory, checkpoint_id, sync=sync),
             planner=_FetchingSavePlanner(fetch),
             no_dist=no_dist,
             process_group=process_group,
         )
 
 
-def save_dcp(state_dict: Any, path: Path, *, force: bool, fn: str, process_group: Any = None) -> None:
+def save_dcp(state_dict: Any, path: Path, *, force: bool, fn: str, sync: bool, process_group: Any = None) -> None:
     """Save ``state_dict`` as a DCP directory: collectively (sharded) when a
     process group of several ranks is up, else from this process alone.
 
@@ -150,20 +153,20 @@ def save_dcp(state_dict: Any, path: Path, *, force: bool, fn: str, process_group
     """
     if not several_ranks(process_group):
         check_keys(state_dict, fn)
-        with atomic_destination(path, force=force, directory=True, fn=fn) as tmp:
-            write_dcp(tmp, state_dict, as_is, fn=fn, checkpoint_id=path)
+        with atomic_destination(path, force=force, directory=True, fn=fn, sync=sync) as tmp:
+            write_dcp(tmp, state_dict, as_is, fn=fn, checkpoint_id=path, sync=sync)
         return
     agree(lambda: check_keys(state_dict, fn), catch=(Exception,), report=portable_error, fail=first_error, group=process_group)
     leader = dist.get_global_rank(process_group, 0) if process_group is not None else 0
     is_leader = dist.get_rank() == leader
     tmp = Path(from_leader(lambda: _prepare(path, force, fn), leader, process_group))
     try:
-        write_dcp(tmp, state_dict, as_is, fn=fn, checkpoint_id=path, no_dist=False, process_group=process_group)
+        write_dcp(tmp, state_dict, as_is, fn=fn, checkpoint_id=path, sync=sync, no_dist=False, process_group=process_group)
     except BaseException:
         if is_leader:
             remove(tmp)
         raise
-    from_leader(lambda: _commit_or_remove(tmp, path, force, fn), leader, process_group)
+    from_leader(lambda: _commit_or_remove(tmp, path, force, fn, sync), leader, process_group)
 
 
 def _prepare(path: Path, force: bool, fn: str) -> str:
@@ -174,9 +177,9 @@ def _prepare(path: Path, force: bool, fn: str) -> str:
     return str(tmp)
 
 
-def _commit_or_remove(tmp: Path, path: Path, force: bool, fn: str) -> None:
+def _commit_or_remove(tmp: Path, path: Path, force: bool, fn: str, sync: bool) -> None:
     try:
-        commit(tmp, path, force=force, fn=fn)
+        commit(tmp, path, force=force, fn=fn, sync=sync)
     except BaseException:
         remove(tmp)
         raise

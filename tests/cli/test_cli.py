@@ -4,6 +4,7 @@
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,6 +89,18 @@ def test_convert_applies_key_options_in_order(ckpts, capsys):
     assert status == 0 and out.startswith("wrote ") and err == ""
     expected = {f"net.{k.replace('mlp.', 'ffn.')}": v for k, v in cases.combined()["model"].items()}
     assert_state_dict_equal(load(ckpts / "out.safetensors"), expected)
+
+
+@pytest.mark.parametrize("dst", ["out-dcp", "out.safetensors"])
+def test_convert_no_sync_writes_without_flushing_to_the_disk(ckpts, capsys, monkeypatch, dst):
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+    assert run(capsys, "convert", ckpts / "model.safetensors", ckpts / dst, "--no-sync")[0] == 0
+    assert synced == []
+    assert_state_dict_equal(load(ckpts / dst), cases.compiled(cases.combined())["model"])
+    assert run(capsys, "convert", ckpts / "model.safetensors", ckpts / ("synced-" + dst))[0] == 0
+    assert len(synced) >= 2  # by default: the files, and the directory that holds them
 
 
 def test_convert_to_and_force(ckpts, capsys):
