@@ -202,9 +202,11 @@ class Conversion:
         streamed: tensors were read one at a time, or group by group (false
             when a transform needed the whole source in memory).
         plan: every tensor written, with its sources and rules.
-        peak_bytes: the most memory one of them holds while it is computed
-            (the largest group), about the conversion's peak above its
-            baseline when ``streamed``.
+        peak_bytes: the most memory of its own one of them holds while it
+            is computed (the largest group, less what is mapped from the
+            source; see :attr:`PlannedTensor.peak_bytes`): when ``streamed``,
+            a bound on the conversion's peak anonymous memory above its
+            baseline, but for a few MiB of Python objects and buffers.
     """
 
     src: Path
@@ -230,8 +232,13 @@ class PlannedTensor:
         sources: the flat keys of the source tensors it is read or computed from.
         rules: the tensor transforms that compute it, innermost first
             (``("unpermute_for_rope", "fuse")``); empty when it is copied as it is.
-        peak_bytes: the memory held while it is computed: its sources, and
-            every output of the groups on the way.
+        peak_bytes: the memory of its own held while it is computed: every
+            output of the groups on the way, and its sources, but for those
+            a conversion maps from the source file instead of reading them
+            (:meth:`Checkpoint.is_mapped`: a safetensors file's or a Hugging
+            Face shard's tensors). A DCP source is counted in full, though
+            one stored as a single plain chunk is mapped too: which are is
+            known only once their records are read.
     """
 
     key: str
@@ -266,6 +273,14 @@ def convert(
     when the writer reaches it. Only a transform that cannot plan on meta
     tensors (a ``map_tensors`` whose function needs data, ``offload_to_cpu``)
     gets the whole source loaded first.
+
+    A tensor stored plainly in the source (in a safetensors file or Hugging
+    Face shard; in DCP, one chunk of at least 1 MiB) is not copied into
+    memory: it is written, or computed from, the source file's bytes mapped
+    copy-on-write (:meth:`Checkpoint.borrow`), so a conversion that only
+    renames keys holds little memory of its own, and the source files are
+    never written. Their pages are the page cache's; a source truncated
+    while it is converted ends the process (SIGBUS).
 
     Args:
         transform: applied to the model and optimizer entries of a combined
@@ -319,14 +334,14 @@ def convert(
     if not tensors:
         raise NothingToWriteError(_nothing_left(checkpoint, source, tree, transform, model_only))
     total = sum(t.numel() * t.element_size() for t in tensors)
-    plan = _plan(source, tree, dst_format)
+    plan = _plan(checkpoint, source, tree, dst_format)
     result = Conversion(
         src, dst, checkpoint.format, dst_format, _renamed(source, tree), len(tensors), total, streamed, not dry_run,
         plan, max((p.peak_bytes for p in plan), default=0),
     )
     if dry_run:
         return result
-    fetch = _reporting(Materializer(tree, checkpoint.fetch), progress, total)
+    fetch = _reporting(Materializer(tree, checkpoint.borrow), progress, total)
     with atomic_destination(dst, force=force, directory=dst_format in ("dcp", "hf"), fn="convert", sync=sync) as tmp:
         write(tmp, tree, fetch, fn="convert")
     return result
@@ -396,7 +411,7 @@ def _unique(tree: Any, fmt: Format) -> list[torch.Tensor]:
     return [leaf for i, (leaf, first) in enumerate(zip(leaves, first_aliases(leaves))) if first == i]
 
 
-def _plan(source: Any, tree: Any, fmt: Format) -> tuple[PlannedTensor, ...]:
+def _plan(checkpoint: Checkpoint, source: Any, tree: Any, fmt: Format) -> tuple[PlannedTensor, ...]:
     """What each tensor a writer of ``fmt`` fetches is made of, traced through
     the derivations of the tensor transforms back to the source's keys."""
     source_keys = {id(leaf): key for key, leaf in tensor_items(source)}
@@ -406,22 +421,25 @@ def _plan(source: Any, tree: Any, fmt: Format) -> tuple[PlannedTensor, ...]:
         if id(leaf) not in written:
             continue
         written.discard(id(leaf))  # tied: planned once, under its first key
-        sources, rules, peak = _trace(leaf, source_keys, key)
+        sources, rules, peak = _trace(leaf, source_keys, key, checkpoint.is_mapped)
         plan.append(PlannedTensor(key, tuple(leaf.shape), leaf.dtype, tuple(dict.fromkeys(sources)), rules, peak))
     return tuple(plan)
 
 
-def _trace(leaf: torch.Tensor, source_keys: Mapping[int, str], key: str) -> tuple[list[str], tuple[str, ...], int]:
-    """``(source keys, rules innermost first, bytes held)`` of a planned tensor."""
+def _trace(
+    leaf: torch.Tensor, source_keys: Mapping[int, str], key: str, mapped: Callable[[torch.Tensor], bool]
+) -> tuple[list[str], tuple[str, ...], int]:
+    """``(source keys, rules innermost first, bytes held)`` of a planned
+    tensor; a source ``mapped`` from its file holds none."""
     derived = derivation_of(leaf)
     if derived is None:
-        return [source_keys.get(id(leaf), key)], (), leaf.numel() * leaf.element_size()
+        return [source_keys.get(id(leaf), key)], (), 0 if mapped(leaf) else leaf.numel() * leaf.element_size()
     derivation = derived[0]
     sources: list[str] = []
     rules: list[str] = []
     held = sum(math.prod(shape) * dtype.itemsize for shape, dtype in derivation.outputs)
     for part in derivation.sources:
-        part_sources, part_rules, part_held = _trace(part, source_keys, key)
+        part_sources, part_rules, part_held = _trace(part, source_keys, key, mapped)
         sources += part_sources
         rules += [r for r in part_rules if r not in rules]
         held += part_held

@@ -179,25 +179,51 @@ def _read_chunks_in_place(reader: FileSystemReader, fqn: str, md: TensorStorageM
 
 def _read_blob_into(path: Path, offset: int, length: int, dest: torch.Tensor, what: str) -> bool:
     """Read the tensor in the ``torch.save`` blob at ``offset`` of ``path``
-    into ``dest``; False, reading nothing, unless it is stored plainly: one
-    tensor shaped like ``dest`` that spans its whole record, in this
-    machine's byte order."""
+    into ``dest``; False, reading nothing, unless it is stored plainly (see
+    :func:`_plain_record`)."""
     with open(path, "rb") as file:
-        archive = TorchArchive.open(_Window(file, offset, length), length, what)
-        meta = archive.skeleton(trust_pickle=False)
-        record = TorchArchive.record_of(meta) if type(meta) is torch.Tensor else None
-        plain = (
-            record is not None
-            and meta.shape == dest.shape
-            and meta.dtype == dest.dtype
-            and meta.is_contiguous()
-            and meta.storage_offset() == 0
-            and record.nbytes == dest.numel() * dest.element_size()
-            and archive.byteorder in (None, sys.byteorder)
-        )
-        if plain and record is not None:
-            archive.read_record_into(record.key, dest)
-        return plain
+        found = _plain_record(file, offset, length, dest.shape, dest.dtype, what)
+        if found is not None:
+            archive, key = found
+            archive.read_record_into(key, dest)
+        return found is not None
+
+
+def _plain_record(
+    file: io.BufferedReader, offset: int, length: int, shape: torch.Size, dtype: torch.dtype, what: str
+) -> Optional[tuple[TorchArchive, str]]:
+    """The archive of the ``torch.save`` blob at ``offset`` of ``file`` and
+    the key of its record, if it is stored plainly: one tensor of ``shape``
+    and ``dtype`` that spans its whole record, in this machine's byte order."""
+    archive = TorchArchive.open(_Window(file, offset, length), length, what)
+    meta = archive.skeleton(trust_pickle=False)
+    record = TorchArchive.record_of(meta) if type(meta) is torch.Tensor else None
+    plain = (
+        record is not None
+        and meta.shape == shape
+        and meta.dtype == dtype
+        and meta.is_contiguous()
+        and meta.storage_offset() == 0
+        and record.nbytes == math.prod(shape) * dtype.itemsize
+        and archive.byteorder in (None, sys.byteorder)
+    )
+    return (archive, record.key) if plain and record is not None else None
+
+
+def _borrow_tensor(reader: FileSystemReader, fqn: str, md: TensorStorageMetadata, what: str) -> torch.Tensor:
+    """``fqn`` mapped from its ``.distcp`` file where it is one plain chunk
+    of at least 1 MiB, its CRC checked (see ``_mapped``); else read."""
+    info = reader.storage_data.get(MetadataIndex(fqn, md.chunks[0].offsets, 0)) if len(md.chunks) == 1 else None
+    if info is not None and not getattr(info, "transform_descriptors", None):
+        nbytes = math.prod(md.size) * md.properties.dtype.itemsize
+        path = Path(reader.path) / info.relative_path
+        if nbytes >= _IN_PLACE_MIN_BYTES:
+            with open(path, "rb") as file:
+                found = _plain_record(file, info.offset, info.length, md.size, md.properties.dtype, f"{what}: {fqn!r}")
+                data = found[0].map_record(found[1], path, info.offset) if found is not None else None
+            if data is not None:
+                return data.view(md.properties.dtype).view(md.size)
+    return _read_tensor(reader, fqn, md, what)
 
 
 def _narrow(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
@@ -265,16 +291,18 @@ def open_dcp(path: Path, *, trust_pickle: bool) -> Checkpoint:
     )
     flat: dict[str, Any] = {}
     readers: dict[int, Callable[[], torch.Tensor]] = {}
+    borrowers: dict[int, Callable[[], torch.Tensor]] = {}
     for fqn, md in entries.items():
         if isinstance(md, TensorStorageMetadata):
             placeholder = torch.empty(md.size, dtype=md.properties.dtype, device="meta")
             readers[id(placeholder)] = functools.partial(_read_tensor, reader, fqn, md, what)
+            borrowers[id(placeholder)] = functools.partial(_borrow_tensor, reader, fqn, md, what)
             flat[fqn] = placeholder
         else:
             flat[fqn] = values[fqn]
     paths = metadata.planner_data if isinstance(metadata.planner_data, Mapping) else {}
     tree = unflatten_state_dict(flat, {fqn: tuple(paths.get(fqn) or (fqn,)) for fqn in flat})
-    return Checkpoint(path, "dcp", _with_optimizer_state(tree), readers=readers)
+    return Checkpoint(path, "dcp", _with_optimizer_state(tree), readers=readers, borrowers=borrowers)
 
 
 def _with_optimizer_state(tree: Any) -> Any:

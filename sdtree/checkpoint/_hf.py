@@ -144,11 +144,16 @@ def open_hf(path: Path, *, trust_pickle: bool) -> Checkpoint:
         _check_against_index(shards, weight_map, layout.index, what)
     tree: dict[str, torch.Tensor] = {}
     readers: dict[int, Callable[[], torch.Tensor]] = {}
+    borrowers: dict[int, Callable[[], torch.Tensor]] = {}
+    mapped: set[int] = set()
     for _, shard in shards:
         for key, leaf in shard.tree.items():
             tree[key] = leaf
             if shard.is_placeholder(leaf):
                 readers[id(leaf)] = functools.partial(shard.fetch, leaf)
+                borrowers[id(leaf)] = functools.partial(shard.borrow, leaf)
+                if shard.is_mapped(leaf):
+                    mapped.add(id(leaf))
     if weight_map is not None:
         _check_total_size(metadata, tree, layout.index, what)
         if ALIASES_KEY in metadata:
@@ -156,7 +161,7 @@ def open_hf(path: Path, *, trust_pickle: bool) -> Checkpoint:
     infos = tuple(
         ShardInfo(name, (path / name).stat().st_size, len({id(leaf) for leaf in shard.tree.values()})) for name, shard in shards
     )
-    return Checkpoint(path, "hf", tree, readers=readers, shards=infos)
+    return Checkpoint(path, "hf", tree, readers=readers, shards=infos, borrowers=borrowers, mapped=frozenset(mapped))
 
 
 def _read_index(index: Path, what: str, name: str) -> tuple[dict[str, str], dict[str, Any]]:

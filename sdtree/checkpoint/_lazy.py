@@ -72,6 +72,10 @@ class Checkpoint:
     tree: Any
     _readers: Mapping[int, Callable[[], torch.Tensor]] = attrs.field(repr=False, alias="readers")
     shards: tuple[ShardInfo, ...] = ()
+    # Readers that map the stored bytes instead of copying them (see borrow),
+    # and the placeholders whose borrower always maps (never falls back to a copy).
+    _borrowers: Mapping[int, Callable[[], torch.Tensor]] = attrs.field(repr=False, alias="borrowers", factory=dict)
+    _mapped: frozenset[int] = attrs.field(repr=False, alias="mapped", factory=frozenset)
 
     def is_placeholder(self, leaf: Any) -> bool:
         """Whether ``leaf`` is one of this checkpoint's placeholders."""
@@ -86,6 +90,26 @@ class Checkpoint:
         """
         reader = self._readers.get(id(tensor))
         return tensor if reader is None else reader()
+
+    def borrow(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor a placeholder stands for, as :meth:`fetch`, but where the
+        file stores it plainly, a view of its bytes mapped copy-on-write
+        rather than a copy (see ``sdtree.checkpoint._mapped``): a safetensors
+        file's (or Hugging Face shard's) tensors, and a DCP tensor of at
+        least 1 MiB stored as one plain chunk (its CRC checked).
+
+        Writing into it changes memory of its own, never the file. Keep it
+        only while the file stays as it is: a file truncated meanwhile ends
+        the process (SIGBUS) when the lost pages are read.
+        """
+        borrower = self._borrowers.get(id(tensor))
+        return self.fetch(tensor) if borrower is None else borrower()
+
+    def is_mapped(self, leaf: Any) -> bool:
+        """Whether :meth:`borrow` always gives ``leaf`` as a view of the file
+        (no memory of its own), as for a safetensors file; a DCP tensor is
+        mapped only where its record, read when it is borrowed, allows."""
+        return id(leaf) in self._mapped
 
     def load(self) -> Any:
         """Read every tensor: the whole state dict, tied tensors still one object."""

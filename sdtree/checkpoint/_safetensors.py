@@ -29,6 +29,7 @@ import collections
 import ctypes
 import functools
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +38,7 @@ import torch
 from safetensors import safe_open
 
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, fetched_plain, first_aliases, not_flat_model
+from sdtree.checkpoint._mapped import FileIdentity, identity_of, map_bytes
 from sdtree.errors import CheckpointFormatError, CorruptCheckpointError
 
 __all__ = ["open_safetensors", "write_safetensors", "check_model_state_dict", "with_aliases", "loads_unique", "ALIASES_KEY"]
@@ -82,10 +84,12 @@ def open_safetensors(path: Path) -> Checkpoint:
         file: Any = safe_open(str(path), framework="pt")
     except Exception as err:  # safetensors raises its own SafetensorError, or an OSError
         raise CorruptCheckpointError(f"{what} is truncated or corrupt: {err}.") from None
-    header = _read_header(path, what)
+    header, data_start = _read_header(path, what)
+    identity = identity_of(os.stat(path))
     header.pop(_METADATA, None)
     tree: dict[str, torch.Tensor] = {}
     readers: dict[int, Callable[[], torch.Tensor]] = {}
+    borrowers: dict[int, Callable[[], torch.Tensor]] = {}
     for key, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
         if entry["dtype"] not in _DTYPES:
             raise CheckpointFormatError(
@@ -95,7 +99,19 @@ def open_safetensors(path: Path) -> Checkpoint:
         placeholder = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]], device="meta")
         tree[key] = placeholder
         readers[id(placeholder)] = functools.partial(_get_tensor, file, key, what)
-    return Checkpoint(path, "safetensors", _with_aliases(tree, file.metadata() or {}, what), readers=readers)
+        begin = data_start + entry["data_offsets"][0]
+        borrowers[id(placeholder)] = functools.partial(_mapped_tensor, path, begin, placeholder, identity, f"{what}: {key!r}")
+    tree = _with_aliases(tree, file.metadata() or {}, what)
+    return Checkpoint(path, "safetensors", tree, readers=readers, borrowers=borrowers, mapped=frozenset(borrowers))
+
+
+def _mapped_tensor(path: Path, offset: int, leaf: torch.Tensor, identity: FileIdentity, what: str) -> torch.Tensor:
+    """The tensor ``leaf`` stands for, over the file's bytes at ``offset``
+    (``safe_open`` has checked they are inside the file)."""
+    if leaf.numel() == 0:
+        return torch.empty(leaf.shape, dtype=leaf.dtype)
+    data = map_bytes(path, offset, leaf.numel() * leaf.element_size(), what, identity=identity)
+    return data.view(leaf.dtype).view(leaf.shape)
 
 
 def _get_tensor(file: Any, key: str, what: str) -> torch.Tensor:
@@ -109,14 +125,16 @@ def _get_tensor(file: Any, key: str, what: str) -> torch.Tensor:
         raise CorruptCheckpointError(f"{what}: {key!r} cannot be read: {err}.") from None
 
 
-def _read_header(path: Path, what: str) -> dict[str, Any]:
+def _read_header(path: Path, what: str) -> tuple[dict[str, Any], int]:
     """The header (which ``safe_open`` has checked) as JSON, refusing a key
-    that appears twice in one object: other readers may take either."""
+    that appears twice in one object (other readers may take either), and
+    where the tensors' bytes start in the file."""
     with open(path, "rb") as file:
-        raw = file.read(int.from_bytes(file.read(8), "little"))
+        size = int.from_bytes(file.read(8), "little")
+        raw = file.read(size)
 
     header: dict[str, Any] = loads_unique(raw, lambda key: f"{what} is corrupt: its header holds the key {key!r} twice.")
-    return header
+    return header, 8 + size
 
 
 def loads_unique(raw: bytes, twice: Callable[[str], str]) -> Any:

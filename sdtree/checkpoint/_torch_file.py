@@ -54,6 +54,7 @@ from torch.utils.serialization import config as serialization_config
 from sdtree._tree import tree_flatten, tree_flatten_with_path, tree_unflatten
 from sdtree.checkpoint._formats import ZIP_MAGIC
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, dotted, fetched_plain, first_aliases
+from sdtree.checkpoint._mapped import crc_of, map_bytes
 from sdtree.checkpoint._pickle import TRUST_HINT, torch_load, unpickle_torch_data
 from sdtree.errors import CheckpointFormatError, CorruptCheckpointError, UnsupportedLeafError
 from sdtree.transforms.tensors import contiguous_strides
@@ -255,6 +256,24 @@ class TorchArchive:
         if info is None or info.file_size != nbytes:
             raise CorruptCheckpointError(f"{self.what} is corrupt: storage record data/{key} is missing or resized.")
         self._read_entry(info, memoryview((ctypes.c_ubyte * nbytes).from_address(out.data_ptr())).cast("B") if nbytes else memoryview(b""))
+
+    def map_record(self, key: str, path: Path, base: int) -> Optional[torch.Tensor]:
+        """The record ``data/<key>`` as a uint8 tensor over a private mapping
+        of ``path`` (which holds this archive from byte ``base``), its CRC
+        checked; ``None`` where it is compressed, so it must be read."""
+        info = self.entries.get(f"{self.prefix}data/{key}")
+        if info is None or info.compress_type != zipfile.ZIP_STORED:
+            return None
+        try:
+            with contextlib.ExitStack() as stack:
+                file = stack.enter_context(open(self.source, "rb")) if isinstance(self.source, Path) else self.source
+                start = _data_start(file, info)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise CorruptCheckpointError(f"{self.what} is corrupt or truncated: {info.filename}: {err}") from None
+        data = map_bytes(path, base + start, info.file_size, self.what)
+        if info.CRC and crc_of(data) != info.CRC:  # 0: torch wrote no CRC
+            raise CorruptCheckpointError(f"{self.what} is corrupt: its record {info.filename} fails its CRC check.")
+        return data
 
     def read(self, record: Record, meta: torch.Tensor) -> torch.Tensor:
         """Read the tensor that the placeholder ``meta``, on ``record``, stands for."""

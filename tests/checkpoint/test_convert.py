@@ -155,7 +155,7 @@ class _Memory(bytearray):
 def test_conversion_holds_one_fetched_tensor_at_a_time(tmp_path, monkeypatch, src_fmt, dst_fmt):
     src, _ = _source(tmp_path, src_fmt)
     alive, most = [], []
-    fetch = Checkpoint.fetch
+    fetch = Checkpoint.borrow  # what a conversion reads through
 
     def tracking_fetch(self, tensor):
         # Track the memory, not the tensor object: a writer may keep a view
@@ -169,7 +169,7 @@ def test_conversion_holds_one_fetched_tensor_at_a_time(tmp_path, monkeypatch, sr
         alive.append(weakref.ref(memory))
         return tracked
 
-    monkeypatch.setattr(Checkpoint, "fetch", tracking_fetch)
+    monkeypatch.setattr(Checkpoint, "borrow", tracking_fetch)
     convert(src, tmp_path / FORMATS[dst_fmt], model_only=True)
     assert len(most) > 5 and max(most) <= 1
 
@@ -244,8 +244,8 @@ def test_tensor_transforms_stream_one_group_at_a_time(tmp_path, monkeypatch, dst
         >> split("l.{i}.w13", ["l.{i}.w1", "l.{i}.w3"])
     )
     reads = []
-    fetch = Checkpoint.fetch
-    monkeypatch.setattr(Checkpoint, "fetch", lambda self, t: reads.append(t) or fetch(self, t))
+    borrow = Checkpoint.borrow  # what a conversion reads through
+    monkeypatch.setattr(Checkpoint, "borrow", lambda self, t: reads.append(t) or borrow(self, t))
     done = convert(tmp_path / "src.safetensors", tmp_path / FORMATS[dst_fmt], transform=rule)
     assert done.streamed and len(reads) == len(model)  # every source read once, w13 once for both halves
     assert_state_dict_equal(load(tmp_path / FORMATS[dst_fmt]), rule(model))

@@ -134,7 +134,7 @@ def test_an_optimizer_or_non_tensor_entry_is_refused_with_the_fix(tmp_path):
 
 def test_a_write_that_fails_midway_leaves_nothing(tmp_path, monkeypatch):
     save(cases.model_state_dict(), tmp_path / "m.safetensors")
-    fetch = Checkpoint.fetch
+    fetch = Checkpoint.borrow  # what a conversion reads through
     calls = []
 
     def failing_fetch(self, tensor):
@@ -143,7 +143,7 @@ def test_a_write_that_fails_midway_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("disk on fire")
         return fetch(self, tensor)
 
-    monkeypatch.setattr(Checkpoint, "fetch", failing_fetch)
+    monkeypatch.setattr(Checkpoint, "borrow", failing_fetch)
     with pytest.raises(OSError, match="disk on fire"):
         convert(tmp_path / "m.safetensors", tmp_path / "out" / "hf", to="hf", max_shard_size=100)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
@@ -184,7 +184,7 @@ def test_tensor_corpus_round_trips_through_hf(tmp_path, name):
 def test_a_converted_hf_directory_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     save(cases.model_state_dict(), tmp_path / "src", format="hf", max_shard_size=100)
     alive, most = [], []
-    fetch = Checkpoint.fetch
+    fetch = Checkpoint.borrow  # what a conversion reads through
 
     class Memory(bytearray):
         pass
@@ -198,7 +198,7 @@ def test_a_converted_hf_directory_streams_one_tensor_at_a_time(tmp_path, monkeyp
         alive.append(weakref.ref(memory))
         return torch.frombuffer(memory, dtype=out.dtype).view(out.shape).copy_(out)
 
-    monkeypatch.setattr(Checkpoint, "fetch", tracking_fetch)
+    monkeypatch.setattr(Checkpoint, "borrow", tracking_fetch)
     convert(tmp_path / "src", tmp_path / "dst", to="hf", max_shard_size=100)
     assert len(most) == 6 and max(most) <= 1
 
