@@ -30,3 +30,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_checkpoint.py
 	$(BIN)/python benchmarks/bench_tensor_ops.py
 	$(BIN)/python benchmarks/bench_staging.py
+	$(BIN)/python benchmarks/bench_hf.py
