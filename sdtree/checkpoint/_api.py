@@ -32,6 +32,7 @@ from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
 from sdtree.errors import CheckpointFormatError, NothingToWriteError, UnsupportedLeafError, preview as _preview
 from sdtree.transforms.compose import Transform
+from sdtree.transforms.plans import Planned
 from sdtree.transforms.rules import Materializer, derivation_of
 
 __all__ = ["open_checkpoint", "save", "load", "convert", "Conversion", "Progress", "PlannedTensor"]
@@ -402,11 +403,12 @@ def _plan(source: Any, tree: Any, fmt: Format) -> tuple[PlannedTensor, ...]:
     return tuple(plan)
 
 
-def _trace(leaf: torch.Tensor, source_keys: Mapping[int, str], key: str) -> tuple[list[str], tuple[str, ...], int]:
-    """``(source keys, rules innermost first, bytes held)`` of a planned tensor."""
+def _trace(leaf: Planned, source_keys: Mapping[int, str], key: str) -> tuple[list[str], tuple[str, ...], int]:
+    """``(source keys, rules innermost first, bytes held)`` of a planned tensor
+    (its derivation's sources: tensors, or outputs a pipeline left pending)."""
     derived = derivation_of(leaf)
     if derived is None:
-        return [source_keys.get(id(leaf), key)], (), leaf.numel() * leaf.element_size()
+        return [source_keys.get(id(leaf), key)], (), math.prod(leaf.shape) * leaf.dtype.itemsize
     derivation = derived[0]
     sources: list[str] = []
     rules: list[str] = []
