@@ -30,7 +30,10 @@ both moments) plus at most one fused group.
 Planning: the recipe on a state dict of meta tensors with about 100,000
 keys (11,111 layers), best of a few runs, with Python's cyclic GC running
 (as users run it) and paused (what the code itself costs). Target: at most
-3 us per key.
+3 us per key. Since that depends on the machine, the same run measures a
+floor, the least any planner must do (rename every key in one dict
+comprehension with a precompiled regex, one torch.empty per output that
+differs from its input), and prints sdtree's time as a multiple of it.
 
 Run: make bench   (or: .venv/bin/python benchmarks/bench_tensor_ops.py [--layers 32] [--rounds 7])
 """
@@ -41,6 +44,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -185,8 +189,44 @@ def timed_rounds(fns: dict, pair, rounds: int) -> dict:
     return times
 
 
-def planning(args, keys: int) -> tuple[int, dict[bool, float]]:
-    """(keys, {gc paused: best seconds}) of the recipe on meta tensors at about ``keys`` keys."""
+# the Hugging Face -> torchtitan key map, written out for the floor
+_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+_LAYER = {
+    "self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight", "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def planning_floor(model: dict, args) -> float:
+    """Best seconds of the least any planner of the recipe must do (GC
+    paused): rename every key in one dict comprehension with a precompiled
+    regex, and make one meta tensor (torch.empty) per output that differs
+    from its input (each layer's wqkv and w13)."""
+    head_dim = args.dim // args.n_heads
+    qkv = ((args.n_heads + 2 * args.n_kv_heads) * head_dim, args.dim)
+    w13 = (2 * args.hidden, args.dim)
+    layers = len([k for k in model if k.endswith(".self_attn.q_proj.weight")])
+    layer = re.compile(r"model\.layers\.([^.]+)\.(.+)")
+    fullmatch, suffix, top = layer.fullmatch, _LAYER, _TOP
+    best = float("inf")
+    for _ in range(3):
+        gc.collect()
+        gc.disable()
+        start = time.perf_counter()
+        renamed = {(f"layers.{m[1]}.{suffix[m[2]]}" if (m := fullmatch(k)) else top[k]): v for k, v in model.items()}
+        made = [torch.empty(s, device="meta") for _ in range(layers) for s in (qkv, w13)]
+        best = min(best, time.perf_counter() - start)
+        gc.enable()
+        del renamed, made
+    return best
+
+
+def planning(args, keys: int) -> tuple[int, dict[bool, float], float]:
+    """(keys, {gc paused: best seconds}, the floor's best seconds) of the
+    recipe on meta tensors at about ``keys`` keys."""
     plan_args = argparse.Namespace(**{**vars(args), "layers": (keys - 3) // 9})
     model, _ = build(plan_args, device="meta")
     recipe = llama.hf_to_torchtitan(**shape(args), fuse_qkv=True, fuse_w13=True)
@@ -201,7 +241,7 @@ def planning(args, keys: int) -> tuple[int, dict[bool, float]]:
             best[pause_gc] = min(best[pause_gc], time.perf_counter() - start)
             gc.enable()
             del out
-    return len(model), best
+    return len(model), best, planning_floor(model, args)
 
 
 def main() -> None:
@@ -214,6 +254,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--plan-keys", type=int, default=100_000)
+    parser.add_argument("--plan-only", action="store_true", help="measure the planning on meta tensors only")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
@@ -222,6 +263,10 @@ def main() -> None:
     if args.measure:
         pair = build(args)
         print(json.dumps({"peak_extra": peak_extra(lambda: variants(args)[args.measure](pair))}))
+        return
+
+    if args.plan_only:
+        report_planning(*planning(args, args.plan_keys))
         return
 
     outputs, group = bounds(args)
@@ -235,7 +280,7 @@ def main() -> None:
     del ours, theirs
     times = timed_rounds(fns, pair, args.rounds)
     del pair
-    n_keys, plan_seconds = planning(args, args.plan_keys)
+    n_keys, plan_seconds, floor = planning(args, args.plan_keys)
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: {args.layers} layers, dim {args.dim}, "
@@ -254,9 +299,21 @@ def main() -> None:
             f"{memory[label] / MIB:>16.0f}{bound / MIB:>11.0f}{memory[label] / bound:>14.2f}"
         )
     print(f"  time target <= 1.15x; bound = new output tensors {outputs / MIB:.0f} MiB + one fused group {group / MIB:.0f} MiB")
-    print(f"\nplanning on meta tensors, {n_keys} keys (target <= 3 us/key):")
+    print()
+    report_planning(n_keys, plan_seconds, floor)
+
+
+def report_planning(n_keys: int, plan_seconds: dict[bool, float], floor: float) -> None:
+    print(f"planning on meta tensors, {n_keys} keys (target <= 3 us/key):")
     for pause_gc, seconds in plan_seconds.items():
-        print(f"  gc {'paused ' if pause_gc else 'running'}  {seconds * 1e3:7.0f} ms  {seconds / n_keys * 1e6:6.2f} us/key")
+        print(
+            f"  gc {'paused ' if pause_gc else 'running'}  {seconds * 1e3:7.0f} ms  {seconds / n_keys * 1e6:6.2f} us/key"
+            f"  {seconds / floor:5.2f}x floor"
+        )
+    print(
+        f"  floor       {floor * 1e3:7.0f} ms  {floor / n_keys * 1e6:6.2f} us/key  (gc paused: one dict comprehension "
+        "renaming every key by a precompiled regex, one torch.empty per output that differs from its input)"
+    )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from sdtree.transforms import (
     patterns,
     permute_for_rope,
     pipeline,
+    plans,
     rename,
     reshape,
     rules,
@@ -142,7 +143,7 @@ EXPORTS = sorted(
 NOT_FUNCTIONS = {
     "Transform", "OptimizerLayout", "KeyPattern", "PatternSet", "Op", "Misfit", "Spec", "Derivation",
     "TensorRule", "Group", "Announcement", "Path", "DEFAULT_BUCKET_BYTES", "dtensor_type", "sharded_tensor_type",
-    "MODEL", "OPTIM",
+    "MODEL", "OPTIM", "Pending", "Planned",
     # the ops and rule classes behind the tensor transforms: their factories are checked
     "CatOp", "SplitOp", "StackOp", "UnbindOp", "RopeOp", "TransposeOp", "ReshapeOp", "CastOp", "MapOp", "Sizes",
     "PatternRule", "Fuse", "Split", "Stacking", "Stack", "Unstack", "Unary", "PermuteForRope", "UnpermuteForRope",
@@ -223,6 +224,7 @@ def _calls(name):
     metas = {k: torch.empty(v.shape, device="meta") for k, v in model.items()}
     names = {id(v): k for k, v in metas.items()}
     planned = fuse(["layers.{i}.q.weight", "layers.{i}.k.weight"], "layers.{i}.qk.weight")(metas)["layers.0.qk.weight"]
+    pending = permute_for_rope("layers.{i}.q.weight", n_heads=2)._call(metas, True)  # as inside a pipeline
     table = {
         "optimizer_layout": [(optimizer_layout, (optim,))],
         "param_ids_to_fqns": [(param_ids_to_fqns(ids), (by_ids,))],
@@ -254,6 +256,9 @@ def _calls(name):
         "derivation_of": [(rules.derivation_of, (planned,))],
         "materialize": [(lambda p, m: rules.materialize(p, lambda t: m[names[id(t)]]), (planned, model))],
         "Materializer": [(lambda p, m: rules.Materializer({"qk": p}, lambda t: m[names[id(t)]])(p), (planned, model))],
+        "meta_outputs": [(lambda p: plans.meta_outputs(rules.derivation_of(p)[0], True, {}), (planned,))],
+        "settle": [(plans.settle, (sd,)) for sd in (metas, pending, (pending, optim))],
+        "non_str": [(patterns.non_str, (list(model),))],
     }
     return table.get(name)
 

@@ -32,6 +32,7 @@ from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
 from sdtree.errors import CheckpointFormatError, NothingToWriteError, UnsupportedLeafError, preview as _preview
 from sdtree.transforms.compose import Transform
+from sdtree.transforms.plans import Planned
 from sdtree.transforms.rules import Materializer, derivation_of
 
 __all__ = ["open_checkpoint", "save", "load", "convert", "Conversion", "Progress", "PlannedTensor"]
@@ -427,13 +428,16 @@ def _plan(checkpoint: Checkpoint, source: Any, tree: Any, fmt: Format) -> tuple[
 
 
 def _trace(
-    leaf: torch.Tensor, source_keys: Mapping[int, str], key: str, mapped: Callable[[torch.Tensor], bool]
+    leaf: Planned, source_keys: Mapping[int, str], key: str, mapped: Callable[[torch.Tensor], bool]
 ) -> tuple[list[str], tuple[str, ...], int]:
-    """``(source keys, rules innermost first, bytes held)`` of a planned
-    tensor; a source ``mapped`` from its file holds none."""
+    """``(source keys, rules innermost first, bytes held)`` of a planned tensor
+    (its derivation's sources: tensors, or outputs a pipeline left pending); a
+    source ``mapped`` from its file holds none."""
     derived = derivation_of(leaf)
     if derived is None:
-        return [source_keys.get(id(leaf), key)], (), 0 if mapped(leaf) else leaf.numel() * leaf.element_size()
+        # only a rule's outputs are pending, and those have a derivation: ``leaf`` is a source tensor
+        borrowed = isinstance(leaf, torch.Tensor) and mapped(leaf)
+        return [source_keys.get(id(leaf), key)], (), 0 if borrowed else math.prod(leaf.shape) * leaf.dtype.itemsize
     derivation = derived[0]
     sources: list[str] = []
     rules: list[str] = []

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from sdtree.errors import NotInvertibleError
+from sdtree.transforms.plans import settle
 
 __all__ = ["Transform", "pipeline", "identity", "pipeline_steps"]
 
@@ -28,9 +29,17 @@ class Transform:
     """
 
     _factory: str = ""
+    # whether the transform takes the pending outputs of a tensor rule before
+    # it in a pipeline (sdtree.transforms.plans): it never reads values
+    _takes_pending: bool = False
 
     def __call__(self, state_dict: Any, /) -> Any:
         raise NotImplementedError
+
+    def _call(self, state_dict: Any, pending: bool) -> Any:
+        """``self(state_dict)``, except that ``pending`` lets a tensor rule
+        plan meta outputs as pending ones, for a next step that takes them."""
+        return self(state_dict)
 
     def inverse(self) -> Transform:
         """Return the transform that undoes this one exactly.
@@ -68,9 +77,15 @@ class _Pipeline(Transform):
     transforms: tuple[Transform, ...]
 
     def __call__(self, state_dict: Any, /) -> Any:
-        for transform in self.transforms:
-            state_dict = transform(state_dict)
-        return state_dict
+        steps = self.transforms
+        held = False  # whether state_dict may hold pending outputs
+        for i, transform in enumerate(steps):
+            if held and not transform._takes_pending:
+                state_dict, held = settle(state_dict), False
+            ahead = i + 1 < len(steps) and steps[i + 1]._takes_pending
+            state_dict = transform._call(state_dict, ahead) if ahead else transform(state_dict)
+            held = held or ahead
+        return settle(state_dict) if held else state_dict
 
     def inverse(self) -> Transform:
         return pipeline(*(t.inverse() for t in reversed(self.transforms)))

@@ -31,7 +31,7 @@ from sdtree.errors import (
 )
 from sdtree.fqn import split_flat_keys
 from sdtree.transforms.compose import Transform
-from sdtree.transforms.patterns import KeyPattern, PatternSet, is_pattern, key_pattern
+from sdtree.transforms.patterns import KeyPattern, PatternSet, is_pattern, key_pattern, non_str
 from sdtree.types import PARAMS, PG, STATE, form_of
 
 __all__ = [
@@ -62,6 +62,8 @@ def _is_pair(transform: Transform, state_dict: Any) -> bool:
 class _KeyTransform(Transform):
     """A transform defined by a function on keys, applied to every form."""
 
+    _takes_pending = True  # it never reads a value
+
     def _map_keys(self, keys: list[str]) -> NewKeys:
         """Map ``keys`` to new keys (``None`` to drop); raise on bad keys."""
         raise NotImplementedError
@@ -77,11 +79,10 @@ class _KeyTransform(Transform):
         keys = list(state_dict)
         self._check_str_keys(keys, "key")
         new_keys = self._map_keys(keys)
-        out = {
-            new: value
-            for new, value in zip(new_keys, state_dict.values())
-            if new is not None
-        }
+        if None in new_keys:
+            out = {new: value for new, value in zip(new_keys, state_dict.values()) if new is not None}
+        else:  # no key dropped: the dict built in C
+            out = dict(zip(new_keys, state_dict.values()))  # type: ignore[arg-type]  # no None in new_keys
         self._check_collisions(keys, new_keys, len(out))
         return out
 
@@ -124,8 +125,8 @@ class _KeyTransform(Transform):
 
     # -- validation ---------------------------------------------------------
 
-    def _check_str_keys(self, keys: Iterable[Any], what: str) -> None:
-        bad = [k for k in keys if type(k) is not str]
+    def _check_str_keys(self, keys: Sequence[Any], what: str) -> None:
+        bad = non_str(keys)
         if bad:
             hint = (
                 " Optimizer state dicts from optim.state_dict() are keyed by "
@@ -139,7 +140,7 @@ class _KeyTransform(Transform):
             )
 
     def _check_collisions(self, keys: list[str], new_keys: NewKeys, n_unique: int) -> None:
-        if n_unique == sum(n is not None for n in new_keys):
+        if n_unique == len(new_keys) - new_keys.count(None):
             return
         seen: dict[str, str] = {}
         for old, new in zip(keys, new_keys):
@@ -306,15 +307,7 @@ class _RenameByPattern(_KeyTransform):
 
     def _map_keys(self, keys: list[str]) -> NewKeys:
         found, templates = self._compiled
-        match = found.match_values
-        out: NewKeys = list(keys)
-        maybe = set(found.candidates(keys))
-        for i, key in enumerate(keys):
-            if key in maybe:
-                hit = match(key)
-                if hit is not None:
-                    out[i] = templates[hit[0]].format(*hit[1])
-        return out
+        return list(found.substitute(keys, templates))
 
     def inverse(self) -> Transform:
         return _RenameByPattern(tuple((new, old) for old, new in self.pairs))

@@ -15,13 +15,14 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import compress, repeat
 from typing import Any, Optional
 
 import attrs
 
 from sdtree.errors import InvalidRuleError
 
-__all__ = ["KeyPattern", "PatternSet", "key_pattern", "is_pattern", "nearest_keys"]
+__all__ = ["KeyPattern", "PatternSet", "key_pattern", "is_pattern", "nearest_keys", "non_str"]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HOLE = None  # a blanked-out segment in a skeleton
@@ -194,6 +195,45 @@ class PatternSet:
             return index, (found.group(holes[0]),)
         return index, found.group(*holes) if holes else ()
 
+    def bindings(self, keys: Sequence[str], names: Sequence[str]) -> list[tuple[int, int, tuple[str, ...]]]:
+        """``(position in keys, index of the pattern, values of the placeholders
+        names)`` for each of ``keys`` that a pattern matches (each pattern
+        holds every one of ``names``), in order: :meth:`match_values` of many
+        keys at once, their literal ends tested in C first."""
+        if self._regex is None:
+            return []
+        heads, tails = self._ends
+        at = list(compress(range(len(keys)), map(str.endswith, keys, repeat(tails))))
+        at = list(compress(at, map(str.startswith, [keys[i] for i in at], repeat(heads))))
+        # per outer group: the pattern, and its groups of ``names`` (after group 0, so group() gives a tuple)
+        order = {
+            start: (index, (0, *(holes[self.patterns[index].names.index(n)] for n in names)))
+            for start, (index, holes) in self._outer.items()
+        }
+        fullmatch = self._regex.fullmatch
+        found = []
+        for i in at:
+            hit = fullmatch(keys[i])
+            if hit is not None:
+                index, groups = order[hit.lastindex]
+                found.append((i, index, hit.group(*groups)[1:] if len(groups) > 1 else ()))
+        return found
+
+    def substitute(self, keys: Iterable[str], templates: Sequence[str]) -> list[str]:
+        """Each of ``keys`` that a pattern matches as ``templates[i]`` (of that
+        pattern, a ``str.format`` template of positional fields numbered by
+        the placeholders' order in it, as :meth:`KeyPattern.template` makes)
+        filled with its values; the other keys as they are."""
+        if self._regex is None:
+            return list(keys)
+        fullmatch = self._regex.fullmatch
+        # per outer group: the template with each field renumbered to its regex group (less one: m.groups())
+        table = {
+            start: templates[index].format(*(f"{{{h - 1}}}" for h in holes))
+            for start, (index, holes) in self._outer.items()
+        }
+        return [key if (hit := fullmatch(key)) is None else table[hit.lastindex].format(*hit.groups()) for key in keys]
+
     def match(self, key: str) -> Optional[tuple[int, dict[str, str]]]:
         """``(index of the pattern, placeholder values)`` of ``key``, or None."""
         found = self.match_values(key)
@@ -201,6 +241,14 @@ class PatternSet:
             return None
         index, values = found
         return index, dict(zip(self.patterns[index].names, values))
+
+
+def non_str(keys: Sequence[Any]) -> list[Any]:
+    """The keys that are not exactly ``str`` (the types tested in C first:
+    usually there is none)."""
+    if set(map(type, keys)) <= {str}:
+        return []
+    return [k for k in keys if type(k) is not str]
 
 
 def _head(pattern: KeyPattern) -> str:

@@ -16,21 +16,23 @@ keys. The same rule applies to:
 - ``(model_state_dict, optim_state_dict)``: both, with the parameters' shapes
   read off the model.
 
-Meta tensors go through plans only: the output is a new meta tensor of the
-right shape and dtype that remembers how it is derived (:func:`derivation_of`),
-so a checkpoint reader can compute it later from the tensors it stands for
-(:func:`materialize`). Nothing here mutates its input; outputs are new
-tensors (or the input where an op changes nothing).
+Meta tensors go through plans only (:mod:`.plans`): the output is a new meta
+tensor of the right shape and dtype that remembers how it is derived
+(:func:`derivation_of`), so a checkpoint reader can compute it later from the
+tensors it stands for (:func:`materialize`); inside a pipeline, a pending
+output when the next step never reads values. Nothing here mutates its
+input; outputs are new tensors (or the input where an op changes nothing).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, NamedTuple, Optional
+from itertools import repeat
+from operator import attrgetter
+from typing import Any, NamedTuple, Optional
 
 import torch
 
-from sdtree._tree import tree_flatten
 from sdtree.errors import (
     KeyCollisionError,
     LayoutMismatchError,
@@ -43,127 +45,61 @@ from sdtree.errors import (
 from sdtree.types import PARAMS, PG, PG_DOT, STATE, STATE_DOT, form_of
 from sdtree.transforms.compose import Transform
 from sdtree.fqn import split_flat_keys
-from sdtree.transforms.patterns import KeyPattern, PatternSet, nearest_keys
+from sdtree.transforms.patterns import KeyPattern, PatternSet, nearest_keys, non_str
+from sdtree.transforms.plans import Derivation, Materializer, Misfit, Op, Pending, Planned, Spec, derivation_of
+from sdtree.transforms.plans import materialize, meta_outputs
 
 __all__ = ["Op", "Misfit", "Spec", "Derivation", "derivation_of", "materialize", "Materializer", "TensorRule", "Group"]
 
-Spec = tuple[tuple[int, ...], torch.dtype]  # an output's shape and dtype
-_DERIVED = "_sdtree_derivation"
 _NAMES = "param_names"  # what optimizers built from named_parameters() keep per group
+_PLANNED = (torch.Tensor, Pending)  # what a rule acts on: a tensor, or inside a pipeline a pending output
+_UNSEEN: Any = object()
+_SHAPE, _DTYPE, _IS_META = attrgetter("shape"), attrgetter("dtype"), attrgetter("is_meta")
 
 
-class Misfit(ValueError):
-    """Raised by :meth:`Op.plan`: the inputs do not fit (the message says what
-    was expected and found); the rule reports it as a TensorMismatchError."""
-
-
-class Op:
-    """What a rule does to one group's tensors.
-
-    ``plan`` checks the inputs' shapes and dtypes and returns the outputs'
-    (raising :class:`Misfit`, in terms of ``names``; ``None`` when only the
-    data can tell); ``compute`` does it.
-    """
-
-    def plan(self, names: Sequence[str], specs: Sequence[Spec]) -> Optional[list[Spec]]:
-        raise NotImplementedError
-
-    def compute(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-
-class Derivation(NamedTuple):
-    """How meta outputs are computed from the tensors they were planned from
-    (``rule``: the factory name of the rule that planned them, for plans;
-    ``outputs``: the planned shapes and dtypes). A tuple: one is made per
-    planned group, so it is kept cheap."""
-
-    op: Op
-    sources: tuple[torch.Tensor, ...]
-    rule: str
-    outputs: Sequence[Spec]
-
-    def compute(self, fetch: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-        return self.op.compute([materialize(s, fetch) for s in self.sources])
-
-
-def derivation_of(tensor: torch.Tensor) -> Optional[tuple[Derivation, int]]:
-    """``(derivation, output index)`` of a meta tensor a rule planned, else None."""
-    found: Optional[tuple[Derivation, int]] = getattr(tensor, _DERIVED, None)
-    return found
-
-
-def materialize(tensor: torch.Tensor, fetch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The data of ``tensor``: computed from its sources if a rule planned it
-    (each source read with ``fetch``), else ``fetch(tensor)``."""
-    derived = derivation_of(tensor)
-    if derived is None:
-        return fetch(tensor)
-    derivation, index = derived
-    return derivation.compute(fetch)[index]
-
-
-class Materializer:
-    """Fetch the tensors of a planned tree one at a time, each group once.
-
-    ``Materializer(tree, fetch)(leaf)`` is ``materialize(leaf, fetch)``, except
-    that a group with several outputs (a split, an unstack) is computed once:
-    its outputs wait until the last of those in ``tree`` is asked for, then
-    are let go. So reading a tree output by output holds at most one group's
-    sources and outputs at a time.
-    """
-
-    def __init__(self, tree: Any, fetch: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self._fetch = fetch
-        wanted: dict[int, int] = {}
-        leaves = {id(leaf): leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)}
-        for leaf in leaves.values():  # a leaf held under two keys (tied) is fetched once
-            derived = derivation_of(leaf)
-            if derived is not None:
-                wanted[id(derived[0])] = wanted.get(id(derived[0]), 0) + 1
-        self._wanted = wanted
-        self._held: dict[int, list[torch.Tensor]] = {}
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        derived = derivation_of(tensor)
-        if derived is None:
-            return self._fetch(tensor)
-        derivation, index = derived
-        key = id(derivation)
-        outputs = self._held.get(key)
-        if outputs is None:
-            outputs = derivation.op.compute([self(s) for s in derivation.sources])
-        left = self._wanted.get(key, 1) - 1
-        if left > 0:
-            self._wanted[key] = left
-            self._held[key] = outputs
-        else:
-            self._held.pop(key, None)
-            self._wanted.pop(key, None)
-        return outputs[index]
-
-
-def _spec(tensor: torch.Tensor) -> Spec:
+def _spec(tensor: Planned) -> Spec:
     return tensor.shape, tensor.dtype  # torch.Size is a tuple
 
 
-def _run(op: Op, inputs: Sequence[torch.Tensor], planned: Optional[list[Spec]], rule: str) -> list[torch.Tensor]:
+def _run(
+    op: Op, inputs: Sequence[Planned], planned: Optional[list[Spec]], rule: str, pending: bool = False,
+    protos: Optional[dict[Spec, torch.Tensor]] = None,
+) -> list[Any]:
     """The outputs of ``op`` on ``inputs`` (planned already): computed, or
-    meta tensors that remember their derivation when any input is meta."""
+    planned outputs that remember their derivation when any input is meta
+    (pending ones if ``pending``)."""
     for t in inputs:
         if t.is_meta:
             break
     else:
-        return op.compute(inputs)
+        return op.compute(inputs)  # type: ignore[arg-type]  # no input is pending
     if planned is None:  # a leaf kind the op cannot plan: the caller may load the data and retry
         raise UnsupportedLeafError(f"{op!r} cannot plan meta tensors: it needs their data.")
-    derivation = Derivation(op, tuple(inputs), rule, planned)
-    outputs = []
-    for index, (shape, dtype) in enumerate(planned):
-        out = torch.empty(shape, dtype=dtype, device="meta")
-        setattr(out, _DERIVED, (derivation, index))
-        outputs.append(out)
-    return outputs
+    derivation = tuple.__new__(Derivation, (op, tuple(inputs), rule, planned))  # as Derivation(...), one call less
+    return meta_outputs(derivation, pending, {} if protos is None else protos)
+
+
+_GONE: Any = object()  # the key of the entries _in_order drops
+
+
+def _in_order(
+    keys: list[Any], values: list[Any], groups: list[Group], emitted: Mapping[str, list[tuple[str, Any]]],
+    where: Optional[Mapping[str, int]],
+) -> dict[str, Any]:
+    """The entries of ``keys``/``values`` (overwritten), each group's one
+    output in the place of its first member, its other members dropped (at
+    their positions ``where``): the dict is built in C."""
+    if where is None:
+        where = dict(zip(keys, range(len(keys))))
+    for group in groups:
+        members = group.members
+        at = where[members[0]]
+        keys[at], values[at] = emitted[members[0]][0]
+        for member in members[1:]:
+            keys[where[member]] = _GONE
+    out = dict(zip(keys, values))
+    out.pop(_GONE, None)
+    return out
 
 
 class Group(NamedTuple):
@@ -245,24 +181,16 @@ class TensorRule(Transform):
         return True
 
     def _groups(self, keys: Sequence[str]) -> list[Group]:
+        return self._grouped(keys)[0]
+
+    def _grouped(self, keys: Sequence[str]) -> tuple[list[Group], Optional[dict[str, int]]]:
+        """The groups of ``keys``, and the position in ``keys`` of each member
+        (None: not known)."""
         sources = self._sources()
         over = self._over()
         names = self._group_names()
-        patterns = self._pattern_set()
-        # per pattern: where each group placeholder (and ``over``) sits among its values
-        picks = [tuple(p.names.index(n) for n in names) for p in sources]
-        at_over = [p.names.index(over) if over is not None else -1 for p in sources]
-        slots: dict[tuple[str, ...], dict[Any, str]] = {}
-        match = patterns.match_values
-        for key in patterns.candidates(keys):
-            found = match(key)
-            if found is None:
-                continue
-            index, values = found
-            gid = tuple(values[i] for i in picks[index])
-            slot: Any = index if over is None else values[at_over[index]]
-            slots.setdefault(gid, {})[slot] = key
-        if not slots:
+        found = self._pattern_set().bindings(keys, names if over is None else (*names, over))
+        if not found:
             if self.strict:
                 near = nearest_keys(sources, list(keys))
                 raise self._fail(
@@ -270,22 +198,40 @@ class TensorRule(Transform):
                     + (f"; the nearest keys are {_preview(near)}" if near else " (the state dict is empty)")
                     + ". Check the patterns, or pass strict=False to allow no match."
                 )
-            return []
+            return [], {}
         groups = []
-        for gid, found_slots in slots.items():
-            where = tuple(zip(names, gid))
-            if over is None:
-                missing = [p.format(dict(where)) for i, p in enumerate(sources) if i not in found_slots]
-                if missing:
-                    raise self._fail(
-                        f"{_at(where)}found {_preview(found_slots.values())} but not {_preview(missing)}. "
-                        "Every group needs all its sources: drop the incomplete group's keys first (drop_keys)."
-                    )
-                members = tuple(found_slots[i] for i in range(len(sources)))
-            else:
-                members = self._ordered(where, over, found_slots)
-            groups.append(Group(where, members))
-        return groups
+        if over is not None:
+            by_gid: dict[tuple[str, ...], dict[str, str]] = {}
+            for i, _, values in found:
+                by_gid.setdefault(values[:-1], {})[values[-1]] = keys[i]
+            for gid, slots in by_gid.items():
+                where = tuple(zip(names, gid))
+                groups.append(Group(where, self._ordered(where, over, slots)))
+            return groups, None
+        n = len(sources)
+        if n == 1 and len(names) == len(sources[0].names):  # one key a group, told apart by all its values
+            new = tuple.__new__
+            return [new(Group, (tuple(zip(names, gid)), (keys[i],))) for i, _, gid in found], None
+        # a group's keys by pattern (the group: the values of the target's placeholders)
+        members: dict[tuple[str, ...], list[Optional[str]]] = {}
+        positions: dict[str, int] = {}
+        for i, index, gid in found:
+            slot = members.get(gid)
+            if slot is None:
+                slot = members[gid] = [None] * n
+            key = slot[index] = keys[i]
+            positions[key] = i
+        single = names[0] if len(names) == 1 else None
+        for gid, slot in members.items():
+            where = ((single, gid[0]),) if single is not None else tuple(zip(names, gid))
+            if None in slot:
+                missing = [p.format(dict(where)) for p, k in zip(sources, slot) if k is None]
+                raise self._fail(
+                    f"{_at(where)}found {_preview(k for k in slot if k is not None)} but not {_preview(missing)}. "
+                    "Every group needs all its sources: drop the incomplete group's keys first (drop_keys)."
+                )
+            groups.append(tuple.__new__(Group, (where, tuple(slot))))  # as Group(...), one call less
+        return groups, positions
 
     def _ordered(self, binding: tuple[tuple[str, str], ...], over: str, found: dict[Any, str]) -> tuple[str, ...]:
         by_index: dict[int, str] = {}
@@ -308,15 +254,20 @@ class TensorRule(Transform):
 
     # -- the forms -------------------------------------------------------------
 
+    _takes_pending = True  # inside a pipeline, it plans pending inputs as meta ones (plans.Pending)
+
     def __call__(self, state_dict: Any, /) -> Any:
+        return self._call(state_dict, False)
+
+    def _call(self, state_dict: Any, pending: bool) -> Any:
         if isinstance(state_dict, tuple) and len(state_dict) == 2:
             model, optim = state_dict
-            out_model = self(model)
-            shapes = {k: tuple(v.shape) for k, v in model.items() if isinstance(v, torch.Tensor)}
+            out_model = self._call(model, pending)
+            shapes = {k: tuple(v.shape) for k, v in model.items() if isinstance(v, _PLANNED)}
             return out_model, self._apply_optimizer(optim, shapes)
         form = form_of(state_dict, self._factory)
         if form == "model":
-            return self._apply_model(state_dict)
+            return self._apply_model(state_dict, pending)
         return self._apply_optimizer(state_dict, None)
 
     def _apply_optimizer(self, osd: Any, shapes: Optional[Mapping[str, tuple[int, ...]]]) -> Any:
@@ -331,19 +282,26 @@ class TensorRule(Transform):
         )
 
     def _check_str(self, keys: Sequence[Any]) -> None:
-        bad = [k for k in keys if type(k) is not str]
+        bad = non_str(keys)
         if bad:
             raise NonStringKeyError(
                 f"{self._factory}: {len(bad)} key(s) are not strings: {_preview(bad)}. Tensor transforms name "
                 "keys by FQN patterns: apply param_ids_to_fqns(...) to an optimizer state dict first."
             )
 
-    def _apply_model(self, sd: Mapping[str, Any]) -> dict[str, Any]:
+    def _in_place(self) -> bool:
+        """Whether each group is one key that maps to itself (permute, cast, ...)."""
+        return False
+
+    def _apply_model(self, sd: Mapping[str, Any], pending: bool = False) -> dict[str, Any]:
         keys = list(sd)
         self._check_str(keys)
         accepts = self._accepts
         try:
-            groups = self._groups(keys if type(self)._accepts is TensorRule._accepts else [k for k in keys if accepts(sd[k])])
+            if type(self)._accepts is TensorRule._accepts:
+                groups, positions = self._grouped(keys)
+            else:
+                groups, positions = self._groups([k for k in keys if accepts(sd[k])]), None
         except PatternMatchError as err:
             nested = [k for k, v in sd.items() if isinstance(v, Mapping)]
             if not nested:
@@ -353,39 +311,77 @@ class TensorRule(Transform):
                 "Apply the rule inside them with sdtree.transforms.each(rule) or at('model', rule)."
             ) from None
         op = self._op()
-        for group in groups:
-            bad = [k for k in group.members if not isinstance(sd[k], torch.Tensor)]
-            if bad:
-                raise UnsupportedLeafError(
-                    f"{self!r}: {_preview((f'{k!r} ({type(sd[k]).__name__})' for k in bad), quote=False)} "
-                    "is not a tensor. Tensor transforms act on tensors only: narrow the pattern."
-                )
+        if self._in_place() and pending:
+            planned_in_place = self._plan_in_place(sd, groups, op)
+            if planned_in_place is not None:
+                return planned_in_place
+        inputs = [[sd[k] for k in g.members] for g in groups]
+        for group, values in zip(groups, inputs):
+            for value in values:
+                if not isinstance(value, _PLANNED):
+                    bad = [k for k, v in zip(group.members, values) if not isinstance(v, _PLANNED)]
+                    raise UnsupportedLeafError(
+                        f"{self!r}: {_preview((f'{k!r} ({type(sd[k]).__name__})' for k in bad), quote=False)} "
+                        "is not a tensor. Tensor transforms act on tensors only: narrow the pattern."
+                    )
         # groups of one model mostly share their shapes (every layer alike): plan each once
         seen: dict[tuple[Spec, ...], Optional[list[Spec]]] = {}
         planned = []
-        for g in groups:
-            given = tuple(_spec(sd[k]) for k in g.members)
-            if given not in seen:
-                seen[given] = self._plan(op, g.members, given)
-            planned.append(seen[given])
-        emitted: dict[str, list[tuple[str, Any]]] = {}
-        for group, plan in zip(groups, planned):
-            outputs = _run(op, [sd[k] for k in group.members], plan, self._factory)
-            emitted[group.members[0]] = list(zip(self._targets(group, len(outputs)), outputs))
-        if all(len(e) == 1 and e[0][0] == k for k, e in emitted.items()) and all(len(g.members) == 1 for g in groups):
-            # each key maps to itself (permute, cast, ...): copy the dict, replace the values in place
+        for g, values in zip(groups, inputs):
+            given = tuple([(v.shape, v.dtype) for v in values])
+            plan = seen.get(given, _UNSEEN)
+            if plan is _UNSEEN:
+                plan = seen[given] = self._plan(op, g.members, given)
+            planned.append(plan)
+        protos: dict[Spec, torch.Tensor] = {}
+        rule, targets = self._factory, self._targets
+        if self._in_place():  # each key maps to itself: copy the dict, replace the values in place
             same = dict(sd)
-            same.update(e[0] for e in emitted.values())
+            for group, values, plan in zip(groups, inputs, planned):
+                same[group.members[0]] = _run(op, values, plan, rule, pending, protos)[0]
             return same
+        emitted: dict[str, list[tuple[str, Any]]] = {}
+        for group, values, plan in zip(groups, inputs, planned):
+            outputs = _run(op, values, plan, rule, pending, protos)
+            emitted[group.members[0]] = list(zip(targets(group, len(outputs)), outputs))
         consumed = {k for g in groups for k in g.members}
-        out: dict[str, Any] = {}
-        for key, value in sd.items():
-            if key not in consumed:
-                out[key] = value
-            elif key in emitted:
-                out.update(emitted[key])
+        if all(len(e) == 1 for e in emitted.values()):
+            out = _in_order(keys, list(sd.values()), groups, emitted, positions)
+        else:
+            out = {}
+            get = emitted.get
+            for key, value in sd.items():
+                made = get(key)
+                if made is not None:
+                    out.update(made)
+                elif key not in consumed:
+                    out[key] = value
         self._check_collisions(sd, consumed, emitted, len(out))
         return out
+
+    def _plan_in_place(self, sd: Mapping[str, Any], groups: list[Group], op: Op) -> Optional[dict[str, Any]]:
+        """:meth:`_apply_model` of a rule whose groups are one key each that
+        maps to itself, when every input is meta or pending (else None):
+        pending outputs made in bulk, one plan per shape and dtype."""
+        keys = [g.members[0] for g in groups]
+        values = list(map(sd.__getitem__, keys))
+        if not all(map(isinstance, values, repeat(_PLANNED))) or not all(map(_IS_META, values)):
+            return None
+        specs = list(zip(map(_SHAPE, values), map(_DTYPE, values)))
+        plans: dict[Spec, list[Spec]] = {}
+        for spec in dict.fromkeys(specs):
+            plan = self._plan(op, [keys[specs.index(spec)]], [spec])
+            if plan is None:
+                return None  # _run says why
+            plans[spec] = plan
+        new, rule = tuple.__new__, self._factory
+        outputs = [
+            Pending(plan[0][0], plan[0][1], (new(Derivation, (op, (value,), rule, plan)), 0))
+            for value, plan in zip(values, map(plans.__getitem__, specs))
+        ]
+        same = dict(sd)
+        same.update(zip(keys, outputs))
+        return same
 
     def _check_collisions(self, keys: Any, consumed: set[str], emitted: Mapping[str, list[tuple[str, Any]]], n: int) -> None:
         expected = len(keys) - len(consumed) + sum(len(e) for e in emitted.values())

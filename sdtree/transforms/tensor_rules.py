@@ -201,20 +201,23 @@ class Unary(PatternRule):
     def _group_names(self) -> tuple[str, ...]:
         return self._sources()[0].names if self._sources() else ()
 
-    def _groups(self, keys: Sequence[str]) -> list[Group]:
+    def _grouped(self, keys: Sequence[str]) -> tuple[list[Group], Optional[dict[str, int]]]:
         where = self._where()
         if isinstance(where, str):
-            return super()._groups(keys)
+            return super()._grouped(keys)
         chosen = [k for k in keys if where is None or where(k)]
         if not chosen and self.strict:
             raise self._fail(
                 "selects no key" + (" (no floating-point tensor)" if where is None else f" (where={where!r})")
                 + ". Pass strict=False to allow no match."
             )
-        return [Group((("key", k),), (k,)) for k in chosen]
+        return [Group((("key", k),), (k,)) for k in chosen], None
 
     def _targets(self, group: Group, n_outputs: int) -> list[str]:
         return list(group.members)
+
+    def _in_place(self) -> bool:
+        return True
 
     def _fixed_outputs(self) -> Optional[int]:
         return 1
@@ -305,6 +308,7 @@ EXACT_WIDENINGS = {
 @attrs.frozen(repr=False)
 class CastRule(Unary):
     _factory = "cast"
+    _takes_pending = False  # it selects by dtype or type, read off real tensors
     dtype: torch.dtype
     where: Where = attrs.field(default=None, eq=False)
     from_dtype: Optional[torch.dtype] = None
@@ -334,6 +338,7 @@ class CastRule(Unary):
 @attrs.frozen(repr=False)
 class MapTensors(Unary):
     _factory = "map_tensors"
+    _takes_pending = False  # it selects by dtype or type, read off real tensors
     fn: Callable[[torch.Tensor], torch.Tensor] = attrs.field(eq=False)
     where: Where = attrs.field(default=None, eq=False)
     inverse_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = attrs.field(default=None, eq=False, alias="inverse")
