@@ -7,9 +7,7 @@ of it; then, each in a fresh process and interleaved over ``--rounds``
 rounds:
 
 - ``copy``: ``shutil.copyfile`` of the source's files (the disk floor), and
-  ``copy + fsync`` (the floor of a durable write); ``copy + crc32`` (with and
-  without fsync) also computes the CRC-32 of the bytes, the floor of writing
-  or checking DCP's files, whose records each carry one;
+  ``copy + fsync`` (the floor of a durable write);
 - (a) ``sdtree convert SRC DST`` to DCP; (b) ``sdtree convert DCP DST --to hf
   --max-shard-size 500MB``; (c) ``sdtree convert SRC DST --recipe
   llama-hf-to-torchtitan --fuse-qkv --fuse-w13`` to DCP: sdtree fsyncs what
@@ -69,8 +67,6 @@ RECIPE = [
 VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "copy": ("copy", "hf", []),
     "copy + fsync": ("copy", "hf", ["sync"]),
-    "copy + crc32": ("copy", "hf", ["crc"]),
-    "copy + crc32 + fsync": ("copy", "hf", ["crc", "sync"]),
     "(a) sdtree hf -> dcp": ("sdtree", "hf", []),
     "(a) sdtree hf -> dcp --no-sync": ("sdtree", "hf", ["--no-sync"]),
     "(b) sdtree dcp -> hf": ("sdtree", "dcp", ["--to", "hf", "--max-shard-size", SHARD]),
@@ -111,31 +107,6 @@ def _fsync_tree(path: Path) -> None:
 # -- one measured operation (run in a fresh process) ---------------------------------
 
 
-def _copy_with_crc(src: Path, dst: Path, chunk: int = 64 * MIB) -> int:
-    """Copy ``src`` to ``dst`` from a memory map of it, computing the CRC-32 of
-    its bytes on the way: the floor of writing (or reading and checking) a
-    format whose records carry a CRC-32, as DCP's files do (each is a
-    torch.save archive). One pass of the CRC over the mapped pages, one write
-    from them, as sdtree writes the tensors it borrows."""
-    import mmap
-    import zlib
-
-    crc = 0
-    with open(src, "rb") as fin, open(dst, "wb", buffering=0) as fout:
-        size = os.fstat(fin.fileno()).st_size
-        if not size:
-            return crc
-        with mmap.mmap(fin.fileno(), size, prot=mmap.PROT_READ) as mapped:
-            with contextlib.suppress(OSError):  # map every page in one call, as sdtree's borrow does
-                mapped.madvise(22)  # MADV_POPULATE_READ (Linux 5.14)
-            with memoryview(mapped) as view:
-                for start in range(0, size, chunk):
-                    with view[start : start + chunk] as piece:
-                        crc = zlib.crc32(piece, crc)
-                        fout.write(piece)
-    return crc
-
-
 def child(kind: str, src: Path, dst: Path, extra: list[str]) -> None:
     """Import what ``kind`` needs, then time the operation; print JSON."""
     if kind == "sdtree":
@@ -161,10 +132,7 @@ def child(kind: str, src: Path, dst: Path, extra: list[str]) -> None:
         def op() -> None:
             dst.mkdir()
             for file in sorted(src.iterdir()):
-                if "crc" in extra:
-                    _copy_with_crc(file, dst / file.name)
-                else:
-                    shutil.copyfile(file, dst / file.name)
+                shutil.copyfile(file, dst / file.name)
             if "sync" in extra:
                 _fsync_tree(dst)
 
@@ -303,8 +271,6 @@ def report(results: dict[str, list[dict[str, float]]], plans: dict[str, tuple[in
         return max(r[field] for r in results[v])
 
     copy, synced = median("copy"), median("copy + fsync")
-    crc, crc_synced = median("copy + crc32"), median("copy + crc32 + fsync")
-    hf_process = min(median(v, "process") for v in ("transformers load + save", "transformers + fsync"))
     hf, hf_synced = median("transformers load + save"), median("transformers + fsync")
     hf_anon = max(most(v, "anon") for v in ("transformers load + save", "transformers + fsync"))
     hf_rss = max(most(v, "rss") for v in ("transformers load + save", "transformers + fsync"))
@@ -341,13 +307,6 @@ def report(results: dict[str, list[dict[str, float]]], plans: dict[str, tuple[in
             f"<= planned {plans[v][1] / MIB:.0f} + 64 MiB: {verdict(anon <= plans[v][1] + 64 * MIB)}; "
             f"VmRSS {rss / MIB:.0f} <= transformers' / 4 = {hf_rss / 4 / MIB:.0f} MiB: {verdict(rss <= hf_rss / 4)}; "
             f"RssAnon <= transformers' / 4 = {hf_anon / 4 / MIB:.1f} MiB: {verdict(anon <= hf_anon / 4)}"
-        )
-        crc_floor, crc_name = (crc_synced, "copy + crc32 + fsync") if durable else (crc, "copy + crc32")
-        print(
-            f"      DCP's files carry a CRC-32 per record: {median(v) / crc_floor:.2f}x {crc_name} "
-            f"(<= {limit}: {verdict(median(v) / crc_floor <= limit)}); whole process, imports included: "
-            f"{median(v, 'process'):.2f} s vs transformers' best {hf_process:.2f} s "
-            f"(< 1: {verdict(median(v, 'process') < hf_process)})"
         )
 
 
