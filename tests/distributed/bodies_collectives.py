@@ -76,3 +76,181 @@ def gather_into_checks_on_every_rank(rank: int, world_size: int) -> list[str]:
     return messages
 
 
+
+
+class _Received:
+    """Counts the tensor bytes this rank receives (broadcasts it does not
+    send, scatters), and the buffers the collectives use, while active."""
+
+    def __init__(self, rank: int):
+        self.rank, self.bytes, self.buffers = rank, 0, []
+
+    def __enter__(self):
+        self.saved = dist.broadcast, dist.scatter
+
+        def broadcast(tensor, *args, **kwargs):
+            if self.rank != 0:
+                self.bytes += tensor.numel() * tensor.element_size()
+            self.buffers.append(tensor)
+            return self.saved[0](tensor, *args, **kwargs)
+
+        def scatter(tensor, *args, **kwargs):
+            if self.rank != 0:  # rank 0 keeps its own rows: nothing on the wire
+                self.bytes += tensor.numel() * tensor.element_size()
+            self.buffers.append(tensor)
+            return self.saved[1](tensor, *args, **kwargs)
+
+        dist.broadcast, dist.scatter = broadcast, scatter
+        return self
+
+    def __exit__(self, *exc):
+        dist.broadcast, dist.scatter = self.saved
+
+
+def _mixed(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "big": torch.randn(96, 64, generator=g),  # 24 KiB: alone
+        "small": torch.randn(3, generator=g),
+        "big_bf16": torch.randn(100, 50, generator=g).to(torch.bfloat16),  # 10,000 bytes: alone
+        "ints": torch.arange(5),
+        "flags": torch.tensor([True, False, True]),
+        "big_ints": torch.arange(5000),
+        "half": torch.randn(7, generator=g).half(),
+        "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 3),
+        "n": 4,
+    }
+
+
+def big_tensors_are_received_in_place(rank: int, world_size: int) -> list[str]:
+    """A tensor that travels alone: rank 0 sends its own tensor, rank 1
+    receives into its destination (no pack, no unpack); small ones in
+    buckets; every dtype arrives exact."""
+    from sdtree.state_dict_utils import deliver_into
+    from sdtree.testing import assert_state_dict_equal
+    from sdtree.transforms.broadcast import announce
+
+    sd = _mixed()
+    dest = {k: torch.zeros_like(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    ptrs = {k: v.data_ptr() for k, v in dest.items()}
+    announced = announce(sd if rank == 0 else {})
+    with _Received(rank) as seen:
+        out = deliver_into(announced, into=lambda path: dest.get(path[0]), bucket_bytes=16 * 1024)
+    assert_state_dict_equal(out, sd)
+    for key in dest:
+        assert out[key] is dest[key] and dest[key].data_ptr() == ptrs[key], key
+    sent = {t.data_ptr() for t in seen.buffers}
+    mine = sd if rank == 0 else dest
+    alone = ("big", "big_bf16", "big_ints")  # at least bucket_bytes / 2
+    assert all(mine[k].data_ptr() in sent for k in alone), "a tensor alone is sent and received as it is"
+    # and the small ones in 5 buckets, one per run of one dtype:
+    # small | ints | flags | half | scalar, empty
+    assert len(seen.buffers) == len(alone) + 5
+    return sorted(out)
+
+
+def broadcast_from_rank0_mixes_sizes_and_dtypes(rank: int, world_size: int) -> int:
+    from sdtree.testing import assert_state_dict_equal
+    from sdtree.transforms.broadcast import broadcast_from_rank0
+
+    total = 0
+    for bucket in (64, 16 * 1024, 1 << 24):
+        sd = _mixed(bucket)
+        out = broadcast_from_rank0(bucket_bytes=bucket)(sd if rank == 0 else {})
+        assert_state_dict_equal(out, sd)
+        total += len(out)
+    return total
+
+
+def _rows(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    return full.chunk(world_size)[rank] if rank < len(full.chunk(world_size)) else full[:0]
+
+
+def broadcast_scatters_shards(rank: int, world_size: int, meta: bool) -> dict:
+    """broadcast_state_dict into FSDP2-laid-out DTensors: each rank receives
+    its rows only (uneven counts too), straight into its local shard."""
+    import sdtree
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    g = torch.Generator().manual_seed(0)
+    full = {
+        "uneven": torch.randn(1025, 256, generator=g),  # just over 1 MiB: alone, scattered
+        "even": torch.randn(2048, 128, generator=g),
+        "small": torch.randn(5, 3, generator=g),  # in a bucket, cut to its rows
+        "plain": torch.randn(4, generator=g),
+        "n": 1,
+    }
+    local = {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) for k, v in full.items() if k not in ("plain", "n")}
+    if meta:
+        local = {k: DTensor.from_local(torch.empty_like(v.to_local(), device="meta"), mesh, [Shard(0)], shape=v.shape, stride=v.stride()) for k, v in local.items()}
+    ptrs = {k: v._local_tensor.data_ptr() for k, v in local.items()}
+    given = dict(local)
+    with _Received(rank) as seen:
+        sdtree.broadcast_state_dict(full if rank == 0 else {}, given, torch.device("cpu"))
+    for key, value in given.items():
+        if key in ("plain", "n"):
+            assert (torch.equal(value, full[key]) if key == "plain" else value == full[key]), key
+            continue
+        assert isinstance(value, DTensor) and value.placements == (Shard(0),), key
+        assert torch.equal(value.to_local(), _rows(full[key], rank, world_size)), key
+        assert torch.equal(value.full_tensor(), full[key]), key
+        if not meta:
+            assert value is local[key] and value._local_tensor.data_ptr() == ptrs[key], key
+    shards = sum(_rows(full[k], rank, world_size).numel() * 4 for k in ("uneven", "even"))
+    return {"received": seen.bytes, "shards": shards, "whole": sum(full[k].numel() * 4 for k in ("uneven", "even"))}
+
+
+def fsdp2_broadcast_load_scatters(rank: int, world_size: int) -> dict:
+    """set_model_state_dict(full_state_dict, broadcast_from_rank0) into an
+    FSDP2 model: each rank receives its rows of each big parameter, and
+    the parameters are written in place."""
+    import sdtree
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(256, 1025), nn.Linear(1025, 512))
+    full = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    torch.manual_seed(1 + rank)
+    model = nn.Sequential(nn.Linear(256, 1025), nn.Linear(1025, 512))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ptrs = {k: p._local_tensor.data_ptr() for k, p in model.named_parameters()}
+    opts = sdtree.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    with _Received(rank) as seen:
+        sdtree.set_model_state_dict(model, full if rank == 0 else {}, options=opts)
+    for key, param in model.named_parameters():
+        assert torch.equal(param.full_tensor(), full[key]), key
+        assert param._local_tensor.data_ptr() == ptrs[key], key
+    whole = sum(v.numel() * 4 for v in full.values())
+    return {"received": seen.bytes, "whole": whole}
+
+
+def bad_input_on_rank0_raises_everywhere(rank: int, world_size: int) -> list[str]:
+    """What rank 0 cannot send raises the same error on every rank after
+    the metadata alone; the group stays in step."""
+    from sdtree.errors import NotAMappingError, UnsupportedLeafError
+    from sdtree.transforms.broadcast import broadcast_from_rank0
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    bad = {
+        "list": [torch.ones(2)],
+        "meta": {"w": torch.ones(2), "m": torch.empty(4, device="meta")},
+        "dtensor": {"d": distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])},
+        "sharded": {"s": _sharded_tensor(rank, torch.ones(4, 2))},
+    }
+    messages = []
+    for name, sd in bad.items():
+        try:
+            broadcast_from_rank0(bucket_bytes=64)(sd if rank == 0 else {})
+        except (NotAMappingError, UnsupportedLeafError) as err:
+            messages.append(f"{name}: {type(err).__name__}: {err}")
+        else:
+            messages.append(f"{name}: no error")
+        check = torch.tensor([1.0])
+        dist.all_reduce(check)
+        assert check.item() == world_size
+    return messages
