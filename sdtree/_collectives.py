@@ -181,15 +181,18 @@ def broadcast_buckets(
         jobs: list[tuple[int, list[Spec], Optional[Rows]]] = []  # (position, tensors, rows when scattered)
         small: list[Spec] = []
         position: dict[int, int] = {}
+        prod = math.prod
         for at, spec in enumerate(specs):
-            rows = split(spec[0]) if split else None
-            if math.prod(spec[1]) * spec[2].itemsize >= alone:
-                jobs.append((at, [spec], rows))
+            if prod(spec[1]) * spec[2].itemsize >= alone:
+                jobs.append((at, [spec], split(spec[0]) if split else None))
             else:
                 position[spec[0]] = at
                 small.append(spec)
         jobs.extend((position[bucket[0][0]], bucket, None) for bucket in buckets(small, limit))
         jobs.sort(key=lambda job: job[0])
+
+        # rank 0: whether every tensor is on the group's device (one check, not one a bucket)
+        on_device = this_rank == 0 and len({sources[i].device for i, _, _ in specs}) == 1 and bool(specs) and sources[specs[0][0]].device == device
 
         def landed(arrived: list[tuple[int, torch.Tensor]]) -> None:
             if failures:
@@ -214,7 +217,7 @@ def broadcast_buckets(
 
             def arrived() -> None:
                 work.wait()
-                if this_rank == 0 and all(sources[i].device == buffer.device for i, _, _ in bucket):
+                if this_rank == 0 and (on_device or all(sources[i].device == device for i, _, _ in bucket)):
                     # rank 0 keeps its own tensors: no views to make, and the buffer goes now
                     views = [_own(sources[i]) for i, _, _ in bucket]
                 elif len(bucket) == 1:

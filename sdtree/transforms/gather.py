@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from sdtree._collectives import (
+    ALONE_BYTES,
     DEFAULT_BUCKET_BYTES,
     agree,
     all_gather_single,
@@ -123,9 +124,18 @@ def _land(full: torch.Tensor, out: Optional[torch.Tensor], done: Callable[[torch
 def _gather_buckets(
     leaves: list[Any], outs: Outs, batches: dict[Any, list[int]], limit: int, done: Callable[[torch.Tensor], torch.Tensor]
 ) -> Iterator[Callable[[], None]]:
+    """Tensors of at least ``ALONE_BYTES`` alone (no pack, no unpack), the
+    others in buckets, in the same order on every rank."""
+    alone = min(ALONE_BYTES, limit)
     for indices in batches.values():
-        specs = [(i, leaves[i].shape, leaves[i].dtype) for i in indices]
-        for bucket in buckets(specs, limit):
+        small = []
+        for i in indices:
+            leaf = leaves[i]
+            if leaf.numel() * leaf.dtype.itemsize >= alone:
+                yield _gather_bucket(leaves, outs, [i], done)
+            else:
+                small.append((i, leaf.shape, leaf.dtype))
+        for bucket in buckets(small, limit):
             yield _gather_bucket(leaves, outs, [i for i, _, _ in bucket], done)
 
 
@@ -148,6 +158,20 @@ def _staging(out: Optional[torch.Tensor], numel: int, dtype: torch.dtype, device
 # staging buffers of gather_into's destinations, by id of the destination
 # (dropped with it); not a WeakKeyDictionary: tensors compare elementwise
 _staged: dict[int, torch.Tensor] = {}
+# a destination viewed as (world, its rows' share), by id (dropped with it):
+# a view costs microseconds, and the stager gathers into the same mirror again
+_views: dict[int, torch.Tensor] = {}
+
+
+def _by_rank(out: torch.Tensor, world: int) -> torch.Tensor:
+    """Contiguous ``out`` as ``(world, numel / world)``, kept for the next call."""
+    key = id(out)
+    view = _views.get(key)
+    if view is None or view.shape[0] != world or view.data_ptr() != out.data_ptr() or view.numel() != out.numel():
+        if view is None:
+            weakref.finalize(out, _views.pop, key, None)
+        view = _views[key] = out.view(world, -1)
+    return view
 
 
 def _direct(out: Optional[torch.Tensor], device: torch.device) -> bool:
@@ -229,14 +253,14 @@ def _unpack(
         gathered = recv[:, offset : offset + n * length].view(world, n, length)
         if outs:
             # rank-major as gathered -> each destination, one copy each (in one call)
-            for j, i in enumerate(group_indices):
+            for i, source in zip(group_indices, gathered.unbind(1)):  # one call for the views
                 out = outs[i]
                 assert out is not None  # gather_into gives one for every sharded leaf
                 if out.is_contiguous():
-                    copy_to.append(out.view(world, length))
-                    copy_from.append(gathered[:, j])
+                    copy_to.append(_by_rank(out, world))
+                    copy_from.append(source)
                 else:
-                    out.copy_(gathered[:, j].reshape(out.shape))
+                    out.copy_(source.reshape(out.shape))
                 leaves[i] = out
         else:
             # rank-major as gathered -> tensor-major: one copy, then a view per tensor
@@ -300,8 +324,10 @@ def gather_dtensors(*, cpu_offload: bool = False, bucket_bytes: int = DEFAULT_BU
     DTensors sharded on dim 0 over a 1-D mesh (FSDP2) are gathered in
     buckets of one dtype and at most ``bucket_bytes / 2`` of gathered data,
     one ``all_gather`` per bucket, two in flight (the next bucket is packed
-    while one is on the wire); other layouts (2-D meshes, other dims,
-    strided shards) and ShardedTensors one by one. With ``cpu_offload`` each full tensor moves
+    while one is on the wire); a tensor of at least ``ALONE_BYTES`` (full
+    size) is gathered alone, straight into its full tensor when it splits
+    evenly; other layouts (2-D meshes, other dims, strided shards) and
+    ShardedTensors one by one. With ``cpu_offload`` each full tensor moves
     to CPU as soon as it is assembled, so device memory stays near one bucket.
 
     Collective: call on every rank, with state dicts holding the same
