@@ -1,6 +1,7 @@
 """Benchmark: sdtree's collective paths against torch's, 2 gloo processes on CPU.
 
-Shapes: (a) 1,024 tensors of 16 KiB, (b) 4 tensors of 64 MiB (float32).
+Shapes (float32): (a) 1,024 tensors of 16 KiB, (m) 4 tensors of 4 MiB,
+(b) 4 tensors of 64 MiB.
 - broadcast from rank 0 into a template: sdtree.broadcast_state_dict vs torch's
   _broadcast_state_dict vs one flat dist.broadcast of the same bytes;
 - a broadcast_from_rank0 load (set_model_state_dict, full_state_dict) into a
@@ -9,6 +10,15 @@ Shapes: (a) 1,024 tensors of 16 KiB, (b) 4 tensors of 64 MiB (float32).
 - full-state-dict gather of the same shapes sharded Shard(0) (with and without
   cpu_offload): sdtree.gather_state_dict vs torch's _gather_state_dict vs one
   flat all_gather of the same bytes;
+- gather into a preallocated destination (sdtree's gather_into, what the
+  stager's full_state_dict mirror uses) vs one flat all_gather into a
+  preallocated buffer; "gather flat + copy" adds the one copy a bucket of
+  small tensors needs (gathered rank-major, kept tensor-major): the floor
+  for (a);
+- scatter load: broadcast_state_dict into Shard(0) DTensor templates
+  (FSDP2's layout), sdtree vs torch vs one flat dist.scatter of the same
+  bytes into a preallocated buffer, with the tensor bytes each rank
+  receives (counted by wrapping dist.broadcast and dist.scatter);
 - get_state_dict / set_state_dict (full_state_dict) on an FSDP2 model of
   200 parameters with Adam: sdtree vs torch.
 "flat, new buffer" is the same collective into a freshly allocated buffer, as
@@ -29,14 +39,18 @@ one more call, minus the size before it, on the rank where it is highest
 (the times come from runs without the sampler, whose wake-ups tax
 Python-heavy code).
 
-Targets: (a) >= 20x faster than torch, (b) no slower, both within 2x of the
-flat collective; FSDP2 get/set >= 10x faster than torch.
+Targets (issue 14), printed with the ratios: broadcast and gather (a) >= 20x
+faster than torch and within 2x of the flat collective into fresh memory;
+(m) and (b) no slower than torch and within 1.5x of it; gather into a
+destination within 1.25x of a flat all_gather into a preallocated buffer;
+scatter load: bytes received per rank about size / world.
 
-Run: .venv/bin/python benchmarks/bench_collectives.py
+Run: .venv/bin/python benchmarks/bench_collectives.py [--shapes a,m,b] [--no-fsdp2]
 """
 
 from __future__ import annotations
 
+import argparse
 import socket
 import statistics
 import sys
@@ -91,13 +105,42 @@ def peak_memory(fn) -> int:
     return int(worst.item())
 
 
+def received_bytes(fn) -> int:
+    """The tensor bytes this rank receives during one call of ``fn`` (what
+    dist.broadcast brings to a rank other than 0, what dist.scatter brings
+    to any rank but 0), the most of any rank."""
+    saved = dist.broadcast, dist.scatter
+    count = [0]
+    me = dist.get_rank()
+
+    def broadcast(tensor, *args, **kwargs):
+        count[0] += tensor.numel() * tensor.element_size() if me != 0 else 0
+        return saved[0](tensor, *args, **kwargs)
+
+    def scatter(tensor, *args, **kwargs):
+        count[0] += tensor.numel() * tensor.element_size() if me != 0 else 0
+        return saved[1](tensor, *args, **kwargs)
+
+    dist.barrier()
+    dist.broadcast, dist.scatter = broadcast, scatter
+    try:
+        fn()
+    finally:
+        dist.broadcast, dist.scatter = saved
+    most = torch.tensor([float(count[0])])
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
+
+
 def shapes(kind: str):
     if kind == "a":
         return [(4 * KIB,)] * 1024  # 16 KiB of float32 each
+    if kind == "m":
+        return [(MIB,)] * 4  # 4 MiB each
     return [(16 * MIB,)] * 4  # 64 MiB each
 
 
-def body(rank: int, world: int, port: int, out_queue) -> None:
+def body(rank: int, world: int, port: int, out_queue, kinds: list, fsdp2: bool) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -107,11 +150,13 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import sdtree
+    from sdtree.transforms.gather import gather_into
 
     mesh = init_device_mesh("cpu", (world,))
     cpu = torch.device("cpu")
     rows = []
-    for kind in ("a", "b"):
+    counted = {}
+    for kind in kinds:
         full = {f"t{i}": torch.full(s, float(i)) for i, s in enumerate(shapes(kind))}
         nbytes = sum(t.numel() * 4 for t in full.values())
         flat = torch.empty(nbytes // 4)
@@ -146,11 +191,12 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
                 "broadcast torch": torch_b,
                 "broadcast flat": flat_b,
                 "broadcast flat, new buffer": flat_fresh_b,
-                # (b): every tensor is a bucket of its own, so "flat, new buffer" is the floor
+                # (m), (b): every tensor travels alone, so "flat, new buffer" is the floor
                 **({"broadcast bare bucket": bare_b} if kind == "a" else {}),
             }
         )
         rows.extend((kind, label, *value) for label, value in results.items())
+        assert all(torch.equal(ours_local[k], v) for k, v in full.items())
 
         # a broadcast_from_rank0 load into a model whose parameters have these shapes
         def model():
@@ -192,11 +238,60 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
 
         if kind == "a":
             fns["gather bare bucket"] = bare_g
-        rows.extend((kind, label, *value) for label, value in measure_rounds(fns).items())
+        # into a preallocated destination (the stager's mirror)
+        mirror = {k: torch.empty_like(v) for k, v in full.items()}
+        fns["gather into sdtree"] = lambda: gather_into(sharded, mirror)
+        copy_to = [t.view(world, -1) for t in mirror.values()]
+        gathered_rows = gathered.view(world, n, length)
+        copy_from = [gathered_rows[:, j] for j in range(n)]
 
-    # FSDP2 model of 200 parameters, Adam
+        def flat_copy_g():  # the floor of a bucket of small tensors: gather, then one copy into the mirror
+            all_gather_single(gathered, shard_flat)
+            torch._foreach_copy_(copy_to, copy_from)
+
+        if kind == "a":
+            fns["gather flat + copy"] = flat_copy_g
+        rows.extend((kind, label, *value) for label, value in measure_rounds(fns).items())
+        gather_into(sharded, mirror)
+        assert all(torch.equal(mirror[k], v) for k, v in full.items())
+
+        if kind != "a":
+            # scatter load: full tensors into Shard(0) DTensor templates (each rank keeps its rows)
+            ours_t = {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) for k, v in full.items()}
+            torch_t = {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) for k, v in full.items()}
+            pieces = list(flat.chunk(world)) if rank == 0 else None
+
+            def ours_s():
+                sdtree.broadcast_state_dict(full if rank == 0 else {}, dict(ours_t), cpu)
+
+            def torch_s():
+                torch_utils._broadcast_state_dict(full if rank == 0 else {}, dict(torch_t), cpu)
+
+            scatters = {
+                "scatter sdtree": ours_s,
+                "scatter torch": torch_s,
+                "scatter flat": lambda: dist.scatter(shard_flat, pieces, src=0),
+            }
+            rows.extend((kind, label, *value) for label, value in measure_rounds(scatters).items())
+            for label, fn in scatters.items():
+                counted[(kind, label)] = received_bytes(fn)
+            counted[(kind, "size / world")] = nbytes // world
+            assert all(torch.equal(ours_t[k].full_tensor(), v) for k, v in full.items())
+
+    if fsdp2:
+        rows.extend(bench_fsdp2(mesh))
+    if rank == 0:
+        out_queue.put((rows, counted))
+    dist.destroy_process_group()
+
+
+def bench_fsdp2(mesh) -> list:
+    """get/set_state_dict (full_state_dict) of an FSDP2 model of 200 parameters, Adam."""
     from torch import nn
+    from torch.distributed.checkpoint import state_dict as dsd
     from torch.distributed.fsdp import fully_shard
+
+    import sdtree
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(100)])
@@ -209,25 +304,29 @@ def body(rank: int, world: int, port: int, out_queue) -> None:
     opts = sdtree.StateDictOptions(full_state_dict=True)
     topts = dsd.StateDictOptions(full_state_dict=True)
     msd, osd = sdtree.get_state_dict(model, optim, options=opts)
-    rows.append(("fsdp2", "get_state_dict sdtree", *measure(lambda: sdtree.get_state_dict(model, optim, options=opts))))
-    rows.append(("fsdp2", "get_state_dict torch", *measure(lambda: dsd.get_state_dict(model, optim, options=topts))))
-    rows.append(("fsdp2", "set_state_dict sdtree", *measure(lambda: sdtree.set_state_dict(model, optim, model_state_dict=msd, optim_state_dict=osd, options=opts))))
-    rows.append(("fsdp2", "set_state_dict torch", *measure(lambda: dsd.set_state_dict(model, optim, model_state_dict=dict(msd), optim_state_dict=osd, options=topts))))
-    if rank == 0:
-        out_queue.put(rows)
-    dist.destroy_process_group()
+    return [
+        ("fsdp2", "get_state_dict sdtree", *measure(lambda: sdtree.get_state_dict(model, optim, options=opts))),
+        ("fsdp2", "get_state_dict torch", *measure(lambda: dsd.get_state_dict(model, optim, options=topts))),
+        ("fsdp2", "set_state_dict sdtree", *measure(lambda: sdtree.set_state_dict(model, optim, model_state_dict=msd, optim_state_dict=osd, options=opts))),
+        ("fsdp2", "set_state_dict torch", *measure(lambda: dsd.set_state_dict(model, optim, model_state_dict=dict(msd), optim_state_dict=osd, options=topts))),
+    ]
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="a,m,b", help="comma-separated, of a, m, b")
+    parser.add_argument("--no-fsdp2", action="store_true", help="skip the FSDP2 get/set rows")
+    args = parser.parse_args()
+    kinds = [k for k in args.shapes.split(",") if k]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=body, args=(r, 2, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=body, args=(r, 2, port, q, kinds, not args.no_fsdp2)) for r in range(2)]
     for p in procs:
         p.start()
-    rows = q.get()
+    rows, counted = q.get()
     for p in procs:
         p.join()
     print(f"torch {torch.__version__}, 2 gloo processes on CPU; 7 interleaved rounds; peak extra RSS of the worst rank (a separate run)\n")
@@ -237,29 +336,51 @@ def main() -> None:
         best[(kind, label)], median[(kind, label)] = low, mid
         print(f"{kind:<6}{label:<30}{low * 1e3:>10.1f}{mid * 1e3:>11.1f}{mem / MIB:>10.1f}")
 
-    def ratio(kind: str, num: str, den: str) -> str:
-        return f"{median[(kind, num)] / median[(kind, den)]:5.2f}x ({best[(kind, num)] / best[(kind, den)]:4.2f}x)"
+    def ratio(kind: str, num: str, den: str) -> tuple[float, str]:
+        value = median[(kind, num)] / median[(kind, den)]
+        return value, f"{value:6.2f}x ({best[(kind, num)] / best[(kind, den)]:5.2f}x)"
 
-    print("\nratios of medians (of best rounds)")
-    for kind in ("a", "b"):
-        print(
-            f"  ({kind}) {'load (set_model_state_dict)':<20}: torch/sdtree {ratio(kind, 'load torch', 'load sdtree')}"
-            f"   sdtree/flat {ratio(kind, 'load sdtree', 'load flat')}"
-        )
-        ops = [("broadcast", "broadcast sdtree", "broadcast")]
-        ops += [("gather" + suffix, "gather sdtree" + suffix, "gather") for suffix in ("", " +cpu_offload")]
-        for name, ours, op in ops:
-            theirs = ours.replace("sdtree", "torch")
-            print(
-                f"  ({kind}) {name:<20}: torch/sdtree {ratio(kind, theirs, ours)}"
-                f"   sdtree/flat {ratio(kind, ours, op + ' flat')}"
-                f"   sdtree/flat new buffer {ratio(kind, ours, op + ' flat, new buffer')}"
-                + (f"   sdtree/bare bucket {ratio(kind, ours, op + ' bare bucket')}" if kind == "a" else "")
-            )
-    for op in ("broadcast", "gather"):
-        print(f"  (a) {op} bare bucket/flat: {ratio('a', op + ' bare bucket', op + ' flat')}")
-    for op in ("get_state_dict", "set_state_dict"):
-        print(f"  fsdp2 {op}: torch/sdtree {ratio('fsdp2', f'{op} torch', f'{op} sdtree')}")
+    def check(kind: str, name: str, num: str, den: str, op: str, target: float) -> None:
+        value, text = ratio(kind, num, den)
+        ok = value >= target if op == ">=" else value <= target
+        print(f"  ({kind}) {name:<44} {text}   target {op} {target:<5}  {'ok' if ok else 'MISSED'}")
+
+    print("\nratios of medians (of best rounds), with issue 14's targets")
+    for kind in kinds:
+        fast, near = (20.0, 2.0) if kind == "a" else (1.0, 1.5)
+        for op in ("broadcast", "gather"):
+            check(kind, f"{op}: torch / sdtree", f"{op} torch", f"{op} sdtree", ">=", fast)
+            check(kind, f"{op}: sdtree / flat, new buffer", f"{op} sdtree", f"{op} flat, new buffer", "<=", near)
+        for suffix in (" +cpu_offload",):
+            _, text = ratio(kind, "gather torch" + suffix, "gather sdtree" + suffix)
+            print(f"  ({kind}) {'gather' + suffix + ': torch / sdtree':<44} {text}")
+        check(kind, "gather into: sdtree / flat (preallocated)", "gather into sdtree", "gather flat", "<=", 1.25)
+        if kind == "a":
+            _, text = ratio(kind, "gather flat + copy", "gather flat")
+            print(f"  ({kind}) {'floor: gather flat + copy / flat':<44} {text}")
+            _, text = ratio(kind, "gather into sdtree", "gather flat + copy")
+            print(f"  ({kind}) {'gather into: sdtree / floor (flat + copy)':<44} {text}")
+            for op in ("broadcast", "gather"):
+                _, text = ratio(kind, f"{op} bare bucket", f"{op} flat, new buffer")
+                print(f"  ({kind}) {op + ': bare bucket / flat, new buffer':<44} {text}")
+        _, text = ratio(kind, "load torch", "load sdtree")
+        print(f"  ({kind}) {'load (set_model_state_dict): torch / sdtree':<44} {text}")
+        _, text = ratio(kind, "load sdtree", "load flat")
+        print(f"  ({kind}) {'load: sdtree / flat':<44} {text}")
+        if kind != "a":
+            _, text = ratio(kind, "scatter torch", "scatter sdtree")
+            print(f"  ({kind}) {'scatter load: torch / sdtree':<44} {text}")
+            _, text = ratio(kind, "scatter sdtree", "scatter flat")
+            print(f"  ({kind}) {'scatter load: sdtree / flat scatter':<44} {text}")
+            share = counted[(kind, "size / world")]
+            for label in ("scatter sdtree", "scatter torch", "scatter flat"):
+                got = counted[(kind, label)]
+                print(f"  ({kind}) {'bytes received per rank, ' + label:<44} {got / MIB:8.1f} MiB = {got / share:5.2f} x size / world")
+    if not args.no_fsdp2:
+        for op in ("get_state_dict", "set_state_dict"):
+            _, text = ratio("fsdp2", f"{op} torch", f"{op} sdtree")
+            print(f"  fsdp2 {op}: torch / sdtree {text}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,8 @@ from sdtree.errors import SdtreeError
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
+    "ALONE_BYTES",
+    "Rows",
     "all_gather_single",
     "is_distributed",
     "rank",
@@ -109,8 +111,9 @@ def two_in_flight(started: Iterable[Callable[[], None]]) -> None:
 
 
 def _pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """One contiguous buffer on ``device``: the tensor itself when alone, else
-    the tensors flattened side by side (one C++ concatenation)."""
+    """One contiguous buffer on ``device``: the tensor itself when alone (no
+    copy when it is contiguous and on ``device``), else the tensors flattened
+    side by side (one C++ concatenation)."""
     if len(tensors) == 1:
         return tensors[0].detach().to(device).contiguous()
     flat: torch.Tensor = torch._C._nn.flatten_dense_tensors(tensors)  # under no_grad: no graph
@@ -121,6 +124,15 @@ def _own(leaf: torch.Tensor) -> torch.Tensor:
     return leaf.detach() if leaf.requires_grad else leaf
 
 
+# A tensor of at least this many bytes travels alone, as it is: packed with
+# others it would cost a copy on every rank (and fresh bucket memory on the
+# receivers) for a collective whose fixed cost is small against its transfer
+# (on CPU/gloo a broadcast costs ~50us, 1 MiB ~300us on the wire).
+ALONE_BYTES = 1024 * 1024
+
+Rows = tuple[int, ...]  # rows of dim 0 each rank of the group keeps, by group rank
+
+
 def broadcast_buckets(
     specs: Sequence[tuple[int, tuple[int, ...], torch.dtype]],
     sources: Sequence[Any],
@@ -129,18 +141,30 @@ def broadcast_buckets(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     group: Optional[dist.ProcessGroup] = None,
     receive_into: Optional[Callable[[int], Optional[torch.Tensor]]] = None,
+    split: Optional[Callable[[int], Optional[Rows]]] = None,
 ) -> None:
     """Send rank 0's tensors ``sources[i]`` (``specs``: ``(i, shape, dtype)``,
-    known to every rank) to every rank, in buckets of one dtype and at most
-    ``bucket_bytes / 2`` (a larger tensor goes alone), two in flight.
+    known to every rank) to every rank, two collectives in flight: a tensor
+    of at least ``ALONE_BYTES`` (or more than ``bucket_bytes / 2``) alone
+    and as it is, smaller ones in buckets of one dtype and at most
+    ``bucket_bytes / 2``.
 
-    ``land`` gets each bucket's ``(i, tensor)`` as the bucket arrives: rank 0
-    its own tensors when they are on the group's device already, the other
-    ranks views of the bucket. A tensor alone in its bucket is received
-    straight into ``receive_into(i)`` when that gives a tensor (of its
-    shape and dtype, contiguous, on the group's device). An error in
-    ``land`` is raised after the last bucket has moved, so that the other
-    ranks do not wait forever.
+    ``split(i)``, when it gives the rows of dim 0 each rank keeps (by group
+    rank, summing to the tensor's rows, the same on every rank), makes rank
+    ``r`` receive only its rows ``[sum(rows[:r]), +rows[r])``: a tensor
+    alone is scattered (each rank receives its rows, no more), a small one
+    travels in its bucket and is cut to its rows.
+
+    ``land`` gets each collective's ``(i, tensor)`` as it arrives (the
+    rows only, for a split tensor): rank 0 its own tensors when they are on
+    the group's device already, the other ranks the tensor received (a view
+    of its bucket for small ones). A tensor alone is received straight into
+    ``receive_into(i)`` when that gives a tensor (of its shape, or of its
+    rows' shape when split, dtype, contiguous, on the group's device): no
+    pack or unpack copy on any rank. An error in ``land`` is raised after
+    the last collective, so that the other ranks do not wait forever.
+    A split tensor's rows are in memory of their own (a copy, for a small
+    one: never a view of a bucket or of rank 0's tensor).
 
     Collective: call on every rank (``sources`` matters on rank 0 only).
     Outside a process group ``land`` gets rank 0's tensors at once.
@@ -152,13 +176,40 @@ def broadcast_buckets(
         this_rank = dist.get_rank(group)
         device = pg_device(group)
         failures: list[Exception] = []
+        limit = max(1, bucket_bytes // 2)
+        alone = min(ALONE_BYTES, limit)
+        jobs: list[tuple[int, list[Spec], Optional[Rows]]] = []  # (position, tensors, rows when scattered)
+        small: list[Spec] = []
+        position: dict[int, int] = {}
+        prod = math.prod
+        for at, spec in enumerate(specs):
+            if prod(spec[1]) * spec[2].itemsize >= alone:
+                jobs.append((at, [spec], split(spec[0]) if split else None))
+            else:
+                position[spec[0]] = at
+                small.append(spec)
+        jobs.extend((position[bucket[0][0]], bucket, None) for bucket in buckets(small, limit))
+        jobs.sort(key=lambda job: job[0])
 
-        def start(bucket: list[Spec]) -> Callable[[], None]:
+        # rank 0: whether every tensor is on the group's device (one check, not one a bucket)
+        on_device = this_rank == 0 and len({sources[i].device for i, _, _ in specs}) == 1 and bool(specs) and sources[specs[0][0]].device == device
+
+        def landed(arrived: list[tuple[int, torch.Tensor]]) -> None:
+            if failures:
+                return
+            try:
+                land(arrived)
+            except Exception as err:  # raised below, after the last collective
+                failures.append(err)
+
+        def start(bucket: list[Spec], rows: Optional[Rows]) -> Callable[[], None]:
+            if rows is not None:
+                return _scatter_rows(bucket[0], rows, sources, landed, this_rank, device, group, receive_into)
             if this_rank == 0:
                 buffer = _pack([sources[i] for i, _, _ in bucket], device)
             elif len(bucket) == 1:
-                (i, shape, dtype), = bucket
-                target = receive_into(i) if receive_into else None
+                ((i, shape, dtype),) = bucket
+                target = receive_into(i) if receive_into and not (split and split(i)) else None
                 buffer = target if target is not None else torch.empty(shape, dtype=dtype, device=device)
             else:
                 buffer = torch.empty(sum(math.prod(shape) for _, shape, _ in bucket), dtype=bucket[0][2], device=device)
@@ -166,23 +217,71 @@ def broadcast_buckets(
 
             def arrived() -> None:
                 work.wait()
-                if failures:
-                    return
-                try:
-                    if this_rank == 0 and all(sources[i].device == buffer.device for i, _, _ in bucket):
-                        # rank 0 keeps its own tensors: no views to make, and the buffer goes now
-                        land([(i, _own(sources[i])) for i, _, _ in bucket])
-                    else:
-                        views = [buffer] if len(bucket) == 1 else torch.split_with_sizes(buffer, [math.prod(s) for _, s, _ in bucket])
-                        land([(i, view if len(shape) == 1 else view.view(shape)) for (i, shape, _), view in zip(bucket, views)])
-                except Exception as err:  # raised below, after the last bucket
-                    failures.append(err)
+                if this_rank == 0 and (on_device or all(sources[i].device == device for i, _, _ in bucket)):
+                    # rank 0 keeps its own tensors: no views to make, and the buffer goes now
+                    views = [_own(sources[i]) for i, _, _ in bucket]
+                elif len(bucket) == 1:
+                    views = [buffer]
+                else:
+                    flat = torch.split_with_sizes(buffer, [math.prod(s) for _, s, _ in bucket])
+                    views = [view if len(shape) == 1 else view.view(shape) for (_, shape, _), view in zip(bucket, flat)]
+                if split:  # a small split tensor: this rank's rows of it
+                    for at, (i, _, _) in enumerate(bucket):
+                        mine = split(i)
+                        if mine is not None:
+                            first = sum(mine[:this_rank])
+                            views[at] = views[at][first : first + mine[this_rank]].clone()
+                landed([(i, view) for (i, _, _), view in zip(bucket, views)])
 
             return arrived
 
-        two_in_flight(start(bucket) for bucket in buckets(specs, max(1, bucket_bytes // 2)))
+        two_in_flight(start(bucket, rows) for _, bucket, rows in jobs)
         if failures:
             raise failures[0]
+
+
+def _scatter_rows(
+    spec: Spec,
+    rows: Rows,
+    sources: Sequence[Any],
+    landed: Callable[[list[tuple[int, torch.Tensor]]], None],
+    this_rank: int,
+    device: torch.device,
+    group: Optional[dist.ProcessGroup],
+    receive_into: Optional[Callable[[int], Optional[torch.Tensor]]],
+) -> Callable[[], None]:
+    """Start the scatter of rank 0's tensor ``spec`` by dim-0 ``rows``: each
+    rank receives its rows (into ``receive_into`` when it holds as many
+    rows as any rank: every piece is padded to the most rows), rank 0 sends
+    views of its tensor (a copy for a padded piece only)."""
+    i, shape, dtype = spec
+    most = max(rows)
+    mine = rows[this_rank]
+    padded = (most, *shape[1:])
+    target = receive_into(i) if receive_into else None
+    buffer = target if target is not None and mine == most else torch.empty(padded, dtype=dtype, device=device)
+    pieces: Optional[list[torch.Tensor]] = None
+    if this_rank == 0:
+        full = sources[i].detach().to(device).contiguous()
+        pieces = []
+        first = 0
+        for count in rows:
+            piece = full[first : first + count]
+            if count < most:
+                piece = torch.cat([piece, piece.new_zeros((most - count, *shape[1:]))])
+            pieces.append(piece)
+            first += count
+    work = dist.scatter(buffer, pieces, group=group, group_src=0, async_op=True)
+
+    def arrived() -> None:
+        work.wait()
+        received = buffer[:mine] if buffer.shape[0] != mine else buffer
+        if target is not None and received is not target:
+            target.copy_(received)
+            received = target
+        landed([(i, received)])
+
+    return arrived
 
 
 def agree(

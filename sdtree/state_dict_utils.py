@@ -26,10 +26,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from sdtree._collectives import DEFAULT_BUCKET_BYTES, broadcast_buckets, is_distributed, pg_device
+from sdtree._collectives import DEFAULT_BUCKET_BYTES, pg_device
 from sdtree._tree import codify, tree_unflatten
 from sdtree.errors import StructureMismatchError, preview
-from sdtree.transforms.broadcast import Announcement, Path, broadcast_from_rank0
+from sdtree.transforms.broadcast import Announcement, Path, announce
 from sdtree.transforms.sharding import local_slice, shard_as
 from sdtree.transforms.tensors import check_leaf_types, dtensor_type, is_dtensor, local_tensors, pair_leaves, sharded_tensor_type
 
@@ -228,8 +228,9 @@ def broadcast_state_dict(
 ) -> None:
     """Broadcast rank 0's ``full_state_dict`` into every rank's
     ``local_state_dict``, as torch's ``_broadcast_state_dict`` does, but in
-    buckets (see :func:`broadcast_from_rank0`): values land in the local shard
-    of each DTensor, keys of ``local_state_dict`` that rank 0 lacks are
+    buckets (see :meth:`~sdtree.transforms.broadcast.Announcement.deliver`):
+    values land in the local shard of each DTensor (scattered, for FSDP2's
+    layout: each rank receives only its rows, into its shard), keys of ``local_state_dict`` that rank 0 lacks are
     dropped under ``strict``, and tensors move to CPU with ``cpu_offload``.
 
     Collective: call on every rank; ranks other than 0 may pass ``{}`` as
@@ -248,8 +249,12 @@ def broadcast_state_dict(
 
     # on CPU without templates every tensor stays as it arrives: no call per tensor
     as_arrived = not templates and device.type == "cpu" and pg_device(pg).type == "cpu"
-    broadcast = broadcast_from_rank0(group=pg, place=None if as_arrived else place)
-    received = broadcast(full_state_dict if dist.get_rank(pg) == 0 else {})
+    announced = announce(full_state_dict if dist.get_rank(pg) == 0 else {}, group=pg)
+    # FSDP2's layout: each rank receives only its rows, straight into its local shard
+    received = announced.deliver(
+        place=None if as_arrived else place,
+        into=(lambda path: templates.get(path[0]) if len(path) == 1 else None) if templates else None,
+    )
     for key, value in received.items():
         if key not in local_state_dict:
             continue
@@ -264,60 +269,31 @@ def broadcast_state_dict(
 def deliver_into(
     announced: Announcement,
     *,
-    into: Callable[[Path], Optional[torch.Tensor]],
+    into: Callable[[Path], Any],
     place: Optional[Callable[[Path, torch.Tensor], Any]] = None,
+    shards: Optional[Callable[[Path], Any]] = None,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
 ) -> Any:
     """:meth:`Announcement.deliver`, but received straight into tensors you
     hold: each tensor lands in the first of
 
+    - ``into(path)`` (or ``shards(path)``, not written), a DTensor laid out
+      as FSDP2 lays out, of the tensor's shape and dtype: scattered, each
+      rank receiving only its rows, into the DTensor's local tensor (which
+      is returned) when it has memory, else as a new DTensor of that layout;
     - ``into(path)``, a tensor of the same shape and dtype, contiguous, not
       in inference mode, on the process group's device, and not another
-      view of the sent tensor's memory: written in place (a tensor alone in
-      its bucket is received straight into it) and returned;
-    - ``place(path, tensor)``: its result is kept, as soon as the bucket
-      arrives;
+      view of the sent tensor's memory: written in place (a tensor that
+      travels alone is received straight into it) and returned;
+    - ``place(path, tensor)``: its result is kept, as soon as the tensor arrives;
     - the tensor itself, as :meth:`Announcement.deliver` gives it.
 
-    So a load needs no memory beyond its buckets. An error while landing (in
-    ``place``, or a copy) is raised after the last bucket has moved.
+    So a load needs no memory beyond its buckets, and a sharded one
+    receives O(its shards). An error while landing (in ``place``, or a
+    copy) is raised after the last tensor has moved.
 
     Collective (outside a process group, rank 0's tensors go straight to
-    ``into`` and ``place``): call on every rank, after ``announce``.
-    Writes into the tensors ``into`` gives.
+    ``into`` and ``place``): call on every rank, after ``announce``, with
+    the same DTensor layouts on every rank. Writes into the tensors ``into`` gives.
     """
-    leaves = announced.leaves
-    device = pg_device(announced.group) if is_distributed() else None
-    paths = announced.paths()
-    targets: dict[int, torch.Tensor] = {}
-    for index, shape, dtype in announced.tensors:
-        target = into(paths[index])
-        if target is None or target.shape != shape or target.dtype != dtype:
-            continue
-        if not target.is_contiguous() or target.is_inference():
-            continue
-        if target.device == (device if device is not None else leaves[index].device):
-            targets[index] = target
-    out = list(announced.meta["values"])
-
-    def land(arrived: list[tuple[int, torch.Tensor]]) -> None:
-        copy_to: list[torch.Tensor] = []
-        copy_from: list[torch.Tensor] = []
-        for index, tensor in arrived:
-            target = targets.get(index)
-            if target is not None and target.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
-                if target.data_ptr() == tensor.data_ptr() and target.stride() == tensor.stride():
-                    out[index] = target  # received straight into it, or rank 0 sent the destination itself
-                    continue
-                target = None  # another view of the destination's memory: not copied into itself
-            if target is not None:
-                copy_to.append(target)
-                copy_from.append(tensor)
-                out[index] = target
-            else:
-                out[index] = place(paths[index], tensor) if place else tensor
-        if copy_to:  # one call for a bucket's tensors (each copy_ alone costs microseconds)
-            torch._foreach_copy_(copy_to, copy_from)
-
-    broadcast_buckets(announced.tensors, leaves, land, bucket_bytes=bucket_bytes, group=announced.group, receive_into=targets.get)
-    return announced.tree(out)
+    return announced.deliver(bucket_bytes=bucket_bytes, place=place, shards=shards, into=into)

@@ -13,7 +13,8 @@ and ``set_state_dict``, one step after the other:
 4. agree (:func:`agree`): every rank the same outcome, when the load is collective;
 5. bind: the tensors (the given ones, or those the broadcast delivers:
    straight into the model's own tensors where they fit, as each rank's
-   shard where the model is sharded) into the plan's writes, no re-planning;
+   shard where the model is sharded: FSDP2's layout scattered, each rank
+   receiving only its rows) into the plan's writes, no re-planning;
 6. write (the model's :class:`~sdtree.adapters.index.StateDictIO`):
    optimizers first, then the model, so that a failing optimizer write
    leaves the model as it was.
@@ -67,17 +68,34 @@ class LoadPlan:
         """Where each tensor of a broadcast lands as it arrives: this rank's
         shard of what is sharded (``None`` when nothing is). ``prefixed``: the
         paths start with the part (0: model, 1: optimizers)."""
-        parts = [part.placer() if part is not None else None for part in (self.model, self.optims)]
-        if not any(parts):
-            return None
-        if not prefixed:
-            return next(p for p in parts if p is not None)
+        return _routed([part.placer() if part is not None else None for part in (self.model, self.optims)], prefixed)
 
-        def place(path: tuple[Any, ...], tensor: Any) -> Any:
-            part = parts[path[0]]
-            return part(path[1:], tensor) if part is not None else tensor
+    def shards(self, prefixed: bool) -> Optional[Callable[[tuple[Any, ...]], Any]]:
+        """The DTensor each tensor of a broadcast is sharded as (``None`` when
+        nothing is): FSDP2's layouts are scattered, each rank receiving its rows."""
+        return _routed([part.templates() if part is not None else None for part in (self.model, self.optims)], prefixed)
 
-        return place
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _routed(parts: list[Optional[F]], prefixed: bool) -> Optional[F]:
+    """One function of a path (and more) from the model's and the
+    optimizers' (``None``: that part needs none): the paths start with the
+    part (0: model, 1: optimizers) when ``prefixed``, and what a part lacks
+    gets ``None``, or its tensor back (a placer)."""
+    if not any(parts):
+        return None
+    if not prefixed:
+        return next(p for p in parts if p is not None)
+
+    def routed(path: tuple[Any, ...], *rest: Any) -> Any:
+        part = parts[path[0]]
+        if part is not None:
+            return part(path[1:], *rest)
+        return rest[0] if rest else None
+
+    return routed  # type: ignore[return-value]  # the parts' signature, routed by the path's head
 
 
 def agree(needed: bool, plan: Callable[[], T]) -> T:
@@ -160,11 +178,13 @@ def load(
         load_plan = agree(needed, plan)
         # the ranks have agreed: now the tensors move
         targets = load_plan.model.destinations() if load_plan.model is not None and optim_sd is None else {}
-        place = load_plan.placer(prefixed=len(parts) > 1)
+        prefixed = len(parts) > 1
+        place, shards = load_plan.placer(prefixed), load_plan.shards(prefixed)
         if targets:
-            delivered = deliver_into(announced, place=place, into=lambda path: targets.get(path[0]) if len(path) == 1 else None)
+            into = lambda path: targets.get(path[0]) if len(path) == 1 else None  # noqa: E731
+            delivered = deliver_into(announced, place=place, shards=shards, into=into)
         else:
-            delivered = announced.deliver(place=place)
+            delivered = announced.deliver(place=place, shards=shards)
         delivered = list(delivered) if len(parts) > 1 else [delivered]
         model_out = delivered.pop(0) if model_sd is not None else None
         optim_out = delivered.pop(0) if optim_sd is not None else None

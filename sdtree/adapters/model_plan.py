@@ -25,7 +25,7 @@ from sdtree.errors import IncompatibleStateDictError, api_name, preview
 from sdtree.transforms.sharding import shard_as, shard_like
 from sdtree.types import StateDict
 
-__all__ = ["ModelPlan", "plan_model_load", "module_keyed_to_fqns"]
+__all__ = ["ModelPlan", "plan_model_load", "module_keyed_to_fqns", "sharded_placer"]
 
 
 @attrs.frozen(eq=False)
@@ -64,20 +64,33 @@ class ModelPlan:
         """The model's own tensors a broadcast may receive straight into, by key."""
         return self.index.io.destinations(self.index, self.sources)
 
-    def placer(self) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
-        """For a broadcast into a sharded model: keep this rank's shard of each
-        tensor as it arrives (``None`` when nothing is sharded)."""
+    def templates(self) -> Optional[Callable[[tuple[Any, ...]], Any]]:
+        """For a broadcast into a sharded model: the DTensor each path's
+        tensor is sharded as (``None`` when nothing is sharded)."""
         templates = self.index.sharded
         if not templates:
             return None
+        return lambda path: templates.get(path[0]) if len(path) == 1 else None
 
-        def place(path: tuple[Any, ...], tensor: Any) -> Any:
-            template = templates.get(path[0]) if len(path) == 1 else None
-            if template is not None and tensor.dim() > 0 and tensor.shape == template.shape:
-                return shard_as(tensor, template)
-            return tensor
+    def placer(self) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
+        """For a broadcast into a sharded model: keep this rank's shard of each
+        tensor as it arrives (``None`` when nothing is sharded)."""
+        return sharded_placer(self.templates())
 
-        return place
+
+def sharded_placer(templates: Optional[Callable[[tuple[Any, ...]], Any]]) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
+    """What keeps this rank's shard of each full tensor at a path ``templates``
+    gives a DTensor of its shape for."""
+    if templates is None:
+        return None
+
+    def place(path: tuple[Any, ...], tensor: Any) -> Any:
+        template = templates(path)
+        if template is not None and tensor.dim() > 0 and tensor.shape == template.shape:
+            return shard_as(tensor, template)
+        return tensor
+
+    return place
 
 
 def _kind(dtype: torch.dtype) -> str:

@@ -21,10 +21,10 @@ import attrs
 import torch
 
 from sdtree.adapters.index import ModelIndex, OptimWrite, ParamIndex, ids_to_fqns
+from sdtree.adapters.model_plan import sharded_placer
 from sdtree.errors import IncompatibleStateDictError, LayoutMismatchError, MissingParamIdError, api_name, preview
 from sdtree.fqn import split_flat_keys
 from sdtree.transforms import OptimizerLayout, Transform, identity, select_keys, unflatten_optimizer
-from sdtree.transforms.sharding import shard_as
 from sdtree.transforms.tensors import is_dtensor
 from sdtree.types import PARAMS, PG, STATE, StateDict, is_optim_state_dict
 
@@ -99,11 +99,11 @@ class OptimizersPlan:
     def bind(self, osd: StateDict) -> list[OptimWrite]:
         return [plan.bind(osd) for plan in self.plans]
 
-    def placer(self) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
-        """For a broadcast into optimizers of sharded parameters: keep this
-        rank's shard of each parameter-shaped state tensor as it arrives
-        (``None`` when no parameter is a DTensor; FSDP1's views hold none, as
-        FSDP takes full tensors and shards them itself)."""
+    def templates(self) -> Optional[Callable[[tuple[Any, ...]], Any]]:
+        """For a broadcast into optimizers of sharded parameters: the DTensor
+        parameter each parameter-shaped state tensor is sharded as (``None``
+        when no parameter is a DTensor; FSDP1's views hold none, as FSDP
+        takes full tensors and shards them itself)."""
         sharded: dict[str, torch.Tensor] = {}
         for plan in self.plans:
             for group, names in zip(plan.view.param_groups, plan.fqns):
@@ -112,14 +112,12 @@ class OptimizersPlan:
                         sharded.update(dict.fromkeys(self.params.aliases(fqn), param))
         if not sharded:
             return None
+        return lambda path: sharded.get(path[1]) if len(path) == 3 and path[0] == STATE else None
 
-        def place(path: tuple[Any, ...], tensor: Any) -> Any:
-            param = sharded.get(path[1]) if len(path) == 3 and path[0] == STATE else None
-            if param is not None and tensor.dim() > 0 and tensor.shape == param.shape:
-                return shard_as(tensor, param)
-            return tensor
-
-        return place
+    def placer(self) -> Optional[Callable[[tuple[Any, ...], Any], Any]]:
+        """For a broadcast into optimizers of sharded parameters: keep this
+        rank's shard of each parameter-shaped state tensor as it arrives."""
+        return sharded_placer(self.templates())
 
 
 def plan_optimizers_load(

@@ -16,6 +16,7 @@ bucket), or rank 0's own. Receiving straight into tensors you hold is
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
@@ -24,11 +25,12 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from sdtree._collectives import DEFAULT_BUCKET_BYTES, broadcast_buckets, is_distributed, rank
+from sdtree._collectives import DEFAULT_BUCKET_BYTES, Rows, broadcast_buckets, is_distributed, pg_device, rank
 from sdtree._tree import tree_flatten, tree_unflatten
-from sdtree.errors import NotAMappingError
+from sdtree.errors import NotAMappingError, UnsupportedLeafError
 from sdtree.transforms.compose import Transform
-from sdtree.transforms.tensors import sharded_tensor_type
+from sdtree.transforms.sharding import rows_by_rank
+from sdtree.transforms.tensors import dtensor_type, sharded_tensor_type
 
 __all__ = ["broadcast_from_rank0", "announce", "Announcement", "Path"]
 
@@ -134,37 +136,131 @@ class Announcement:
             leaves[index] = placeholder
         return self.tree(leaves)
 
-    def deliver(self, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, place: Optional[Place] = None) -> Any:
+    def deliver(
+        self,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        place: Optional[Place] = None,
+        shards: Optional[Callable[[Path], Any]] = None,
+        into: Optional[Callable[[Path], Any]] = None,
+    ) -> Any:
         """Move the tensors from rank 0 and return the state dict on every rank.
 
-        Tensors travel in buckets of one dtype and at most ``bucket_bytes / 2``
-        (a larger tensor goes alone), two in flight so that packing overlaps
-        sending. Each tensor becomes ``place(path, tensor)`` when ``place`` is
-        given (applied as soon as its bucket arrives, so a rank that keeps
-        only its shard frees each bucket), else the tensor itself: a view of
-        its bucket, on the process group's device (rank 0 keeps its own
-        tensors where they are on it already).
+        A tensor of at least ``ALONE_BYTES`` (or more than ``bucket_bytes /
+        2``) travels alone and as it is: rank 0 sends its own tensor (when
+        contiguous and on the process group's device) and the others receive
+        it into its destination (see ``into``) or into new memory; smaller
+        ones travel in buckets of one dtype and at most ``bucket_bytes / 2``;
+        two collectives are in flight. Each tensor lands in the first of:
 
-        An error in ``place`` is raised after the last bucket has moved, so
+        - ``shards(path)`` (or ``into(path)``), a DTensor of the tensor's
+          shape and dtype laid out as FSDP2 lays out (``Shard(0)`` over a 1-D
+          mesh of the process group's ranks): rank 0 scatters the tensor, so
+          each rank receives only the rows it keeps, and the tensor becomes
+          a DTensor laid out as that one, on its rows (written into
+          ``into``'s DTensor's local tensor, which is returned, when it has
+          memory);
+        - ``into(path)``, a tensor of the same shape and dtype, contiguous,
+          not in inference mode, on the process group's device, and not
+          another view of the sent tensor's memory: written in place
+          (received straight into it when the tensor travels alone) and
+          returned;
+        - ``place(path, tensor)``, applied as soon as the tensor arrives (its
+          result is kept, so a rank that keeps only its shard frees each
+          bucket);
+        - the tensor itself: a view of its bucket, or a tensor of its own
+          (rank 0 keeps its own tensors where they are on the group's device).
+
+        Only ``into``'s tensors are written. DTensors or meta tensors on
+        rank 0 raise ``UnsupportedLeafError`` on every rank before any tensor
+        moves. An error while landing (in
+        ``place``, or a copy) is raised after the last tensor has moved, so
         that the other ranks do not wait forever.
 
         Collective (outside a process group, rank 0's tensors go straight to
-        ``place``): call on every rank, after :func:`announce`.
+        ``into`` and ``place``, and nothing is scattered): call on every
+        rank, after :func:`announce`, with the same DTensor layouts from
+        ``shards`` and ``into`` on every rank.
         """
+        unsendable = self.meta.get("unsendable")
+        if unsendable:  # known to every rank: all raise before any tensor moves
+            raise UnsupportedLeafError(f"broadcast_from_rank0: {unsendable} (seen on rank {rank(self.group)}).")
+        leaves = self.leaves
+        distributed = is_distributed()
+        device = pg_device(self.group) if distributed else None
+        paths = self.paths() if place or shards or into else []
+        targets: dict[int, torch.Tensor] = {}  # received into
+        layouts: dict[int, Any] = {}  # scattered: the DTensor whose layout the rows take
+        rows: dict[int, Rows] = {}
+        this_rank = rank(self.group)
+        dtensor = dtensor_type()
+        for index, shape, dtype in self.tensors if shards or into else ():
+            path = paths[index]
+            target = into(path) if into else None
+            template: Any = target if isinstance(target, dtensor) else shards(path) if shards else None
+            if distributed and template is not None and tuple(template.shape) == shape and template.dtype == dtype:
+                split = rows_by_rank(template, self.group)
+                if split is not None:
+                    rows[index], layouts[index] = split, template
+                    local = template._local_tensor if isinstance(target, dtensor) else None
+                    if local is not None and not local.is_meta and _fits(local, (split[this_rank], *shape[1:]), dtype, device):
+                        targets[index] = local
+                    continue
+            if target is not None and not isinstance(target, dtensor):
+                if _fits(target, shape, dtype, device if device is not None else leaves[index].device):
+                    targets[index] = target
         out = list(self.meta["values"])
-        paths = self.paths() if place else []
 
         def land(arrived: list[tuple[int, torch.Tensor]]) -> None:
-            if place is None:
+            if not targets and not layouts and place is None:  # each tensor as it arrives
                 for index, tensor in arrived:
                     out[index] = tensor
-            else:
-                for index, tensor in arrived:
-                    out[index] = place(paths[index], tensor)
+                return
+            copy_to: list[torch.Tensor] = []
+            copy_from: list[torch.Tensor] = []
+            for index, tensor in arrived:
+                target = targets.get(index)
+                if target is not None and target.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+                    if target.data_ptr() == tensor.data_ptr() and target.stride() == tensor.stride():
+                        out[index] = layouts.get(index, target)  # received straight into it, or rank 0 sent it itself
+                        continue
+                    target = None  # another view of the destination's memory: not copied into itself
+                template = layouts.get(index)
+                if target is not None:
+                    copy_to.append(target)
+                    copy_from.append(tensor)
+                    out[index] = template if template is not None else target
+                elif template is not None:  # this rank's rows, in memory of their own
+                    out[index] = _as_shard(tensor, template)
+                else:
+                    out[index] = place(paths[index], tensor) if place else tensor
+            if copy_to:  # one call for a bucket's tensors (each copy_ alone costs microseconds)
+                torch._foreach_copy_(copy_to, copy_from)
 
-        broadcast_buckets(self.tensors, self.leaves, land, bucket_bytes=bucket_bytes, group=self.group)
+        broadcast_buckets(
+            self.tensors, leaves, land, bucket_bytes=bucket_bytes, group=self.group, receive_into=targets.get, split=rows.get
+        )
         # the buckets now live on only in the tensors ``place`` left as views of them
         return self.tree(out)
+
+
+def _fits(target: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: Optional[torch.device]) -> bool:
+    """Whether a tensor can be received straight into ``target``."""
+    return (
+        tuple(target.shape) == shape
+        and target.dtype == dtype
+        and target.is_contiguous()
+        and not target.is_inference()
+        and target.device == device
+    )
+
+
+def _as_shard(rows: torch.Tensor, template: Any) -> Any:
+    """This rank's ``rows`` (its own memory) as a DTensor laid out as ``template``."""
+    dtensor: Any = sys.modules["torch.distributed.tensor"]
+    if not template.is_meta and rows.device != template._local_tensor.device:
+        rows = rows.to(template._local_tensor.device)
+    return dtensor.DTensor(rows, template._spec, requires_grad=False)
 
 
 def _part_paths(part: Mapping[str, Any]) -> list[Path]:
@@ -240,6 +336,8 @@ def _describe(state_dicts: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any]]:
             parts.append({"spec": spec, "count": len(part_leaves)})
         leaves.extend(part_leaves)
     sharded = sharded_tensor_type()
+    dtensor = dtensor_type()
+    unsendable: Optional[str] = None
     tensor = torch.Tensor
     tensors = []
     values: list[Any] = [None] * len(leaves)
@@ -247,7 +345,11 @@ def _describe(state_dicts: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any]]:
         if isinstance(leaf, tensor):
             if sharded and isinstance(leaf, sharded):
                 return [], {"error": "rank 0 holds ShardedTensors; gather them first (gather_dtensors())"}
+            if unsendable is None and isinstance(leaf, dtensor):  # announced (placeholders), but not delivered
+                unsendable = "rank 0 holds DTensors; gather them into full tensors first (gather_dtensors())"
+            elif unsendable is None and leaf.is_meta:
+                unsendable = "rank 0 holds meta tensors, which have no data to send; pass tensors with memory"
             tensors.append((i, tuple(leaf.shape), leaf.dtype))
         else:
             values[i] = leaf
-    return leaves, {"parts": parts, "values": values, "tensors": tensors}
+    return leaves, {"parts": parts, "values": values, "tensors": tensors, "unsendable": unsendable}

@@ -1,17 +1,21 @@
 """Gather sharded tensors into full tensors, and keep a result on some ranks only.
 
 ``gather_dtensors`` replaces every DTensor (and FSDP1's legacy
-``ShardedTensor``) by its full tensor, in buckets; ``keep_on_ranks`` gives
-``{}`` on the other ranks (the ``ranks_only`` of torch's utilities).
+``ShardedTensor``) by its full tensor, in buckets; ``gather_into`` gathers
+them into the tensors of a destination you hold (a CPU mirror), reusing its
+memory; ``keep_on_ranks`` gives ``{}`` on the other ranks (the
+``ranks_only`` of torch's utilities).
 
-Collective (``gather_dtensors``): call on every rank, with state dicts
-holding the same DTensors in the same order. Inputs are never written.
+Collective (``gather_dtensors``, ``gather_into``): call on every rank, with state dicts
+holding the same DTensors in the same order. Inputs are never written
+(``gather_into`` writes into its destination's tensors only).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -19,13 +23,25 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from sdtree._collectives import DEFAULT_BUCKET_BYTES, all_gather_single, buckets, pg_device, rank, two_in_flight
-from sdtree._tree import tree_flatten, tree_unflatten
+from sdtree._collectives import (
+    ALONE_BYTES,
+    DEFAULT_BUCKET_BYTES,
+    agree,
+    all_gather_single,
+    buckets,
+    first_error,
+    pg_device,
+    portable_error,
+    rank,
+    two_in_flight,
+)
+from sdtree._tree import codify, tree_flatten, tree_unflatten
+from sdtree.errors import SdtreeError, StructureMismatchError, preview
 from sdtree.transforms.compose import Transform
 from sdtree.transforms.sharding import row_counts
-from sdtree.transforms.tensors import check_leaf_types, offload_to_cpu, sharded_tensor_type
+from sdtree.transforms.tensors import check_leaf_types, dtensor_type, offload_to_cpu, pair_leaves, sharded_tensor_type
 
-__all__ = ["gather_dtensors", "keep_on_ranks", "gather_state_dict"]
+__all__ = ["gather_dtensors", "gather_into", "keep_on_ranks", "gather_state_dict"]
 
 
 @attrs.frozen(repr=False)
@@ -57,119 +73,223 @@ class _GatherDTensors(Transform):
 
     def __call__(self, state_dict: Any, /) -> Any:
         leaves, spec = tree_flatten(state_dict)
-        dtensor: Any = sys.modules.get("torch.distributed.tensor")
-        sharded_tensor_cls = sharded_tensor_type()
-        if dtensor is None and not sharded_tensor_cls:
-            return tree_unflatten(spec, leaves)
-        dtensor_cls = dtensor.DTensor if dtensor is not None else ()
-        shard_cls = dtensor.Shard if dtensor is not None else ()
-        batches: dict[tuple[int, torch.dtype], list[int]] = {}
-        for i, leaf in enumerate(leaves):
-            if isinstance(leaf, dtensor_cls):
-                # FSDP2's layout (dim 0 over a 1-D mesh) in buckets; the rest one by one
-                placements = leaf._spec.placements
-                mesh = leaf._spec.mesh
-                if len(placements) == 1 and type(placements[0]) is shard_cls and placements[0].dim == 0 and leaf.dim():
-                    batches.setdefault((id(mesh), leaf.dtype), []).append(i)
-                else:
-                    leaves[i] = self._done(leaf.full_tensor())
-            elif isinstance(leaf, sharded_tensor_cls):
-                leaves[i] = self._done(_gather_sharded_tensor(leaf))
-        # dict order follows the state dict's order, the same on every rank.
-        # Two buckets (of half the budget each) in flight: the next one is packed
-        # and the previous one unpacked while a gather is on the wire.
-        two_in_flight(self._gather_buckets(leaves, batches))
+        _gather(leaves, None, self.bucket_bytes, self._done)
         return tree_unflatten(spec, leaves)
-
-    def _gather_buckets(self, leaves: list[Any], batches: dict[Any, list[int]]) -> Iterator[Callable[[], None]]:
-        for indices in batches.values():
-            specs = [(i, leaves[i].shape, leaves[i].dtype) for i in indices]
-            for bucket in buckets(specs, max(1, self.bucket_bytes // 2)):
-                yield self._gather_bucket(leaves, [i for i, _, _ in bucket])
 
     def _done(self, full: torch.Tensor) -> torch.Tensor:
         return full.cpu() if self.cpu_offload else full
 
-    def _gather_bucket(self, leaves: list[Any], indices: list[int]) -> Callable[[], None]:
-        """Start one all_gather for the bucket; return what waits for it and
-        puts the full tensors into ``leaves``. Evenly split tensors of one
-        shard length are packed side by side, so that a single transposing
-        copy turns the gathered buffer into their full tensors; a bucket of
-        one even tensor gathers straight into its full tensor."""
-        first = leaves[indices[0]]
-        group = first.device_mesh.get_group()
-        world = dist.get_world_size(group)
-        even: dict[int, list[int]] = {}  # shard length -> tensors
-        uneven = []
-        # per shape: (shard length, None) when it splits evenly, else (row length, rows per rank)
-        layouts: dict[torch.Size, tuple[int, Optional[tuple[int, ...]]]] = {}
-        for i in indices:
-            shape = leaves[i].shape
-            layout = layouts.get(shape)
-            if layout is None:
-                counts = row_counts(shape[0], world)
-                row = math.prod(shape[1:])
-                layout = layouts[shape] = (counts[0] * row, None) if counts.count(counts[0]) == world else (row, counts)
-            length, uneven_counts = layout
-            if uneven_counts is None:
-                even.setdefault(length, []).append(i)
+
+Outs = Optional[list[Optional[torch.Tensor]]]  # a destination per leaf (``gather_into``), or fresh tensors
+
+
+def _gather(leaves: list[Any], outs: Outs, bucket_bytes: int, done: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace each DTensor and ShardedTensor of ``leaves`` by its full tensor:
+    ``outs[i]`` written in place when ``outs`` is given, else a new tensor
+    passed through ``done``."""
+    dtensor: Any = sys.modules.get("torch.distributed.tensor")
+    sharded_tensor_cls = sharded_tensor_type()
+    if dtensor is None and not sharded_tensor_cls:
+        return
+    dtensor_cls = dtensor.DTensor if dtensor is not None else ()
+    shard_cls = dtensor.Shard if dtensor is not None else ()
+    batches: dict[tuple[int, torch.dtype], list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, dtensor_cls):
+            # FSDP2's layout (dim 0 over a 1-D mesh) in buckets; the rest one by one
+            placements = leaf._spec.placements
+            mesh = leaf._spec.mesh
+            if len(placements) == 1 and type(placements[0]) is shard_cls and placements[0].dim == 0 and leaf.dim():
+                batches.setdefault((id(mesh), leaf.dtype), []).append(i)
             else:
-                # every rank sends its rows padded to the most any rank holds
-                uneven.append((i, uneven_counts, length, max(uneven_counts) * length))
-        device = first._local_tensor.device
-        if len(indices) == 1 and even:
-            (i,) = indices
-            full = torch.empty(leaves[i].shape, dtype=first.dtype, device=device)
-            work = all_gather_single(full, leaves[i]._local_tensor.contiguous(), group=group, async_op=True)
+                leaves[i] = _land(leaf.full_tensor(), outs[i] if outs else None, done)
+        elif isinstance(leaf, sharded_tensor_cls):
+            out = outs[i] if outs else None
+            leaves[i] = _land(_gather_sharded_tensor(leaf, out), out, done)
+    # dict order follows the state dict's order, the same on every rank.
+    # Two buckets (of half the budget each) in flight: the next one is packed
+    # and the previous one unpacked while a gather is on the wire.
+    two_in_flight(_gather_buckets(leaves, outs, batches, max(1, bucket_bytes // 2), done))
 
-            def finish_one() -> None:
-                work.wait()
-                leaves[i] = self._done(full)
 
-            return finish_one
-        pieces: list[torch.Tensor] = []
-        for length, group_indices in even.items():
-            pieces.append(torch._C._nn.flatten_dense_tensors([leaves[i]._local_tensor for i in group_indices]))
-        for i, _, _, width in uneven:
-            local = leaves[i]._local_tensor.reshape(-1)
-            pieces.append(torch.cat([local, local.new_zeros(width - local.numel())]) if local.numel() < width else local)
-        send = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        size = send.numel()
-        recv = torch.empty(world * size, dtype=first.dtype, device=device).view(world, size)
-        work = all_gather_single(recv.view(-1), send, group=group, async_op=True)
-        return lambda: self._unpack(leaves, work, recv, even, uneven)
+def _land(full: torch.Tensor, out: Optional[torch.Tensor], done: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``full`` written into ``out`` (unless it is ``out``), else ``done(full)``."""
+    if out is None:
+        return done(full)
+    if full is not out:
+        out.copy_(full)
+    return out
 
-    def _unpack(
-        self,
-        leaves: list[Any],
-        work: Any,
-        recv: torch.Tensor,
-        even: dict[int, list[int]],
-        uneven: list[tuple[int, tuple[int, ...], int, int]],  # index, rows per rank, row length, padded width
-    ) -> None:
-        work.wait()
-        world = recv.shape[0]
-        offset = 0
-        for length, group_indices in even.items():
-            n = len(group_indices)
+
+def _gather_buckets(
+    leaves: list[Any], outs: Outs, batches: dict[Any, list[int]], limit: int, done: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[Callable[[], None]]:
+    """Tensors of at least ``ALONE_BYTES`` alone (no pack, no unpack), the
+    others in buckets, in the same order on every rank."""
+    alone = min(ALONE_BYTES, limit)
+    for indices in batches.values():
+        small = []
+        for i in indices:
+            leaf = leaves[i]
+            if leaf.numel() * leaf.dtype.itemsize >= alone:
+                yield _gather_bucket(leaves, outs, [i], done)
+            else:
+                small.append((i, leaf.shape, leaf.dtype))
+        for bucket in buckets(small, limit):
+            yield _gather_bucket(leaves, outs, [i for i, _, _ in bucket], done)
+
+
+def _staging(out: Optional[torch.Tensor], numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer of ``numel`` elements on ``device`` to gather ``out``'s data
+    through: kept for the next gather into ``out`` when on CPU (fresh CPU
+    memory is faulted in page by page, during the transfer), new elsewhere
+    (a device's caching allocator reuses its blocks)."""
+    if out is None or device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    key = id(out)
+    buffer = _staged.get(key)
+    if buffer is None or buffer.numel() != numel or buffer.dtype != dtype or buffer.device != device:
+        if buffer is None:
+            weakref.finalize(out, _staged.pop, key, None)
+        buffer = _staged[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer
+
+
+# staging buffers of gather_into's destinations, by id of the destination
+# (dropped with it); not a WeakKeyDictionary: tensors compare elementwise
+_staged: dict[int, torch.Tensor] = {}
+# a destination viewed as (world, its rows' share), by id (dropped with it):
+# a view costs microseconds, and the stager gathers into the same mirror again
+_views: dict[int, torch.Tensor] = {}
+
+
+def _by_rank(out: torch.Tensor, world: int) -> torch.Tensor:
+    """Contiguous ``out`` as ``(world, numel / world)``, kept for the next call."""
+    key = id(out)
+    view = _views.get(key)
+    if view is None or view.shape[0] != world or view.data_ptr() != out.data_ptr() or view.numel() != out.numel():
+        if view is None:
+            weakref.finalize(out, _views.pop, key, None)
+        view = _views[key] = out.view(world, -1)
+    return view
+
+
+def _direct(out: Optional[torch.Tensor], device: torch.device) -> bool:
+    """Whether a collective on ``device`` can write into ``out`` itself."""
+    return out is not None and out.device == device and out.is_contiguous()
+
+
+def _gather_bucket(leaves: list[Any], outs: Outs, indices: list[int], done: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    """Start one all_gather for the bucket; return what waits for it and
+    puts the full tensors into ``leaves`` (and ``outs``). Evenly split
+    tensors of one shard length are packed side by side, so that a single
+    transposing copy turns the gathered buffer into their full tensors (or
+    one copy per tensor into its destination); a bucket of one even tensor
+    gathers straight into its full tensor (its destination, when contiguous
+    and on the shards' device)."""
+    first = leaves[indices[0]]
+    group = first.device_mesh.get_group()
+    world = dist.get_world_size(group)
+    even: dict[int, list[int]] = {}  # shard length -> tensors
+    uneven = []
+    # per shape: (shard length, None) when it splits evenly, else (row length, rows per rank)
+    layouts: dict[torch.Size, tuple[int, Optional[tuple[int, ...]]]] = {}
+    for i in indices:
+        shape = leaves[i].shape
+        layout = layouts.get(shape)
+        if layout is None:
+            counts = row_counts(shape[0], world)
+            row = math.prod(shape[1:])
+            layout = layouts[shape] = (counts[0] * row, None) if counts.count(counts[0]) == world else (row, counts)
+        length, uneven_counts = layout
+        if uneven_counts is None:
+            even.setdefault(length, []).append(i)
+        else:
+            # every rank sends its rows padded to the most any rank holds
+            uneven.append((i, uneven_counts, length, max(uneven_counts) * length))
+    device = first._local_tensor.device
+    alone = outs[indices[0]] if outs and len(indices) == 1 else None
+    if len(indices) == 1 and even:
+        (i,) = indices
+        out = alone
+        full = out if out is not None and _direct(out, device) else _staging(out, first.numel(), first.dtype, device).view(first.shape)
+        work = all_gather_single(full, leaves[i]._local_tensor.contiguous(), group=group, async_op=True)
+
+        def finish_one() -> None:
+            work.wait()
+            leaves[i] = _land(full, out, done)
+
+        return finish_one
+    pieces: list[torch.Tensor] = []
+    for length, group_indices in even.items():
+        pieces.append(torch._C._nn.flatten_dense_tensors([leaves[i]._local_tensor for i in group_indices]))
+    for i, _, _, width in uneven:
+        local = leaves[i]._local_tensor.reshape(-1)
+        pieces.append(torch.cat([local, local.new_zeros(width - local.numel())]) if local.numel() < width else local)
+    send = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    size = send.numel()
+    # a tensor alone (uneven): its full tensor is the prefix of what is gathered
+    recv = _staging(alone, world * size, first.dtype, device).view(world, size)
+    work = all_gather_single(recv.view(-1), send, group=group, async_op=True)
+    return lambda: _unpack(leaves, outs, work, recv, even, uneven, done)
+
+
+def _unpack(
+    leaves: list[Any],
+    outs: Outs,
+    work: Any,
+    recv: torch.Tensor,
+    even: dict[int, list[int]],
+    uneven: list[tuple[int, tuple[int, ...], int, int]],  # index, rows per rank, row length, padded width
+    done: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    work.wait()
+    world = recv.shape[0]
+    offset = 0
+    copy_to: list[torch.Tensor] = []
+    copy_from: list[torch.Tensor] = []
+    for length, group_indices in even.items():
+        n = len(group_indices)
+        gathered = recv[:, offset : offset + n * length].view(world, n, length)
+        if outs:
+            # rank-major as gathered -> each destination, one copy each (in one call)
+            for i, source in zip(group_indices, gathered.unbind(1)):  # one call for the views
+                out = outs[i]
+                assert out is not None  # gather_into gives one for every sharded leaf
+                if out.is_contiguous():
+                    copy_to.append(_by_rank(out, world))
+                    copy_from.append(source)
+                else:
+                    out.copy_(source.reshape(out.shape))
+                leaves[i] = out
+        else:
             # rank-major as gathered -> tensor-major: one copy, then a view per tensor
-            block = recv[:, offset : offset + n * length].reshape(world, n, length).transpose(0, 1).contiguous()
-            offload = self.cpu_offload
+            block = gathered.transpose(0, 1).contiguous()
             for i, full in zip(group_indices, block.view(n, world * length).unbind(0)):
                 shape = leaves[i].shape
-                full = full if len(shape) == 1 else full.view(shape)
-                leaves[i] = full.cpu() if offload else full
-            offset += n * length
-        for i, counts, row, width in uneven:
-            parts = [recv[r, offset : offset + counts[r] * row] for r in range(world)]
-            leaves[i] = self._done(torch.cat(parts).view(leaves[i].shape))
-            offset += width
+                leaves[i] = done(full if len(shape) == 1 else full.view(shape))
+        offset += n * length
+    for i, counts, row, width in uneven:
+        out = outs[i] if outs else None
+        shape = leaves[i].shape
+        if not even and len(uneven) == 1:  # alone: the full tensor is the prefix
+            leaves[i] = _land(recv.view(-1)[: math.prod(shape)].view(shape), out, done)
+        elif _direct(out, recv.device):
+            assert out is not None
+            torch.cat([recv[r, offset : offset + counts[r] * row] for r in range(world)], out=out.view(-1))
+            leaves[i] = out
+        else:
+            full = torch.cat([recv[r, offset : offset + counts[r] * row] for r in range(world)]).view(shape)
+            leaves[i] = _land(full, out, done)
+        offset += width
+    if copy_to:
+        torch._foreach_copy_(copy_to, copy_from)
 
 
-def _gather_sharded_tensor(value: Any) -> torch.Tensor:
+def _gather_sharded_tensor(value: Any, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The full tensor of a legacy ``ShardedTensor`` (any shards, any number
     per rank), with one all-gather of each rank's shards packed flat, on the
-    device of the local shards."""
+    device of the local shards: assembled in ``out`` when it is on that device."""
     group = value._process_group
     world = dist.get_world_size(group)
     by_rank: list[list[Any]] = [[] for _ in range(world)]
@@ -186,7 +306,7 @@ def _gather_sharded_tensor(value: Any) -> torch.Tensor:
         torch.cat([s.tensor.reshape(-1) for s in local], out=send[: sum(s.tensor.numel() for s in local)])
     recv = torch.empty(world * width, dtype=value.dtype, device=device)
     all_gather_single(recv, send, group=group)
-    full = torch.empty(value.size(), dtype=value.dtype, device=device)
+    full = out if out is not None and out.device == device else torch.empty(value.size(), dtype=value.dtype, device=device)
     for r, shards in enumerate(by_rank):
         offset = r * width
         for shard in shards:
@@ -204,14 +324,84 @@ def gather_dtensors(*, cpu_offload: bool = False, bucket_bytes: int = DEFAULT_BU
     DTensors sharded on dim 0 over a 1-D mesh (FSDP2) are gathered in
     buckets of one dtype and at most ``bucket_bytes / 2`` of gathered data,
     one ``all_gather`` per bucket, two in flight (the next bucket is packed
-    while one is on the wire); other layouts (2-D meshes, other dims,
-    strided shards) and ShardedTensors one by one. With ``cpu_offload`` each full tensor moves
+    while one is on the wire); a tensor of at least ``ALONE_BYTES`` (full
+    size) is gathered alone, straight into its full tensor when it splits
+    evenly; other layouts (2-D meshes, other dims, strided shards) and
+    ShardedTensors one by one. With ``cpu_offload`` each full tensor moves
     to CPU as soon as it is assembled, so device memory stays near one bucket.
 
     Collective: call on every rank, with state dicts holding the same
     DTensors in the same order.
     """
     return _GatherDTensors(cpu_offload, bucket_bytes)
+
+
+def gather_into(
+    state_dict: Any,
+    destination: Any,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    group: Optional[dist.ProcessGroup] = None,
+) -> Any:
+    """Gather every DTensor and ShardedTensor of ``state_dict`` straight into
+    the full-size tensor at the same path of ``destination`` (a state dict of
+    the same structure, paired by key: a CPU mirror, say), and return
+    ``state_dict``'s structure with those destination tensors in place of
+    the sharded leaves; every other leaf is ``state_dict``'s own, and is not
+    copied.
+
+    The gather is :func:`gather_dtensors`' (FSDP2's layout in buckets, two
+    in flight; other layouts one by one) with no fresh full-size memory for
+    FSDP2's layout: a tensor alone in its bucket that splits evenly is
+    gathered into its destination itself when that is contiguous and on the
+    shards' device; otherwise (uneven rows, another device, not contiguous)
+    through a staging buffer kept with the destination for the next call
+    when on CPU. Small tensors travel in buckets and are copied from the
+    bucket into their destinations (one call per bucket). Other DTensor
+    layouts and ShardedTensors are assembled in full and then copied.
+
+    Every pair is checked before any tensor moves, and the ranks of ``group``
+    (default: all) agree on the outcome, so a bad destination on one rank
+    raises on every rank and writes nothing.
+
+    Collective: call on every rank, with state dicts holding the same
+    DTensors in the same order. Writes only into ``destination``'s tensors.
+
+    Raises:
+        StructureMismatchError: the structures differ, or a destination is
+            not a plain tensor of its sharded leaf's full shape and dtype.
+    """
+    fn = "gather_into"
+    sharded = (dtensor_type(), sharded_tensor_type())
+
+    def check() -> tuple[list[Any], list[Optional[torch.Tensor]], Any]:
+        paths, leaves, dests, spec = pair_leaves(fn, state_dict, destination)
+        outs: list[Optional[torch.Tensor]] = [None] * len(leaves)
+        bad = []
+        for i, (path, leaf, out) in enumerate(zip(paths, leaves, dests)):
+            if not isinstance(leaf, sharded):
+                continue
+            if not isinstance(out, torch.Tensor) or isinstance(out, sharded):
+                bad.append(f"{codify(path)}: expected a tensor{tuple(leaf.shape)} {leaf.dtype}, found {type(out).__name__}")
+            elif out.shape != leaf.shape or out.dtype != leaf.dtype:
+                bad.append(f"{codify(path)}: expected tensor{tuple(leaf.shape)} {leaf.dtype}, found tensor{tuple(out.shape)} {out.dtype}")
+            else:
+                outs[i] = out
+        if bad:
+            raise StructureMismatchError(
+                f"{fn}: {len(bad)} destination(s) cannot hold their full tensor: {preview(bad, quote=False)}. "
+                "Allocate the destination with the full shape and dtype of each sharded tensor."
+            )
+        return leaves, outs, spec
+
+    leaves, outs, spec = agree(check, catch=(SdtreeError,), report=portable_error, fail=first_error, group=group)
+    with torch.no_grad():
+        _gather(leaves, outs, bucket_bytes, _never)
+    return tree_unflatten(spec, leaves)
+
+
+def _never(full: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("gather_into gives every sharded leaf a destination")  # pragma: no cover
 
 
 # -- the utility with torch's signature ----------------------------------------

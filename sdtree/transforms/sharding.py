@@ -16,11 +16,12 @@ from typing import Any, Optional
 
 import attrs
 import torch
+import torch.distributed as dist
 
 from sdtree.transforms.compose import Transform
 from sdtree.transforms.tensors import is_dtensor
 
-__all__ = ["shard_like", "shard_as", "local_slice", "row_counts"]
+__all__ = ["shard_like", "shard_as", "local_slice", "row_counts", "rows_by_rank"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -69,6 +70,44 @@ def local_slice(full: torch.Tensor, template: Any) -> Optional[torch.Tensor]:
         start = sum(counts[:rank])
         return full.detach()[start : start + counts[rank]]
     return None
+
+
+_orders: weakref.WeakKeyDictionary[Any, tuple[Any, Optional[tuple[int, ...]]]] = weakref.WeakKeyDictionary()
+
+
+def _coordinates(mesh: Any, group: Optional[dist.ProcessGroup]) -> Optional[tuple[int, ...]]:
+    """The mesh coordinate of each rank of ``group`` (by group rank), when
+    the 1-D ``mesh`` spans exactly ``group``'s ranks; remembered per mesh."""
+    known = _orders.get(mesh)
+    if known is not None and known[0] is group:
+        return known[1]
+    mesh_ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
+    group_ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    order = tuple(mesh_ranks.index(r) for r in group_ranks) if sorted(mesh_ranks) == sorted(group_ranks) else None
+    _orders[mesh] = (group, order)
+    return order
+
+
+def rows_by_rank(template: Any, group: Optional[dist.ProcessGroup] = None) -> Optional[tuple[int, ...]]:
+    """The rows of dim 0 each rank of ``group`` (by group rank) keeps of a
+    tensor laid out as the DTensor ``template``, for FSDP2's layout
+    (``Shard(0)`` over a 1-D mesh of exactly ``group``'s ranks); ``None``
+    for any other layout, or a 0-dim tensor.
+
+    Not collective: what it reads is the same on every rank.
+    """
+    spec = template._spec
+    placements = spec.placements
+    if len(placements) != 1 or not template.dim():
+        return None
+    dtensor: Any = sys.modules["torch.distributed.tensor"]
+    if type(placements[0]) is not dtensor.Shard or placements[0].dim != 0:
+        return None
+    order = _coordinates(spec.mesh, group)
+    if order is None:
+        return None
+    counts = row_counts(template.shape[0], len(order))
+    return tuple(counts[c] for c in order)
 
 
 def shard_as(full: torch.Tensor, template: Any) -> Any:
