@@ -151,7 +151,7 @@ NOT_FUNCTIONS = {
 }
 # Exports whose inputs are DTensors: checked in a process group, by
 # tests/transforms/test_distributed.py::test_collective_transforms_leave_their_inputs_untouched.
-IN_THE_POOL = {"shard_like", "shard_as", "local_slice"}
+IN_THE_POOL = {"shard_like", "shard_as", "local_slice", "rows_by_rank"}  # need DTensors: the pool's tests
 
 
 def _samples():
@@ -240,6 +240,8 @@ def _calls(name):
         "check_state_dict_similarity": [(tensors.check_state_dict_similarity, (model, dict(model)))],
         "offload_state_dict_to_cpu": [(tensors.offload_state_dict_to_cpu, (sd,)) for sd in forms],
         "gather_state_dict": [(gather.gather_state_dict, (sd,)) for sd in forms],
+        # it writes only into its destination's tensors at sharded leaves: with none, into nothing
+        "gather_into": [(gather.gather_into, (model, {k: v.clone() for k, v in model.items()}))],
         "allocate": [(tensors.allocate, ([(torch.Size([2]), torch.float32)],))],
         "contiguous_strides": [(tensors.contiguous_strides, ((2, 3),))],
         "is_dtensor": [(tensors.is_dtensor, (model["norm.weight"],))],

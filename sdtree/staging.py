@@ -16,17 +16,15 @@ remembered from an earlier call: a hook that makes new tensors each call
 from __future__ import annotations
 
 import concurrent.futures
-import sys
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
 
-from sdtree._collectives import agree, all_gather_single, first_error, portable_error, several_ranks
+from sdtree._collectives import agree, first_error, portable_error, several_ranks
 from sdtree._tree import codify, tree_flatten_keyed, tree_unflatten
 from sdtree.errors import StagerClosedError, StagingMismatchError, UnsupportedLeafError, preview
-from sdtree.transforms.gather import gather_dtensors
-from sdtree.transforms.sharding import row_counts
+from sdtree.transforms.gather import gather_into
 from sdtree.transforms.tensors import allocate, dtensor_type, local_tensors, rewrap, sharded_tensor_type
 
 __all__ = ["Stager"]
@@ -112,17 +110,6 @@ class _Span:
         self.mirror = mirror  # the range in the mirror (uint8)
 
 
-class _Gather:
-    """A sharded leaf staged as its full tensor (``full_state_dict``)."""
-
-    def __init__(self, leaf: int, kind: str, full: torch.Tensor, buffer: torch.Tensor) -> None:
-        self.leaf = leaf
-        self.kind = kind  # "shard0": all-gather straight into buffer; "other": full_tensor() + copy
-        self.full = full  # the mirror's tensor (a prefix of buffer)
-        self.buffer = buffer  # what the all-gather fills: world x the most rows a rank holds
-        self.send: Optional[torch.Tensor] = None  # this rank's rows padded, when it holds fewer
-
-
 class Stager:
     """A persistent CPU mirror of a state dict, for async checkpoints.
 
@@ -194,7 +181,7 @@ class Stager:
         self._copies: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
         self._tied: list[list[int]] = []
         self._spans: list[_Span] = []
-        self._gathers: list[_Gather] = []
+        self._gathers: list[tuple[int, torch.Tensor]] = []  # (leaf, full tensor) with full_state_dict
         self._nbytes = 0
         self._last: StateDict = {}
         self._build(state_dict)
@@ -317,7 +304,7 @@ class Stager:
             if not self.full_state_dict:
                 self._mirror[i] = rewrap(leaves[i], [])  # no local shard: metadata only
         self._gathers = self._plan_gathers(leaves, gathered)
-        self._nbytes += sum(g.full.numel() * g.full.element_size() for g in self._gathers)
+        self._nbytes += sum(full.numel() * full.element_size() for _, full in self._gathers)
         self._last = self._unflatten(leaves)
 
     def _unflatten(self, leaves: list[Any]) -> StateDict:
@@ -400,35 +387,14 @@ class Stager:
             base += size
         return spans
 
-    def _plan_gathers(self, leaves: list[Any], gathered: list[int]) -> list[_Gather]:
-        if not gathered:
-            return []
-        dtensor: Any = sys.modules.get("torch.distributed.tensor")
-        specs, kinds = [], []
-        for i in gathered:
-            leaf = leaves[i]
-            size, dtype = _shape_and_dtype(leaf)
-            shape = tuple(size)
-            kind = "other"
-            if dtensor is not None and isinstance(leaf, dtensor.DTensor):
-                (placement, *rest) = leaf._spec.placements
-                if not rest and type(placement) is dtensor.Shard and placement.dim == 0 and shape and shape[0]:
-                    kind = "shard0"
-                    world = leaf._spec.mesh.size()
-                    shape = (world * row_counts(shape[0], world)[0], *shape[1:])
-            specs.append((torch.Size(shape), dtype))
-            kinds.append(kind)
-        gathers = []
-        for i, kind, buffer in zip(gathered, kinds, allocate(specs, pin_memory=self._pinned(), share_memory=self.share_memory)):
-            leaf = leaves[i]
-            gather = _Gather(i, kind, buffer[: leaf._spec.shape[0]] if kind == "shard0" else buffer, buffer)
-            local = leaf._local_tensor if kind == "shard0" else None
-            rows = buffer.shape[0] // leaf._spec.mesh.size() if kind == "shard0" else 0
-            if local is not None and local.shape[0] < rows and local.device == buffer.device:
-                gather.send = torch.zeros((rows, *buffer.shape[1:]), dtype=buffer.dtype)
-            self._mirror[i] = gather.full
-            gathers.append(gather)
-        return gathers
+    def _plan_gathers(self, leaves: list[Any], gathered: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """``(leaf, full tensor)`` of each leaf staged in full: the mirror's
+        buffers, which :func:`~sdtree.transforms.gather.gather_into` fills."""
+        specs = [_shape_and_dtype(leaves[i]) for i in gathered]
+        fulls = allocate(specs, pin_memory=self._pinned(), share_memory=self.share_memory) if specs else []
+        for i, full in zip(gathered, fulls):
+            self._mirror[i] = full
+        return list(zip(gathered, fulls))
 
     def _pinned(self) -> bool:
         return self.pin_memory and torch.cuda.is_available()
@@ -524,39 +490,14 @@ class Stager:
             span.mirror.copy_(source, non_blocking=first.is_cuda and self.non_blocking)
             if first.device.type == "cuda":
                 devices.add(first.device)
-        self._gather(leaves, devices)
+        self._gather(leaves)
         for device in sorted(devices, key=str):  # one event per device, on its current stream
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(torch.cuda.current_stream(device))
             self._events.append(event)
 
-    def _gather(self, leaves: list[Any], devices: set[torch.device]) -> None:
-        """Fill the full tensors of ``full_state_dict`` (collective, in leaf order)."""
-        works = []
-        for g in self._gathers:
-            leaf = leaves[g.leaf]
-            if g.kind == "shard0":
-                local = leaf._local_tensor
-                group = leaf._spec.mesh.get_group()
-                if local.device == g.buffer.device:
-                    send = local.contiguous()
-                    if g.send is not None:
-                        g.send[: local.shape[0]].copy_(local)
-                        send = g.send
-                    works.append(all_gather_single(g.buffer, send, group=group, async_op=True))
-                    continue
-                rows = g.buffer.shape[0] // leaf._spec.mesh.size()
-                send = torch.zeros((rows, *local.shape[1:]), dtype=local.dtype, device=local.device)
-                send[: local.shape[0]].copy_(local)
-                recv = torch.empty(g.buffer.shape, dtype=local.dtype, device=local.device)
-                all_gather_single(recv, send, group=group)
-                full = recv[: g.full.shape[0]]
-            elif isinstance(leaf, sharded_tensor_type()):
-                full = gather_dtensors()({"t": leaf})["t"]
-            else:
-                full = leaf.full_tensor()
-            g.full.copy_(full, non_blocking=full.is_cuda and self.non_blocking)
-            if full.is_cuda:
-                devices.add(full.device)
-        for work in works:
-            work.wait()
+    def _gather(self, leaves: list[Any]) -> None:
+        """Fill the full tensors of ``full_state_dict`` (collective: every rank
+        gathers the same leaves, in leaf order), reusing their memory."""
+        if self._gathers:
+            gather_into([leaves[i] for i, _ in self._gathers], [full for _, full in self._gathers])
