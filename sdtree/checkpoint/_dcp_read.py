@@ -156,17 +156,19 @@ def _read_tensor(reader: FileSystemReader, fqn: str, md: TensorStorageMetadata, 
     return target
 
 
-# Below this size a chunk is read through torch's reader; above it, the cost of
-# locating its bytes first is repaid by reading them straight into place.
-_IN_PLACE_MIN_BYTES = 1 << 20
+# From this size a plain single-chunk tensor is borrowed (mapped from its
+# file, see ``_mapped``): below it, a mapping costs more than reading the bytes.
+_BORROW_MIN_BYTES = 1 << 20
 
 
 def _read_chunks_in_place(reader: FileSystemReader, fqn: str, md: TensorStorageMetadata, target: torch.Tensor, what: str) -> bool:
     """Read each chunk's bytes straight into its slice of ``target`` (no copy
     through a temporary tensor); return False, having maybe filled part of
-    ``target``, where a chunk is stored in a way this does not handle."""
-    if target.numel() * target.element_size() < _IN_PLACE_MIN_BYTES:
-        return False
+    ``target``, where a chunk is stored in a way this does not handle.
+
+    Every chunk it reads has its CRC checked, which torch's reader (the
+    fallback) does not do; so every plain chunk is read here, small ones too
+    (measured faster than torch's reader for 2,000 tensors of 4 KiB)."""
     places = []
     for index, chunk in enumerate(md.chunks):
         info = reader.storage_data.get(MetadataIndex(fqn, chunk.offsets, index))
@@ -217,7 +219,7 @@ def _borrow_tensor(reader: FileSystemReader, fqn: str, md: TensorStorageMetadata
     if info is not None and not getattr(info, "transform_descriptors", None):
         nbytes = math.prod(md.size) * md.properties.dtype.itemsize
         path = Path(reader.path) / info.relative_path
-        if nbytes >= _IN_PLACE_MIN_BYTES:
+        if nbytes >= _BORROW_MIN_BYTES:
             with open(path, "rb") as file:
                 found = _plain_record(file, info.offset, info.length, md.size, md.properties.dtype, f"{what}: {fqn!r}")
                 data = found[0].map_record(found[1], path, info.offset) if found is not None else None

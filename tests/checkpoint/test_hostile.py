@@ -328,6 +328,18 @@ def _fifo_shard(metadata: Any, path: Path) -> None:
     os.mkfifo(path / "__0_0.distcp")
 
 
+def _flipped_dcp(tmp: Path) -> Path:
+    """A data byte of 'w' (16 KiB: read, not mapped) changed in its shard file, the CRC left as it was."""
+    path = _dcp(tmp)
+    shard = path / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    at = data.find(torch.arange(4096.0).numpy().tobytes())
+    assert at >= 0
+    data[at + 8000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return path
+
+
 def _no_metadata(tmp: Path) -> Path:
     path = _dcp(tmp)
     (path / ".metadata").unlink()
@@ -385,6 +397,11 @@ DCP = {
     "chunk outside the shape": (_with_metadata(_chunks((0, 2048), (3000, 2048))), CorruptCheckpointError, r"chunk 1 of 'w' \(offsets \[3000\], sizes \[2048\]\) lies outside its shape \[4096\]"),
     "huge list position in a tree path": (_with_metadata(_planner_path), CorruptCheckpointError, r"\.metadata gives 'w' the tree path \('w', 1000000000000\)"),
     "shard file is a named pipe": (_with_metadata(_fifo_shard), CorruptCheckpointError, r"the shard file '.*__0_0\.distcp' is not a regular file"),
+}
+
+# DCP checkpoints whose tensor bytes are bad: only reading the data finds them.
+DCP_DATA = {
+    "a small tensor fails its CRC": (_flipped_dcp, CorruptCheckpointError, r"ckpt': 'w' is corrupt: its record .*data/0 fails its CRC check"),
 }
 
 # -- Hugging Face directories -----------------------------------------------------------
@@ -612,9 +629,9 @@ def test_hostile_checkpoint_is_one_sdtree_error(tmp_path, name, read):
 
 
 @pytest.mark.parametrize("read", [load, _convert], ids=["load", "convert"])
-@pytest.mark.parametrize("name", list(TORCH_DATA))
+@pytest.mark.parametrize("name", [*TORCH_DATA, *DCP_DATA])
 def test_hostile_tensor_bytes_are_one_sdtree_error(tmp_path, name, read):
-    build, error, match = TORCH_DATA[name]
+    build, error, match = {**TORCH_DATA, **DCP_DATA}[name]
     source = build(tmp_path)
     with pytest.raises(error, match=match):
         read(source)
