@@ -248,6 +248,7 @@ def _calls(name):
         "is_sharded_tensor": [(tensors.is_sharded_tensor, (model["norm.weight"],))],
         "local_tensors": [(tensors.local_tensors, (model["norm.weight"],))],
         "rewrap": [(tensors.rewrap, (model["norm.weight"], [model["norm.weight"].clone()]))],
+        "path_differences": [(lambda a, b: tensors.path_differences(a, b, missing="gone", extra="new"), (["a", "b"], ["b", "c"]))],
         "pair_leaves": [(tensors.pair_leaves, ("pair_leaves", model, dict(model)))],
         "check_leaf_types": [(tensors.check_leaf_types, ("check_leaf_types", sd)) for sd in forms],
         "row_counts": [(sharding.row_counts, (5, 2))],

@@ -25,7 +25,7 @@ from sdtree._collectives import agree, first_error, portable_error, several_rank
 from sdtree._tree import codify, tree_flatten_keyed, tree_unflatten
 from sdtree.errors import StagerClosedError, StagingMismatchError, UnsupportedLeafError, preview
 from sdtree.transforms.gather import gather_into
-from sdtree.transforms.tensors import allocate, dtensor_type, local_tensors, rewrap, sharded_tensor_type
+from sdtree.transforms.tensors import allocate, dtensor_type, local_tensors, path_differences, rewrap, sharded_tensor_type
 
 __all__ = ["Stager"]
 
@@ -459,15 +459,9 @@ class Stager:
             )
 
     def _raise_structure(self, paths: list[Any]) -> None:
-        built = [codify(p) for p in self._paths]
-        given = [codify(p) for p in paths]
-        missing = [p for p in built if p not in set(given)]
-        extra = [p for p in given if p not in set(built)]
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} path(s) of the mirror missing: {preview(missing, quote=False)}")
-        if extra:
-            parts.append(f"{len(extra)} path(s) the mirror lacks: {preview(extra, quote=False)}")
+        parts = path_differences(
+            [codify(p) for p in self._paths], [codify(p) for p in paths], missing="of the mirror missing", extra="path(s) the mirror lacks"
+        )
         self._fail("the state dict differs in structure from the mirror's; " + ("; ".join(parts) or "the containers differ in type"))
 
     def _fail(self, problem: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import sys
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import attrs
@@ -35,6 +36,7 @@ from sdtree.transforms.compose import Transform
 
 __all__ = [
     "offload_to_cpu",
+    "path_differences",
     "to_device",
     "create_cpu_state_dict",
     "check_state_dict_similarity",
@@ -418,18 +420,29 @@ def pair_leaves(fn: str, a: Any, b: Any) -> tuple[list[Any], list[Any], list[Any
 
 
 def _structure_diff(a: Any, b: Any) -> str:
-    a_paths = {codify(p): None for p in tree_flatten_with_path(a)[0]}
-    b_paths = {codify(p): None for p in tree_flatten_with_path(b)[0]}
-    missing = [p for p in a_paths if p not in b_paths]
-    extra = [p for p in b_paths if p not in a_paths]
+    parts = path_differences(
+        [codify(p) for p in tree_flatten_with_path(a)[0]],
+        [codify(p) for p in tree_flatten_with_path(b)[0]],
+        missing="missing from the second",
+        extra="unexpected path(s) in the second",
+    )
+    return "the state dicts differ in structure; " + ("; ".join(parts) or "the containers differ in type (dict vs list vs tuple)") + "."
+
+
+def path_differences(expected: Sequence[str], found: Sequence[str], *, missing: str, extra: str) -> list[str]:
+    """What tells two lists of (codified) paths apart, for an error: ``"N
+    path(s) <missing>: ..."`` for those only in ``expected``, ``"N <extra>:
+    ..."`` for those only in ``found``; ``[]`` when they hold the same paths
+    (then their containers differ)."""
+    expected_set, found_set = set(expected), set(found)
+    gone = [p for p in dict.fromkeys(expected) if p not in found_set]
+    new = [p for p in dict.fromkeys(found) if p not in expected_set]
     parts = []
-    if missing:
-        parts.append(f"{len(missing)} path(s) missing from the second: {preview(missing, quote=False)}")
-    if extra:
-        parts.append(f"{len(extra)} unexpected path(s) in the second: {preview(extra, quote=False)}")
-    if not parts:
-        parts.append("the containers differ in type (dict vs list vs tuple)")
-    return "the state dicts differ in structure; " + "; ".join(parts) + "."
+    if gone:
+        parts.append(f"{len(gone)} path(s) {missing}: {preview(gone, quote=False)}")
+    if new:
+        parts.append(f"{len(new)} {extra}: {preview(new, quote=False)}")
+    return parts
 
 
 def check_state_dict_similarity(
