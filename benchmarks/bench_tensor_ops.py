@@ -28,7 +28,7 @@ input built). Target: the new output tensors (wqkv, w13 of the model and
 both moments) plus at most one fused group.
 
 Planning: the recipe on a state dict of meta tensors with about 100,000
-keys (11,111 layers), best of a few runs, with Python's cyclic GC running
+keys (11,111 layers), best of 5 rounds, with Python's cyclic GC running
 (as users run it) and paused (what the code itself costs). Target: at most
 3 us per key. Since that depends on the machine, the same run measures a
 floor, the least any planner must do (rename every key in one dict
@@ -201,8 +201,8 @@ _LAYER = {
 
 
 def planning_floor(model: dict, args) -> float:
-    """Best seconds of the least any planner of the recipe must do (GC
-    paused): rename every key in one dict comprehension with a precompiled
+    """Seconds of the least any planner of the recipe must do (GC paused,
+    one run): rename every key in one dict comprehension with a precompiled
     regex, and make one meta tensor (torch.empty) per output that differs
     from its input (each layer's wqkv and w13)."""
     head_dim = args.dim // args.n_heads
@@ -211,37 +211,64 @@ def planning_floor(model: dict, args) -> float:
     layers = len([k for k in model if k.endswith(".self_attn.q_proj.weight")])
     layer = re.compile(r"model\.layers\.([^.]+)\.(.+)")
     fullmatch, suffix, top = layer.fullmatch, _LAYER, _TOP
-    best = float("inf")
-    for _ in range(3):
-        gc.collect()
-        gc.disable()
-        start = time.perf_counter()
-        renamed = {(f"layers.{m[1]}.{suffix[m[2]]}" if (m := fullmatch(k)) else top[k]): v for k, v in model.items()}
-        made = [torch.empty(s, device="meta") for _ in range(layers) for s in (qkv, w13)]
-        best = min(best, time.perf_counter() - start)
-        gc.enable()
-        del renamed, made
-    return best
+    gc.collect()
+    gc.disable()
+    start = time.perf_counter()
+    renamed = {(f"layers.{m[1]}.{suffix[m[2]]}" if (m := fullmatch(k)) else top[k]): v for k, v in model.items()}
+    made = [torch.empty(s, device="meta") for _ in range(layers) for s in (qkv, w13)]
+    seconds = time.perf_counter() - start
+    gc.enable()
+    del renamed, made
+    return seconds
 
 
-def planning(args, keys: int) -> tuple[int, dict[bool, float], float]:
-    """(keys, {gc paused: best seconds}, the floor's best seconds) of the
-    recipe on meta tensors at about ``keys`` keys."""
+class FullCollections:
+    """Counts CPython's full (generation 2) collections while installed, and
+    the seconds they take: where the time of a run with the GC on goes."""
+
+    def __init__(self) -> None:
+        self.count, self.seconds, self._start = 0, 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._start
+
+
+def planning(args, keys: int, rounds: int = 5) -> tuple[int, dict[bool, float], float, FullCollections]:
+    """(keys, {gc paused: best seconds}, the floor's best seconds, the full
+    collections of the fastest run with the GC on) of the recipe on meta
+    tensors at about ``keys`` keys: ``rounds`` interleaved rounds of the
+    floor, the recipe with the GC paused, and with it running."""
     plan_args = argparse.Namespace(**{**vars(args), "layers": (keys - 3) // 9})
     model, _ = build(plan_args, device="meta")
     recipe = llama.hf_to_torchtitan(**shape(args), fuse_qkv=True, fuse_w13=True)
     best = {False: float("inf"), True: float("inf")}
-    for _ in range(3):
+    floor, collections = float("inf"), FullCollections()
+    for _ in range(rounds):
+        floor = min(floor, planning_floor(model, args))
         for pause_gc in best:
             gc.collect()
+            counted = FullCollections()
             if pause_gc:
                 gc.disable()
+            else:
+                gc.callbacks.append(counted)
             start = time.perf_counter()
             out = recipe(model)
-            best[pause_gc] = min(best[pause_gc], time.perf_counter() - start)
+            seconds = time.perf_counter() - start
             gc.enable()
+            if not pause_gc:
+                gc.callbacks.remove(counted)
+                if seconds < best[pause_gc]:
+                    collections = counted
+            best[pause_gc] = min(best[pause_gc], seconds)
             del out
-    return len(model), best, planning_floor(model, args)
+    return len(model), best, floor, collections
 
 
 def main() -> None:
@@ -280,7 +307,7 @@ def main() -> None:
     del ours, theirs
     times = timed_rounds(fns, pair, args.rounds)
     del pair
-    n_keys, plan_seconds, floor = planning(args, args.plan_keys)
+    n_keys, plan_seconds, floor, collections = planning(args, args.plan_keys)
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: {args.layers} layers, dim {args.dim}, "
@@ -300,11 +327,11 @@ def main() -> None:
         )
     print(f"  time target <= 1.15x; bound = new output tensors {outputs / MIB:.0f} MiB + one fused group {group / MIB:.0f} MiB")
     print()
-    report_planning(n_keys, plan_seconds, floor)
+    report_planning(n_keys, plan_seconds, floor, collections)
 
 
-def report_planning(n_keys: int, plan_seconds: dict[bool, float], floor: float) -> None:
-    print(f"planning on meta tensors, {n_keys} keys (target <= 3 us/key):")
+def report_planning(n_keys: int, plan_seconds: dict[bool, float], floor: float, collections: FullCollections) -> None:
+    print(f"planning on meta tensors, {n_keys} keys, best of 5 (target <= 3 us/key, the code's own cost: gc paused):")
     for pause_gc, seconds in plan_seconds.items():
         print(
             f"  gc {'paused ' if pause_gc else 'running'}  {seconds * 1e3:7.0f} ms  {seconds / n_keys * 1e6:6.2f} us/key"
@@ -313,6 +340,10 @@ def report_planning(n_keys: int, plan_seconds: dict[bool, float], floor: float) 
     print(
         f"  floor       {floor * 1e3:7.0f} ms  {floor / n_keys * 1e6:6.2f} us/key  (gc paused: one dict comprehension "
         "renaming every key by a precompiled regex, one torch.empty per output that differs from its input)"
+    )
+    print(
+        f"  of the gc-running time, {collections.count} full collections took {collections.seconds * 1e3:.0f} ms "
+        f"(each walks every object alive, the input's {n_keys} tensors among them)"
     )
 
 

@@ -142,7 +142,7 @@ EXPORTS = sorted(
 # Exports that are not functions of state dicts: classes, types and constants.
 NOT_FUNCTIONS = {
     "Transform", "OptimizerLayout", "KeyPattern", "PatternSet", "Op", "Misfit", "Spec", "Derivation",
-    "TensorRule", "Group", "Announcement", "Path", "DEFAULT_BUCKET_BYTES", "dtensor_type", "sharded_tensor_type",
+    "TensorRule", "Group", "Grouping", "Announcement", "Path", "DEFAULT_BUCKET_BYTES", "dtensor_type", "sharded_tensor_type",
     "MODEL", "OPTIM", "Pending", "Planned",
     # the ops and rule classes behind the tensor transforms: their factories are checked
     "CatOp", "SplitOp", "StackOp", "UnbindOp", "RopeOp", "TransposeOp", "ReshapeOp", "CastOp", "MapOp", "Sizes",
@@ -225,6 +225,8 @@ def _calls(name):
     names = {id(v): k for k, v in metas.items()}
     planned = fuse(["layers.{i}.q.weight", "layers.{i}.k.weight"], "layers.{i}.qk.weight")(metas)["layers.0.qk.weight"]
     pending = permute_for_rope("layers.{i}.q.weight", n_heads=2)._call(metas, True)  # as inside a pipeline
+    op, cat, qk = rules.derivation_of(planned)[0].op, rules.derivation_of(planned)[0].op, ("layers.0.q.weight", "layers.0.k.weight")
+    plan = lambda names, specs: [(specs[0][0], specs[0][1])] if len(specs) == 1 else cat.plan(names, specs)  # noqa: E731
     table = {
         "optimizer_layout": [(optimizer_layout, (optim,))],
         "param_ids_to_fqns": [(param_ids_to_fqns(ids), (by_ids,))],
@@ -262,6 +264,18 @@ def _calls(name):
         "Materializer": [(lambda p, m: rules.Materializer({"qk": p}, lambda t: m[names[id(t)]])(p), (planned, model))],
         "meta_outputs": [(lambda p: plans.meta_outputs(rules.derivation_of(p)[0], True, {}), (planned,))],
         "settle": [(plans.settle, (sd,)) for sd in (metas, pending, (pending, optim))],
+        "single_outputs": [
+            (lambda p, flag=flag: plans.single_outputs(rules.derivation_of(p)[0].op, [(p,)], [[(p.shape, p.dtype)]], "fuse", flag), (planned,))
+            for flag in (False, True)
+        ],
+        "plan_in_place": [
+            (lambda sd, flag=flag: plans.plan_in_place(sd, ["norm.weight"], op, plan, "cast", flag), (metas,))
+            for flag in (False, True)
+        ],
+        "plan_fused": [
+            (lambda sd, flag=flag: plans.plan_fused(sd, list(sd), [qk], None, ["qk"], cat, plan, "fuse", flag), (metas,))
+            for flag in (False, True)
+        ],
         "non_str": [(patterns.non_str, (list(model),))],
     }
     return table.get(name)

@@ -16,6 +16,7 @@ import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import compress, repeat
+from operator import attrgetter, methodcaller
 from typing import Any, Optional
 
 import attrs
@@ -26,6 +27,8 @@ __all__ = ["KeyPattern", "PatternSet", "key_pattern", "is_pattern", "nearest_key
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HOLE = None  # a blanked-out segment in a skeleton
+_LASTINDEX = attrgetter("lastindex")
+_END = ()  # in the trie of a PatternSet, the child that ends a pattern (no segment is a tuple)
 
 
 @attrs.frozen(repr=False)
@@ -136,13 +139,14 @@ class PatternSet:
     """Several patterns, matched at once: :meth:`match` tells which one a key
     is and its placeholder values.
 
-    The patterns compile to one regular expression (an alternation, matched
-    in C); two patterns that could both name one key are refused when the
-    set is built, so a key matches at most one.
+    The patterns compile to one regular expression, matched in C: a trie of
+    their segments, so patterns that share a start (``model.layers.{i}.``)
+    test it once. Two patterns that could both name one key are refused
+    when the set is built, so a key matches at most one.
     """
 
     patterns: tuple[KeyPattern, ...]
-    # the compiled alternation, and per outer group: (pattern index, its placeholder groups)
+    # the compiled trie, and per end marker group: (pattern index, its placeholder groups)
     _regex: Any = attrs.field(init=False, eq=False)
     _outer: dict[int, tuple[int, tuple[int, ...]]] = attrs.field(init=False, eq=False)
     # the literal text before the first and after the last placeholder of each pattern
@@ -156,22 +160,8 @@ class PatternSet:
                         f"patterns {a.text!r} and {b.text!r} can name the same key "
                         f"(e.g. {_common_key(a, b)!r}); give each key one rule."
                     )
-        parts: list[str] = []
-        outer: dict[int, tuple[int, tuple[int, ...]]] = {}
-        group = 1
-        for index, pattern in enumerate(self.patterns):
-            start, group = group, group + 1
-            body, holes = [], []
-            for segment in pattern.segments:
-                if segment is None:
-                    body.append("([^.]+)")
-                    holes.append(group)
-                    group += 1
-                else:
-                    body.append(re.escape(segment))
-            parts.append("(" + r"\.".join(body) + ")")
-            outer[start] = (index, tuple(holes))
-        object.__setattr__(self, "_regex", re.compile("|".join(parts)) if parts else None)
+        regex, outer = _compile_trie(self.patterns)
+        object.__setattr__(self, "_regex", regex)
         object.__setattr__(self, "_outer", outer)
         heads = tuple(dict.fromkeys(_head(p) for p in self.patterns))
         tails = tuple(dict.fromkeys(_tail(p) for p in self.patterns))
@@ -195,29 +185,39 @@ class PatternSet:
             return index, (found.group(holes[0]),)
         return index, found.group(*holes) if holes else ()
 
-    def bindings(self, keys: Sequence[str], names: Sequence[str]) -> list[tuple[int, int, tuple[str, ...]]]:
-        """``(position in keys, index of the pattern, values of the placeholders
-        names)`` for each of ``keys`` that a pattern matches (each pattern
-        holds every one of ``names``), in order: :meth:`match_values` of many
-        keys at once, their literal ends tested in C first."""
+    def bindings(self, keys: Sequence[str], names: Sequence[str]) -> tuple[list[int], list[int], list[tuple[str, ...]]]:
+        """For the keys of ``keys`` that a pattern matches, in order: their
+        positions in ``keys``, the index of the pattern each matches, and the
+        values of the placeholders ``names`` (which each pattern holds):
+        :meth:`match_values` of many keys at once, their literal ends tested
+        in C first, and where the patterns hold ``names`` in the same groups
+        of the trie (a shared start), the values read in C too."""
         if self._regex is None:
-            return []
+            return [], [], []
         heads, tails = self._ends
         at = list(compress(range(len(keys)), map(str.endswith, keys, repeat(tails))))
-        at = list(compress(at, map(str.startswith, [keys[i] for i in at], repeat(heads))))
-        # per outer group: the pattern, and its groups of ``names`` (after group 0, so group() gives a tuple)
+        at = list(compress(at, map(str.startswith, map(keys.__getitem__, at), repeat(heads))))
+        hits = list(map(self._regex.fullmatch, map(keys.__getitem__, at)))
+        if None in hits:
+            matched = [hit is not None for hit in hits]
+            at, hits = list(compress(at, matched)), list(compress(hits, matched))
+        # per end marker: the pattern, and the groups of ``names`` in it
         order = {
-            start: (index, (0, *(holes[self.patterns[index].names.index(n)] for n in names)))
-            for start, (index, holes) in self._outer.items()
+            end: (index, tuple(holes[self.patterns[index].names.index(n)] for n in names))
+            for end, (index, holes) in self._outer.items()
         }
-        fullmatch = self._regex.fullmatch
-        found = []
-        for i in at:
-            hit = fullmatch(keys[i])
-            if hit is not None:
-                index, groups = order[hit.lastindex]
-                found.append((i, index, hit.group(*groups)[1:] if len(groups) > 1 else ()))
-        return found
+        ends = list(map(_LASTINDEX, hits))
+        indices = [order[end][0] for end in ends]
+        groups = {g for _, g in order.values()}
+        if len(groups) > 1:
+            values = [hit.group(*order[end][1]) for hit, end in zip(hits, ends)]
+            return at, indices, [v if isinstance(v, tuple) else (v,) for v in values]
+        (shared,) = groups
+        if not shared:
+            return at, indices, [()] * len(at)
+        if len(shared) == 1:
+            return at, indices, list(zip(map(methodcaller("group", shared[0]), hits)))
+        return at, indices, list(map(methodcaller("group", *shared), hits))
 
     def substitute(self, keys: Iterable[str], templates: Sequence[str]) -> list[str]:
         """Each of ``keys`` that a pattern matches as ``templates[i]`` (of that
@@ -227,10 +227,10 @@ class PatternSet:
         if self._regex is None:
             return list(keys)
         fullmatch = self._regex.fullmatch
-        # per outer group: the template with each field renumbered to its regex group (less one: m.groups())
+        # per end marker: the template with each field renumbered to its regex group (less one: m.groups())
         table = {
-            start: templates[index].format(*(f"{{{h - 1}}}" for h in holes))
-            for start, (index, holes) in self._outer.items()
+            end: templates[index].format(*(f"{{{h - 1}}}" for h in holes))
+            for end, (index, holes) in self._outer.items()
         }
         return [key if (hit := fullmatch(key)) is None else table[hit.lastindex].format(*hit.groups()) for key in keys]
 
@@ -241,6 +241,44 @@ class PatternSet:
             return None
         index, values = found
         return index, dict(zip(self.patterns[index].names, values))
+
+
+def _compile_trie(patterns: Sequence[KeyPattern]) -> tuple[Any, dict[int, tuple[int, tuple[int, ...]]]]:
+    """One regular expression matching the keys of ``patterns``, and per
+    pattern the number of the empty group that ends its branch (the last
+    group a match closes, so ``match.lastindex``) with the numbers of its
+    placeholders' groups, in order.
+
+    The regex is the trie of the patterns' segments: a start they share is
+    tested once (an alternation of whole patterns tests it once per
+    branch, about twice the cost for a dozen patterns with one prefix).
+    """
+    if not patterns:
+        return None, {}
+    trie: dict[Any, Any] = {}
+    for index, pattern in enumerate(patterns):
+        node = trie
+        for segment in pattern.segments:
+            node = node.setdefault(segment, {})
+        node[_END] = index
+    outer: dict[int, tuple[int, tuple[int, ...]]] = {}
+    groups = [0]  # the last group number given
+
+    def branches(node: dict[Any, Any], holes: tuple[int, ...], lead: str) -> str:
+        alternatives = []
+        for segment, child in node.items():  # groups are numbered as written, left to right
+            if segment is _END:
+                groups[0] += 1
+                outer[groups[0]] = (child, holes)
+                alternatives.append("()")
+            elif segment is _HOLE:
+                groups[0] += 1
+                alternatives.append(lead + "([^.]+)" + branches(child, (*holes, groups[0]), r"\."))
+            else:
+                alternatives.append(lead + re.escape(segment) + branches(child, holes, r"\."))
+        return alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
+
+    return re.compile(branches(trie, (), "")), outer
 
 
 def non_str(keys: Sequence[Any]) -> list[Any]:

@@ -16,7 +16,9 @@ ever sees one; a derivation's sources may be pending outputs (a chain).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, itemgetter
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
@@ -34,6 +36,9 @@ __all__ = [
     "materialize",
     "Materializer",
     "meta_outputs",
+    "single_outputs",
+    "plan_in_place",
+    "plan_fused",
     "settle",
 ]
 
@@ -61,19 +66,20 @@ class Op:
         raise NotImplementedError
 
 
-class Pending:
+class Pending(tuple):  # type: ignore[type-arg]  # (shape, dtype, (derivation, index))
     """A planned output inside a pipeline, not yet a meta tensor: its shape,
     dtype and ``(derivation, index)``. Tensor rules and key transforms take
-    it as they take a meta tensor; :func:`settle` makes it one."""
+    it as they take a meta tensor; :func:`settle` makes it one. A tuple, so
+    that many are made in C (``tuple.__new__(Pending, (shape, dtype, derived))``)."""
 
-    __slots__ = ("shape", "dtype", _DERIVED, "_settled")
+    __slots__ = ()
     is_meta = True  # what _run asks of every input
+    shape = property(itemgetter(0))
+    dtype = property(itemgetter(1))
+    _sdtree_derivation = property(itemgetter(2))  # as _DERIVED on a planned meta tensor
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, derived: tuple[Derivation, int]) -> None:
-        self.shape = shape
-        self.dtype = dtype
-        setattr(self, _DERIVED, derived)
-        self._settled: Optional[torch.Tensor] = None
+    def __new__(cls, shape: tuple[int, ...], dtype: torch.dtype, derived: tuple[Derivation, int]) -> Pending:
+        return tuple.__new__(cls, (shape, dtype, derived))
 
     def __repr__(self) -> str:
         return f"Pending({tuple(self.shape)}, {self.dtype})"
@@ -180,13 +186,33 @@ def meta_outputs(derivation: Derivation, pending: bool, protos: dict[Spec, torch
     return outputs
 
 
-def _settle_one(value: Pending, protos: dict[Spec, torch.Tensor]) -> torch.Tensor:
-    settled = value._settled
+def single_outputs(
+    op: Op, sources: Iterable[tuple[Planned, ...]], plans: Iterable[list[Spec]], rule: str, pending: bool
+) -> list[Planned]:
+    """The one output of each of many groups (``sources``, planned to
+    ``plans``): pending, or meta tensors that remember their derivation."""
+    new = tuple.__new__
+    derivations = [new(Derivation, (op, given, rule, plan)) for given, plan in zip(sources, plans)]
+    if pending:
+        return [new(Pending, (d.outputs[0][0], d.outputs[0][1], (d, 0))) for d in derivations]
+    protos: dict[Spec, torch.Tensor] = {}
+    outputs: list[Planned] = []
+    for derivation in derivations:
+        spec = derivation.outputs[0]
+        proto = protos.get(spec)
+        out = (_proto(spec, protos) if proto is None else proto).detach()
+        setattr(out, _DERIVED, (derivation, 0))
+        outputs.append(out)
+    return outputs
+
+
+def _settle_one(value: Pending, protos: dict[Spec, torch.Tensor], made: dict[int, torch.Tensor]) -> torch.Tensor:
+    settled = made.get(id(value))
     if settled is None:  # one meta tensor per pending output, however many keys hold it
         spec = (value.shape, value.dtype)
         proto = protos.get(spec)
-        settled = value._settled = (_proto(spec, protos) if proto is None else proto).detach()
-        setattr(settled, _DERIVED, getattr(value, _DERIVED))
+        settled = made[id(value)] = (_proto(spec, protos) if proto is None else proto).detach()
+        setattr(settled, _DERIVED, value[2])
     return settled
 
 
@@ -199,11 +225,88 @@ def settle(tree: Any) -> Any:
         return tree if first is tree[0] and second is tree[1] else (first, second)
     if not isinstance(tree, Mapping):
         return tree
+    values = list(tree.values())
+    at = list(compress(range(len(values)), map(is_, map(type, values), repeat(Pending))))
+    if not at:
+        return tree
     protos: dict[Spec, torch.Tensor] = {}
-    out: Optional[dict[Any, Any]] = None
-    for key, value in tree.items():
-        if type(value) is Pending:
-            if out is None:
-                out = dict(tree)
-            out[key] = _settle_one(value, protos)
-    return tree if out is None else out
+    made: dict[int, torch.Tensor] = {}
+    keys = list(tree)
+    out = dict(tree)
+    for i in at:
+        out[keys[i]] = _settle_one(values[i], protos, made)
+    return out
+
+
+# -- many groups at once --------------------------------------------------------
+
+_SHAPE, _DTYPE, _IS_META = attrgetter("shape"), attrgetter("dtype"), attrgetter("is_meta")
+_PLANNED = (torch.Tensor, Pending)
+_GONE: Any = object()  # the key of the entries plan_fused drops
+Plan = Callable[[Sequence[str], Sequence[Spec]], Optional[list[Spec]]]  # a rule's Op.plan, its errors reported
+
+
+def _all_planned(values: list[Any]) -> bool:
+    return all(map(isinstance, values, repeat(_PLANNED))) and all(map(_IS_META, values))
+
+
+def plan_in_place(
+    sd: Mapping[str, Any], keys: list[str], op: Op, plan: Plan, rule: str, pending: bool
+) -> Optional[dict[str, Any]]:
+    """``sd`` with each of ``keys`` (one group each, mapped to itself: a
+    permute, a transpose) planned by ``op``, when every input is meta or
+    pending (else None): the outputs (pending ones if ``pending``) made in
+    bulk, one plan per shape and dtype."""
+    values = list(map(sd.__getitem__, keys))
+    if not _all_planned(values):
+        return None
+    specs = list(zip(map(_SHAPE, values), map(_DTYPE, values)))
+    plans: dict[Spec, list[Spec]] = {}
+    for spec in dict.fromkeys(specs):
+        planned = plan([keys[specs.index(spec)]], [spec])
+        if planned is None:
+            return None  # the rule's general path says why
+        plans[spec] = planned
+    same = dict(sd)
+    same.update(zip(keys, single_outputs(op, zip(values), map(plans.__getitem__, specs), rule, pending)))
+    return same
+
+
+def plan_fused(
+    sd: Mapping[str, Any], keys: list[str], members: list[tuple[str, ...]], positions: Optional[dict[str, int]],
+    targets: list[str], op: Op, plan: Plan, rule: str, pending: bool,
+) -> Optional[dict[str, Any]]:
+    """``sd`` (keyed ``keys``) with each group of ``n`` keys (``members``,
+    at ``positions`` in ``keys`` if known) planned by ``op`` into one output
+    under its target, in the place of its first member (a fuse), when every
+    input is meta or pending (else None): the outputs (pending ones if
+    ``pending``) made in bulk, one plan per set of input shapes and dtypes,
+    the dict built in C. None too where a group plans several outputs or
+    the targets clash with other keys: the rule's general path handles
+    those, naming the clash."""
+    if not members:
+        return None
+    n = len(members[0])
+    if any(len(m) != n for m in members):
+        return None
+    values = list(map(sd.__getitem__, chain.from_iterable(members)))
+    if not _all_planned(values):
+        return None
+    specs = list(zip(map(_SHAPE, values), map(_DTYPE, values)))
+    given: list[tuple[Spec, ...]] = list(zip(*[iter(specs)] * n))
+    plans: dict[tuple[Spec, ...], list[Spec]] = {}
+    for spec in dict.fromkeys(given):
+        planned = plan(members[given.index(spec)], spec)
+        if planned is None or len(planned) != 1:
+            return None
+        plans[spec] = planned
+    outputs = single_outputs(op, zip(*[iter(values)] * n), map(plans.__getitem__, given), rule, pending)
+    where = positions if positions is not None else dict(zip(keys, range(len(keys))))
+    out_keys, out_values = list(keys), list(sd.values())
+    for at, target, output in zip(map(where.__getitem__, [m[0] for m in members]), targets, outputs):
+        out_keys[at], out_values[at] = target, output
+    for at in map(where.__getitem__, chain.from_iterable(m[1:] for m in members)):
+        out_keys[at] = _GONE
+    out = dict(zip(out_keys, out_values))
+    out.pop(_GONE, None)
+    return out if len(out) == len(keys) - (n - 1) * len(members) else None

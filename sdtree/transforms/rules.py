@@ -27,6 +27,7 @@ input; outputs are new tensors (or the input where an op changes nothing).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from itertools import repeat
 from operator import attrgetter
 from typing import Any, NamedTuple, Optional
@@ -47,9 +48,9 @@ from sdtree.transforms.compose import Transform
 from sdtree.fqn import split_flat_keys
 from sdtree.transforms.patterns import KeyPattern, PatternSet, nearest_keys, non_str
 from sdtree.transforms.plans import Derivation, Materializer, Misfit, Op, Pending, Planned, Spec, derivation_of
-from sdtree.transforms.plans import materialize, meta_outputs
+from sdtree.transforms.plans import materialize, meta_outputs, plan_fused, plan_in_place
 
-__all__ = ["Op", "Misfit", "Spec", "Derivation", "derivation_of", "materialize", "Materializer", "TensorRule", "Group"]
+__all__ = ["Op", "Misfit", "Spec", "Derivation", "derivation_of", "materialize", "Materializer", "TensorRule", "Group", "Grouping"]
 
 _NAMES = "param_names"  # what optimizers built from named_parameters() keep per group
 _PLANNED = (torch.Tensor, Pending)  # what a rule acts on: a tensor, or inside a pipeline a pending output
@@ -107,6 +108,26 @@ class Group(NamedTuple):
 
     binding: tuple[tuple[str, str], ...]  # the target's placeholder values
     members: tuple[str, ...]
+
+
+class Grouping(NamedTuple):
+    """The groups a rule finds in a state dict, as columns: per group, the
+    values of the placeholders ``names`` and the keys it reads; and the
+    position of each key in the state dict (None: not known). The planning
+    of many groups works on the columns; :meth:`groups` makes the
+    :class:`Group` of each."""
+
+    names: tuple[str, ...]
+    gids: list[tuple[str, ...]]
+    members: list[tuple[str, ...]]
+    positions: Optional[dict[str, int]]
+
+    def groups(self) -> list[Group]:
+        new, names = tuple.__new__, self.names
+        if len(names) == 1:
+            (name,) = names
+            return [new(Group, (((name, gid[0]),), m)) for gid, m in zip(self.gids, self.members)]
+        return [new(Group, (tuple(zip(names, gid)), m)) for gid, m in zip(self.gids, self.members)]
 
 
 def _at(binding: tuple[tuple[str, str], ...]) -> str:
@@ -181,16 +202,15 @@ class TensorRule(Transform):
         return True
 
     def _groups(self, keys: Sequence[str]) -> list[Group]:
-        return self._grouped(keys)[0]
+        return self._grouped(keys).groups()
 
-    def _grouped(self, keys: Sequence[str]) -> tuple[list[Group], Optional[dict[str, int]]]:
-        """The groups of ``keys``, and the position in ``keys`` of each member
-        (None: not known)."""
+    def _grouped(self, keys: Sequence[str]) -> Grouping:
+        """The groups of ``keys``, as columns."""
         sources = self._sources()
         over = self._over()
         names = self._group_names()
-        found = self._pattern_set().bindings(keys, names if over is None else (*names, over))
-        if not found:
+        at, indices, values = self._pattern_set().bindings(keys, names if over is None else (*names, over))
+        if not at:
             if self.strict:
                 near = nearest_keys(sources, list(keys))
                 raise self._fail(
@@ -198,40 +218,35 @@ class TensorRule(Transform):
                     + (f"; the nearest keys are {_preview(near)}" if near else " (the state dict is empty)")
                     + ". Check the patterns, or pass strict=False to allow no match."
                 )
-            return [], {}
-        groups = []
+            return Grouping(names, [], [], {})
+        matched = list(map(keys.__getitem__, at))
         if over is not None:
             by_gid: dict[tuple[str, ...], dict[str, str]] = {}
-            for i, _, values in found:
-                by_gid.setdefault(values[:-1], {})[values[-1]] = keys[i]
-            for gid, slots in by_gid.items():
-                where = tuple(zip(names, gid))
-                groups.append(Group(where, self._ordered(where, over, slots)))
-            return groups, None
+            for key, gid in zip(matched, values):
+                by_gid.setdefault(gid[:-1], {})[gid[-1]] = key
+            gids = list(by_gid)
+            ordered = [self._ordered(tuple(zip(names, gid)), over, by_gid[gid]) for gid in gids]
+            return Grouping(names, gids, ordered, None)
         n = len(sources)
         if n == 1 and len(names) == len(sources[0].names):  # one key a group, told apart by all its values
-            new = tuple.__new__
-            return [new(Group, (tuple(zip(names, gid)), (keys[i],))) for i, _, gid in found], None
+            return Grouping(names, values, list(zip(matched)), dict(zip(matched, at)))
         # a group's keys by pattern (the group: the values of the target's placeholders)
         members: dict[tuple[str, ...], list[Optional[str]]] = {}
-        positions: dict[str, int] = {}
-        for i, index, gid in found:
-            slot = members.get(gid)
+        get = members.get
+        for key, index, gid in zip(matched, indices, values):
+            slot = get(gid)
             if slot is None:
                 slot = members[gid] = [None] * n
-            key = slot[index] = keys[i]
-            positions[key] = i
-        single = names[0] if len(names) == 1 else None
+            slot[index] = key
         for gid, slot in members.items():
-            where = ((single, gid[0]),) if single is not None else tuple(zip(names, gid))
             if None in slot:
+                where = tuple(zip(names, gid))
                 missing = [p.format(dict(where)) for p, k in zip(sources, slot) if k is None]
                 raise self._fail(
                     f"{_at(where)}found {_preview(k for k in slot if k is not None)} but not {_preview(missing)}. "
                     "Every group needs all its sources: drop the incomplete group's keys first (drop_keys)."
                 )
-            groups.append(tuple.__new__(Group, (where, tuple(slot))))  # as Group(...), one call less
-        return groups, positions
+        return Grouping(names, list(members), list(map(tuple, members.values())), dict(zip(matched, at)))  # type: ignore[arg-type]  # no None left
 
     def _ordered(self, binding: tuple[tuple[str, str], ...], over: str, found: dict[Any, str]) -> tuple[str, ...]:
         by_index: dict[int, str] = {}
@@ -299,9 +314,9 @@ class TensorRule(Transform):
         accepts = self._accepts
         try:
             if type(self)._accepts is TensorRule._accepts:
-                groups, positions = self._grouped(keys)
+                grouping = self._grouped(keys)
             else:
-                groups, positions = self._groups([k for k in keys if accepts(sd[k])]), None
+                grouping = self._grouped([k for k in keys if accepts(sd[k])])._replace(positions=None)
         except PatternMatchError as err:
             nested = [k for k, v in sd.items() if isinstance(v, Mapping)]
             if not nested:
@@ -311,10 +326,17 @@ class TensorRule(Transform):
                 "Apply the rule inside them with sdtree.transforms.each(rule) or at('model', rule)."
             ) from None
         op = self._op()
-        if self._in_place() and pending:
-            planned_in_place = self._plan_in_place(sd, groups, op)
-            if planned_in_place is not None:
-                return planned_in_place
+        plan_one = partial(self._plan, op)
+        if self._in_place():
+            bulk = plan_in_place(sd, [m[0] for m in grouping.members], op, plan_one, self._factory, pending)
+        else:
+            single = self._single_targets(grouping)
+            bulk = None if single is None else plan_fused(
+                sd, keys, grouping.members, grouping.positions, single, op, plan_one, self._factory, pending
+            )
+        if bulk is not None:
+            return bulk
+        groups, positions = grouping.groups(), grouping.positions
         inputs = [[sd[k] for k in g.members] for g in groups]
         for group, values in zip(groups, inputs):
             for value in values:
@@ -359,29 +381,9 @@ class TensorRule(Transform):
         self._check_collisions(sd, consumed, emitted, len(out))
         return out
 
-    def _plan_in_place(self, sd: Mapping[str, Any], groups: list[Group], op: Op) -> Optional[dict[str, Any]]:
-        """:meth:`_apply_model` of a rule whose groups are one key each that
-        maps to itself, when every input is meta or pending (else None):
-        pending outputs made in bulk, one plan per shape and dtype."""
-        keys = [g.members[0] for g in groups]
-        values = list(map(sd.__getitem__, keys))
-        if not all(map(isinstance, values, repeat(_PLANNED))) or not all(map(_IS_META, values)):
-            return None
-        specs = list(zip(map(_SHAPE, values), map(_DTYPE, values)))
-        plans: dict[Spec, list[Spec]] = {}
-        for spec in dict.fromkeys(specs):
-            plan = self._plan(op, [keys[specs.index(spec)]], [spec])
-            if plan is None:
-                return None  # _run says why
-            plans[spec] = plan
-        new, rule = tuple.__new__, self._factory
-        outputs = [
-            Pending(plan[0][0], plan[0][1], (new(Derivation, (op, (value,), rule, plan)), 0))
-            for value, plan in zip(values, map(plans.__getitem__, specs))
-        ]
-        same = dict(sd)
-        same.update(zip(keys, outputs))
-        return same
+    def _single_targets(self, grouping: Grouping) -> Optional[list[str]]:
+        """The one target key of each group, for rules with one target (else None)."""
+        return None
 
     def _check_collisions(self, keys: Any, consumed: set[str], emitted: Mapping[str, list[tuple[str, Any]]], n: int) -> None:
         expected = len(keys) - len(consumed) + sum(len(e) for e in emitted.values())

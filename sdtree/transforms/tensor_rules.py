@@ -17,7 +17,7 @@ from sdtree.errors import NotInvertibleError
 from sdtree.transforms.compose import Transform
 from sdtree.transforms.ops import CastOp, CatOp, MapOp, ReshapeOp, RopeOp, Sizes, SplitOp, StackOp, TransposeOp, UnbindOp
 from sdtree.transforms.patterns import KeyPattern, PatternSet, key_pattern
-from sdtree.transforms.rules import Group, Op, TensorRule
+from sdtree.transforms.rules import Group, Grouping, Op, TensorRule
 
 __all__ = [
     "PatternRule",
@@ -83,6 +83,12 @@ class PatternRule(TensorRule):
 
     def _fixed_outputs(self) -> Optional[int]:
         return len(self._target_patterns())
+
+    def _single_targets(self, grouping: Grouping) -> Optional[list[str]]:
+        if len(self._target_patterns()) != 1 or type(self)._targets is not PatternRule._targets or not grouping.gids:
+            return None
+        template = self._target_patterns()[0].template(grouping.names)
+        return list(map(template.format, *zip(*grouping.gids))) if grouping.names else [template] * len(grouping.gids)
 
 
 @attrs.frozen(repr=False)
@@ -201,7 +207,7 @@ class Unary(PatternRule):
     def _group_names(self) -> tuple[str, ...]:
         return self._sources()[0].names if self._sources() else ()
 
-    def _grouped(self, keys: Sequence[str]) -> tuple[list[Group], Optional[dict[str, int]]]:
+    def _grouped(self, keys: Sequence[str]) -> Grouping:
         where = self._where()
         if isinstance(where, str):
             return super()._grouped(keys)
@@ -211,7 +217,7 @@ class Unary(PatternRule):
                 "selects no key" + (" (no floating-point tensor)" if where is None else f" (where={where!r})")
                 + ". Pass strict=False to allow no match."
             )
-        return [Group((("key", k),), (k,)) for k in chosen], None
+        return Grouping(("key",), list(zip(chosen)), list(zip(chosen)), None)
 
     def _targets(self, group: Group, n_outputs: int) -> list[str]:
         return list(group.members)
