@@ -28,9 +28,12 @@ freed tensor buffers on the heap, shown as a false peak of 32-128 MiB.
 The page cache cannot be dropped without root: the source files are read
 once before the first round, so every round reads them from memory; writes
 go to the page cache (and with fsync, to the disk). Each output is removed
-after its run, then ``os.sync()`` flushes that removal, so that no run's
+after its run, then ``os.sync()`` flushes that removal and the run waits
+until the kernel holds no dirty pages, and a second more, so that no run's
 fsync pays for the previous run's (the journal commit, and on a file system
-mounted with ``discard``, trimming the freed blocks).
+mounted with ``discard``, trimming the freed blocks, which ext4 does after
+the commit without waiting). Each round starts one variant later than the
+last, so no variant always follows the same one.
 
     python benchmarks/bench_hf.py [--rounds 5] [--dir DIR] [--lock /tmp/cpu.lock]
 
@@ -180,6 +183,22 @@ def build(directory: Path) -> tuple[Path, Path]:
     LlamaForCausalLM(config).save_pretrained(src, max_shard_size=SHARD)
     sdtree.checkpoint.convert(src, dcp)
     return src, dcp
+
+
+def settle(timeout: float = 30.0) -> None:
+    """Flush what the last run left (its removal: the journal commit and the
+    discards of the freed blocks), wait until the kernel holds no dirty or
+    in-flight pages, then a second more (ext4 issues discards after the
+    commit, without waiting): so no run's writes or fsync pay for the last's."""
+    os.sync()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        if sum(int(fields[k].split()[0]) for k in ("Dirty", "Writeback")) * 1024 < 16 * MIB:
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)
 
 
 def warm(*paths: Path) -> None:
@@ -340,11 +359,14 @@ def main() -> None:
                 if kind == "sdtree"
             }
             warm(src, dcp)
-            os.sync()
+            settle()
         results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+        names = list(variants)
         for round_ in range(args.rounds):
             with locked(args.lock):
-                for v, (kind, source, extra) in variants.items():
+                # each round starts one variant later, so that no variant always follows the same one
+                for v in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                    kind, source, extra = variants[v]
                     dst = directory / "out"
                     if dst.exists():  # left by an interrupted run
                         shutil.rmtree(dst)
@@ -352,7 +374,7 @@ def main() -> None:
                     if round_ == 0 and kind != "copy":
                         check(v, src, dst)
                     shutil.rmtree(dst)
-                    os.sync()  # not in the next variant's fsync: the journal commit, and the discards of the freed blocks
+                    settle()
             line = ", ".join(f"{v.split(' ')[0]} {r[-1]['seconds']:.2f}" for v, r in results.items())
             print(f"round {round_ + 1}: {line}", flush=True)
         print("outputs checked (round 1): keys, shapes and dtypes; values of some tensors; fused wqkv and w13 for (c)")

@@ -29,6 +29,7 @@ from sdtree.checkpoint.layout import (
 )
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, as_is, dotted, first_aliases, tensor_items
 from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
+from sdtree.checkpoint._spans import SpanningFetch
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
 from sdtree.errors import CheckpointFormatError, NothingToWriteError, UnsupportedLeafError, preview as _preview
 from sdtree.transforms.compose import Transform
@@ -277,11 +278,13 @@ def convert(
 
     A tensor stored plainly in the source (in a safetensors file or Hugging
     Face shard; in DCP, one chunk of at least 1 MiB) is not copied into
-    memory: it is written, or computed from, the source file's bytes mapped
-    copy-on-write (:meth:`Checkpoint.borrow`), so a conversion that only
-    renames keys holds little memory of its own, and the source files are
-    never written. Their pages are the page cache's; a source truncated
-    while it is converted ends the process (SIGBUS).
+    memory: written as it is stored, its bytes are copied from file to file
+    by the kernel (:meth:`Checkpoint.span`, ``copy_file_range``), their CRC
+    checked or summed beside the copy; an output computed from it reads the
+    source file's bytes mapped copy-on-write (:meth:`Checkpoint.borrow`). So
+    a conversion that only renames keys holds little memory of its own, and
+    the source files are never written. Mapped pages are the page cache's;
+    a source truncated while it is converted ends the process (SIGBUS).
 
     Args:
         transform: applied to the model and optimizer entries of a combined
@@ -342,7 +345,11 @@ def convert(
     )
     if dry_run:
         return result
-    fetch = _reporting(Materializer(tree, checkpoint.borrow), progress, total)
+    fetch = SpanningFetch(
+        _reporting(Materializer(tree, checkpoint.borrow), progress, total),
+        lambda leaf: checkpoint.span(leaf) if derivation_of(leaf) is None else None,  # stored as it is written
+        None if progress is None else lambda nbytes: progress(nbytes, total),
+    )
     with atomic_destination(dst, force=force, directory=dst_format in ("dcp", "hf"), fn="convert", sync=sync) as tmp:
         write(tmp, tree, fetch, fn="convert")
     return result

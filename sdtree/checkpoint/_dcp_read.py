@@ -53,6 +53,7 @@ from sdtree.checkpoint._formats import DCP_METADATA
 from sdtree.checkpoint._lazy import Checkpoint
 from sdtree.checkpoint._pickle import LOAD_ERRORS, load_dcp_metadata, load_error, torch_load
 from sdtree.checkpoint._shard_files import names_inside, shard_file_size
+from sdtree.checkpoint._spans import FileSpan
 from sdtree.checkpoint._torch_file import TorchArchive
 from sdtree.errors import CorruptCheckpointError, IncompatibleStateDictError, SdtreeError, preview as _preview
 from sdtree.types import PG, STATE
@@ -228,6 +229,21 @@ def _borrow_tensor(reader: FileSystemReader, fqn: str, md: TensorStorageMetadata
     return _read_tensor(reader, fqn, md, what)
 
 
+def _span_of(reader: FileSystemReader, fqn: str, md: TensorStorageMetadata, what: str) -> Optional[FileSpan]:
+    """Where ``fqn``'s bytes lie in its ``.distcp`` file, where it is one
+    plain chunk of at least 1 MiB (as :func:`_borrow_tensor` maps it), with
+    the CRC its record holds; else None."""
+    info = reader.storage_data.get(MetadataIndex(fqn, md.chunks[0].offsets, 0)) if len(md.chunks) == 1 else None
+    if info is None or getattr(info, "transform_descriptors", None):
+        return None
+    if math.prod(md.size) * md.properties.dtype.itemsize < _BORROW_MIN_BYTES:
+        return None
+    path = Path(reader.path) / info.relative_path
+    with open(path, "rb") as file:
+        found = _plain_record(file, info.offset, info.length, md.size, md.properties.dtype, f"{what}: {fqn!r}")
+        return found[0].record_span(found[1], path, info.offset, f"{what}: {fqn!r}") if found is not None else None
+
+
 def _narrow(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
     for dim, (start, length) in enumerate(zip(offsets, sizes)):
         tensor = tensor.narrow(dim, start, length)
@@ -294,17 +310,19 @@ def open_dcp(path: Path, *, trust_pickle: bool) -> Checkpoint:
     flat: dict[str, Any] = {}
     readers: dict[int, Callable[[], torch.Tensor]] = {}
     borrowers: dict[int, Callable[[], torch.Tensor]] = {}
+    spans: dict[int, Callable[[], Optional[FileSpan]]] = {}
     for fqn, md in entries.items():
         if isinstance(md, TensorStorageMetadata):
             placeholder = torch.empty(md.size, dtype=md.properties.dtype, device="meta")
             readers[id(placeholder)] = functools.partial(_read_tensor, reader, fqn, md, what)
             borrowers[id(placeholder)] = functools.partial(_borrow_tensor, reader, fqn, md, what)
+            spans[id(placeholder)] = functools.partial(_span_of, reader, fqn, md, what)
             flat[fqn] = placeholder
         else:
             flat[fqn] = values[fqn]
     paths = metadata.planner_data if isinstance(metadata.planner_data, Mapping) else {}
     tree = unflatten_state_dict(flat, {fqn: tuple(paths.get(fqn) or (fqn,)) for fqn in flat})
-    return Checkpoint(path, "dcp", _with_optimizer_state(tree), readers=readers, borrowers=borrowers)
+    return Checkpoint(path, "dcp", _with_optimizer_state(tree), readers=readers, borrowers=borrowers, spans=spans)
 
 
 def _with_optimizer_state(tree: Any) -> Any:

@@ -12,11 +12,16 @@ final path, not by the temporary directory it is written in.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
+import pickle
+import struct
+import sys
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 import optree
 import torch
@@ -34,9 +39,11 @@ from sdtree._tree import tree_flatten_with_accessor
 from sdtree.checkpoint._atomic import atomic_destination, check_destination, commit, remove, temporary_name
 from sdtree.checkpoint._dcp_read import quiet_single_process, unwrapped_errors
 from sdtree.checkpoint._lazy import Fetch, as_is
+from sdtree.checkpoint._spans import FileSpan, copy_span, span_of, write_summed
+from sdtree.transforms.tensors import contiguous_strides
 from sdtree.errors import CheckpointFormatError
 
-__all__ = ["check_keys", "write_dcp", "save_dcp"]
+__all__ = ["check_keys", "write_dcp", "save_dcp", "write_tensor_archive"]
 
 
 class _FetchingSavePlanner(DefaultSavePlanner):
@@ -50,6 +57,20 @@ class _FetchingSavePlanner(DefaultSavePlanner):
         if write_item.type == WriteItemType.TENSOR:
             return self._fetch(self.lookup_object(write_item.index))
         return super().resolve_data(write_item)
+
+    def span(self, write_item: WriteItem) -> Optional[tuple[torch.Tensor, FileSpan]]:
+        """The tensor of ``write_item`` and the span of its stored bytes, if
+        it is a whole tensor stored plainly (see ``_spans``)."""
+        if write_item.type != WriteItemType.TENSOR or write_item.tensor_data is None:
+            return None
+        leaf = self.lookup_object(write_item.index)
+        chunk = write_item.tensor_data.chunk
+        if not isinstance(leaf, torch.Tensor) or any(chunk.offsets) or tuple(chunk.sizes) != tuple(leaf.shape):
+            return None
+        if leaf.numel() * leaf.element_size() >= _ZIP32:
+            return None  # its record would need zip64 fields: torch.save writes it
+        found = span_of(self._fetch, leaf)
+        return None if found is None else (leaf, found)
 
 
 def check_keys(tree: Any, fn: str) -> None:
@@ -95,12 +116,21 @@ class _OneFilePerRankWriter(FileSystemWriter):
         with open(Path(self.path) / name, "wb") as stream:
             for item in values_first:
                 offset = stream.tell()
-                data = planner.resolve_data(item)
-                if isinstance(data, io.BytesIO):
-                    stream.write(data.getbuffer())
+                spanned = planner.span(item) if isinstance(planner, _FetchingSavePlanner) else None
+                if spanned is not None:
+                    write_tensor_archive(stream, *spanned)
                 else:
-                    torch.save(_compact_cpu(data), stream)
-                del data  # before the next is fetched
+                    data = planner.resolve_data(item)
+                    if isinstance(data, io.BytesIO):
+                        stream.write(data.getbuffer())
+                    else:
+                        tensor = _compact_cpu(data)
+                        if _archivable(tensor):
+                            write_tensor_archive(stream, tensor, tensor)
+                        else:
+                            torch.save(tensor, stream)
+                        del tensor
+                    del data  # before the next is fetched
                 length = stream.tell() - offset
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length)))
             if self.sync_files:
@@ -109,6 +139,106 @@ class _OneFilePerRankWriter(FileSystemWriter):
         done: Future[list[WriteResult]] = Future()
         done.set_result(results)
         return done
+
+
+# -- a torch.save archive of a stored tensor ----------------------------------------
+
+_ZIP32 = 0xFFFFFFFF  # below this size a record needs no zip64 fields; a larger one goes through torch.save
+_ALIGN = 64  # torch aligns each record's data to 64 bytes (``.storage_alignment``), for mmap loads
+
+
+def _archivable(tensor: torch.Tensor) -> bool:
+    """Whether :func:`write_tensor_archive` writes ``tensor`` (a compact CPU
+    tensor): plain strided data under 4 GiB; torch.save writes the rest."""
+    return (
+        tensor.layout == torch.strided and not tensor.is_quantized and tensor.device.type == "cpu"
+        and tensor.is_contiguous() and tensor.numel() * tensor.element_size() < _ZIP32
+    )
+
+
+def write_tensor_archive(out: IO[bytes], leaf: torch.Tensor, data: FileSpan | torch.Tensor) -> None:
+    """Append to ``out`` the ``torch.save`` archive of the tensor ``leaf``
+    (shape and dtype), laid out as torch lays it out (the records, names,
+    alignment and zip64 end records of miniz). Its bytes are ``data``: a
+    span of a file, copied by the kernel, or a contiguous CPU tensor,
+    written from its memory; either way their CRC is summed by zlib in a
+    second thread beside the copy (miniz's own, in torch.save, sums at about
+    a third of the speed, before it writes)."""
+    start = out.tell()
+    central = []
+    pickled = _tensor_pickle(leaf)
+
+    def record(name: str, small: Optional[bytes]) -> None:
+        at = out.tell() - start
+        encoded = f"archive/{name}".encode()
+        pad = -(at + 30 + len(encoded) + 4) % _ALIGN
+        extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
+        out.write(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(encoded), len(extra)))
+        out.write(encoded + extra)
+        if small is not None:
+            out.write(small)
+            crc, size = zlib.crc32(small), len(small)
+        elif isinstance(data, FileSpan):
+            copied = copy_span(data, out, crc=True)
+            assert copied is not None  # asked for
+            crc, size = copied, data.nbytes
+        else:
+            crc, size = write_summed(out, data), data.numel() * data.element_size()
+        out.write(struct.pack("<4sIII", b"PK\x07\x08", crc, size, size))
+        central.append(
+            struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 0, 0, _FLAGS, 0, 0, 0, crc, size, size, len(encoded), 0, 0, 0, 0, 0, at)
+            + encoded
+        )
+
+    record("data.pkl", pickled)
+    record(".format_version", b"1")
+    record(".storage_alignment", str(_ALIGN).encode())
+    record("byteorder", sys.byteorder.encode())
+    record("data/0", None)
+    record("version", b"3\n")
+    record(".data/serialization_id", f"{zlib.crc32(pickled):040d}".encode())
+    directory = out.tell() - start
+    out.write(b"".join(central))
+    size, n = out.tell() - start - directory, len(central)
+    end64 = out.tell() - start
+    out.write(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x031E, 0x002D, 0, 0, n, n, size, directory))
+    out.write(struct.pack("<4sIQI", b"PK\x06\x07", 0, end64, 1))
+    out.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, size, directory, 0))
+
+
+_FLAGS = 0x0808  # sizes and CRC in a descriptor after the data; UTF-8 names (as miniz writes for torch)
+
+
+class _StorageRef:
+    """Stands for the storage in a tensor's pickle: pickled by reference."""
+
+
+class _TensorPickler(pickle.Pickler):
+    def __init__(self, file: IO[bytes], storage: tuple[Any, ...]) -> None:
+        super().__init__(file, protocol=2)
+        self._storage = storage
+
+    def persistent_id(self, obj: Any) -> Optional[tuple[Any, ...]]:
+        return self._storage if isinstance(obj, _StorageRef) else None
+
+
+class _Rebuilt:
+    """Pickles as ``torch._utils._rebuild_tensor_v2`` of a contiguous tensor, as torch pickles one."""
+
+    def __init__(self, leaf: torch.Tensor) -> None:
+        self._shape, self._stride = tuple(leaf.shape), contiguous_strides(tuple(leaf.shape))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (torch._utils._rebuild_tensor_v2, (_StorageRef(), 0, self._shape, self._stride, False, collections.OrderedDict()))
+
+
+def _tensor_pickle(leaf: torch.Tensor) -> bytes:
+    """The ``data.pkl`` torch.save writes for a contiguous CPU tensor of ``leaf``'s shape and dtype."""
+    typed = torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(0), dtype=leaf.dtype, _internal=True)  # type: ignore[no-untyped-call]
+    storage_type = getattr(torch, typed._pickle_storage_type())  # type: ignore[no-untyped-call]
+    buffer = io.BytesIO()
+    _TensorPickler(buffer, ("storage", storage_type, "0", "cpu", leaf.numel())).dump(_Rebuilt(leaf))
+    return buffer.getvalue()
 
 
 def _compact_cpu(tensor: torch.Tensor) -> torch.Tensor:

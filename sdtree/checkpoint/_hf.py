@@ -60,6 +60,7 @@ from sdtree.checkpoint._safetensors import (
     write_safetensors,
 )
 from sdtree.checkpoint._shard_files import names_inside, shard_file_size
+from sdtree.checkpoint._spans import FileSpan
 from sdtree.checkpoint._torch_file import open_torch_file
 from sdtree.errors import CheckpointFormatError, CorruptCheckpointError, preview as _preview
 
@@ -146,12 +147,14 @@ def open_hf(path: Path, *, trust_pickle: bool) -> Checkpoint:
     readers: dict[int, Callable[[], torch.Tensor]] = {}
     borrowers: dict[int, Callable[[], torch.Tensor]] = {}
     mapped: set[int] = set()
+    spans: dict[int, Callable[[], Optional[FileSpan]]] = {}
     for _, shard in shards:
         for key, leaf in shard.tree.items():
             tree[key] = leaf
             if shard.is_placeholder(leaf):
                 readers[id(leaf)] = functools.partial(shard.fetch, leaf)
                 borrowers[id(leaf)] = functools.partial(shard.borrow, leaf)
+                spans[id(leaf)] = functools.partial(shard.span, leaf)
                 if shard.is_mapped(leaf):
                     mapped.add(id(leaf))
     if weight_map is not None:
@@ -161,7 +164,9 @@ def open_hf(path: Path, *, trust_pickle: bool) -> Checkpoint:
     infos = tuple(
         ShardInfo(name, (path / name).stat().st_size, len({id(leaf) for leaf in shard.tree.values()})) for name, shard in shards
     )
-    return Checkpoint(path, "hf", tree, readers=readers, shards=infos, borrowers=borrowers, mapped=frozenset(mapped))
+    return Checkpoint(
+        path, "hf", tree, readers=readers, shards=infos, borrowers=borrowers, mapped=frozenset(mapped), spans=spans
+    )
 
 
 def _read_index(index: Path, what: str, name: str) -> tuple[dict[str, str], dict[str, Any]]:

@@ -19,6 +19,7 @@ import torch
 
 from sdtree._tree import tree_flatten_with_path, tree_map
 from sdtree.checkpoint._formats import Format
+from sdtree.checkpoint._spans import FileSpan
 from sdtree.errors import CorruptCheckpointError, UnsupportedLeafError
 
 __all__ = [
@@ -76,6 +77,8 @@ class Checkpoint:
     # and the placeholders whose borrower always maps (never falls back to a copy).
     _borrowers: Mapping[int, Callable[[], torch.Tensor]] = attrs.field(repr=False, alias="borrowers", factory=dict)
     _mapped: frozenset[int] = attrs.field(repr=False, alias="mapped", factory=frozenset)
+    # Where a placeholder's bytes lie in a file as the tensor's own (see span).
+    _spans: Mapping[int, Callable[[], Optional[FileSpan]]] = attrs.field(repr=False, alias="spans", factory=dict)
 
     def is_placeholder(self, leaf: Any) -> bool:
         """Whether ``leaf`` is one of this checkpoint's placeholders."""
@@ -104,6 +107,15 @@ class Checkpoint:
         """
         borrower = self._borrowers.get(id(tensor))
         return self.fetch(tensor) if borrower is None else borrower()
+
+    def span(self, leaf: Any) -> Optional[FileSpan]:
+        """Where the file stores the bytes of the tensor ``leaf`` stands for,
+        exactly as the tensor's own (contiguous, this machine's byte order),
+        for a writer to copy them without reading them (see
+        ``sdtree.checkpoint._spans``); None where it does not, or ``leaf``
+        is no placeholder. A span's CRC, if it has one, is the writer's to check."""
+        spanner = self._spans.get(id(leaf))
+        return None if spanner is None else spanner()
 
     def is_mapped(self, leaf: Any) -> bool:
         """Whether :meth:`borrow` always gives ``leaf`` as a view of the file

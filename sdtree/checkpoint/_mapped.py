@@ -1,8 +1,9 @@
 """Borrowed tensors: views of a checkpoint file's bytes, mapped copy-on-write.
 
-A conversion that writes a tensor as it is stored need not read it into
-memory of its own first: :meth:`Checkpoint.borrow` maps the bytes where they
-lie in the file (``mmap`` with ``MAP_PRIVATE``) and views them as the tensor.
+A conversion that computes from a tensor as it is stored need not read it
+into memory of its own first: :meth:`Checkpoint.borrow` maps the bytes where
+they lie in the file (``mmap`` with ``MAP_PRIVATE``) and views them as the
+tensor. (One written exactly as stored is not even mapped: see ``_spans``.)
 Its pages are the page cache's, not the process's anonymous memory, and a
 write into the tensor goes to a private copy of the page, never to the file.
 Each borrowed tensor has a mapping of its own, unmapped when the last view of

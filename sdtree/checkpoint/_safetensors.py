@@ -30,15 +30,17 @@ import ctypes
 import functools
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import safe_open
 
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, fetched_plain, first_aliases, not_flat_model
 from sdtree.checkpoint._mapped import FileIdentity, identity_of, map_bytes
+from sdtree.checkpoint._spans import FileSpan, copy_span, span_of
 from sdtree.errors import CheckpointFormatError, CorruptCheckpointError
 
 __all__ = ["open_safetensors", "write_safetensors", "check_model_state_dict", "with_aliases", "loads_unique", "ALIASES_KEY"]
@@ -90,6 +92,7 @@ def open_safetensors(path: Path) -> Checkpoint:
     tree: dict[str, torch.Tensor] = {}
     readers: dict[int, Callable[[], torch.Tensor]] = {}
     borrowers: dict[int, Callable[[], torch.Tensor]] = {}
+    spans: dict[int, Callable[[], Optional[FileSpan]]] = {}
     for key, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
         if entry["dtype"] not in _DTYPES:
             raise CheckpointFormatError(
@@ -101,8 +104,11 @@ def open_safetensors(path: Path) -> Checkpoint:
         readers[id(placeholder)] = functools.partial(_get_tensor, file, key, what)
         begin = data_start + entry["data_offsets"][0]
         borrowers[id(placeholder)] = functools.partial(_mapped_tensor, path, begin, placeholder, identity, f"{what}: {key!r}")
+        nbytes = placeholder.numel() * placeholder.element_size()
+        if nbytes and sys.byteorder == "little":  # safetensors stores little-endian
+            spans[id(placeholder)] = functools.partial(FileSpan, str(path), begin, nbytes, None, identity, f"{what}: {key!r}")
     tree = _with_aliases(tree, file.metadata() or {}, what)
-    return Checkpoint(path, "safetensors", tree, readers=readers, borrowers=borrowers, mapped=frozenset(borrowers))
+    return Checkpoint(path, "safetensors", tree, readers=readers, borrowers=borrowers, mapped=frozenset(borrowers), spans=spans)
 
 
 def _mapped_tensor(path: Path, offset: int, leaf: torch.Tensor, identity: FileIdentity, what: str) -> torch.Tensor:
@@ -253,6 +259,10 @@ def write_safetensors(path: Path, tree: Any, fetch: Fetch, *, fn: str) -> None:
         file.write(len(header).to_bytes(8, "little"))
         file.write(header)
         for key, leaf in stored:
+            span = span_of(fetch, leaf)
+            if span is not None and span.nbytes == leaf.numel() * leaf.element_size():
+                copy_span(span, file, crc=False)  # stored as it is written: copied by the kernel
+                continue
             tensor = fetched_plain(fetch(leaf), leaf, key, fn)
             if tensor.nbytes:
                 file.write((ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr()))

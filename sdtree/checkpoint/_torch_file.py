@@ -55,6 +55,7 @@ from sdtree._tree import tree_flatten, tree_flatten_with_path, tree_unflatten
 from sdtree.checkpoint._formats import ZIP_MAGIC
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, dotted, fetched_plain, first_aliases
 from sdtree.checkpoint._mapped import crc_of, map_bytes
+from sdtree.checkpoint._spans import FileSpan
 from sdtree.checkpoint._pickle import TRUST_HINT, torch_load, unpickle_torch_data
 from sdtree.errors import CheckpointFormatError, CorruptCheckpointError, UnsupportedLeafError
 from sdtree.transforms.tensors import contiguous_strides
@@ -257,23 +258,41 @@ class TorchArchive:
             raise CorruptCheckpointError(f"{self.what} is corrupt: storage record data/{key} is missing or resized.")
         self._read_entry(info, memoryview((ctypes.c_ubyte * nbytes).from_address(out.data_ptr())).cast("B") if nbytes else memoryview(b""))
 
-    def map_record(self, key: str, path: Path, base: int) -> Optional[torch.Tensor]:
-        """The record ``data/<key>`` as a uint8 tensor over a private mapping
-        of ``path`` (which holds this archive from byte ``base``), its CRC
-        checked; ``None`` where it is compressed, so it must be read."""
+    def _stored_record(self, key: str) -> Optional[tuple[zipfile.ZipInfo, int]]:
+        """The entry of the record ``data/<key>`` and where its data starts in
+        the archive; ``None`` where it is compressed (it must be read)."""
         info = self.entries.get(f"{self.prefix}data/{key}")
         if info is None or info.compress_type != zipfile.ZIP_STORED:
             return None
         try:
             with contextlib.ExitStack() as stack:
                 file = stack.enter_context(open(self.source, "rb")) if isinstance(self.source, Path) else self.source
-                start = _data_start(file, info)
+                return info, _data_start(file, info)
         except (zipfile.BadZipFile, OSError) as err:
             raise CorruptCheckpointError(f"{self.what} is corrupt or truncated: {info.filename}: {err}") from None
+
+    def map_record(self, key: str, path: Path, base: int) -> Optional[torch.Tensor]:
+        """The record ``data/<key>`` as a uint8 tensor over a private mapping
+        of ``path`` (which holds this archive from byte ``base``), its CRC
+        checked; ``None`` where it is compressed, so it must be read."""
+        stored = self._stored_record(key)
+        if stored is None:
+            return None
+        info, start = stored
         data = map_bytes(path, base + start, info.file_size, self.what)
         if info.CRC and crc_of(data) != info.CRC:  # 0: torch wrote no CRC
             raise CorruptCheckpointError(f"{self.what} is corrupt: its record {info.filename} fails its CRC check.")
         return data
+
+    def record_span(self, key: str, path: Path, base: int, what: str) -> Optional[FileSpan]:
+        """Where the bytes of the record ``data/<key>`` lie in ``path`` (which
+        holds this archive from byte ``base``), with the CRC they must pass;
+        ``None`` where the record is compressed."""
+        stored = self._stored_record(key)
+        if stored is None:
+            return None
+        info, start = stored
+        return FileSpan(str(path), base + start, info.file_size, info.CRC or None, None, what)  # CRC 0: torch wrote none
 
     def read(self, record: Record, meta: torch.Tensor) -> torch.Tensor:
         """Read the tensor that the placeholder ``meta``, on ``record``, stands for."""
