@@ -29,7 +29,7 @@ from sdtree.checkpoint.layout import (
 )
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, as_is, dotted, first_aliases, tensor_items
 from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
-from sdtree.checkpoint._spans import SpanningFetch
+from sdtree.checkpoint._spans import PIECEWISE, SpanningFetch, concatenates_bytes
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
 from sdtree.errors import CheckpointFormatError, NothingToWriteError, UnsupportedLeafError, preview as _preview
 from sdtree.transforms.compose import Transform
@@ -429,31 +429,36 @@ def _plan(checkpoint: Checkpoint, source: Any, tree: Any, fmt: Format) -> tuple[
         if id(leaf) not in written:
             continue
         written.discard(id(leaf))  # tied: planned once, under its first key
-        sources, rules, peak = _trace(leaf, source_keys, key, checkpoint.is_mapped)
+        nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
+        limit = PIECEWISE.get(fmt, 0)  # None: no limit
+        piecewise = fmt in PIECEWISE and (limit is None or nbytes < limit)
+        sources, rules, peak = _trace(leaf, source_keys, key, checkpoint.is_mapped, piecewise)
         plan.append(PlannedTensor(key, tuple(leaf.shape), leaf.dtype, tuple(dict.fromkeys(sources)), rules, peak))
     return tuple(plan)
 
 
 def _trace(
-    leaf: Planned, source_keys: Mapping[int, str], key: str, mapped: Callable[[torch.Tensor], bool]
+    leaf: Planned, source_keys: Mapping[int, str], key: str, mapped: Callable[[torch.Tensor], bool], piecewise: bool
 ) -> tuple[list[str], tuple[str, ...], int]:
     """``(source keys, rules innermost first, bytes held)`` of a planned tensor
     (its derivation's sources: tensors, or outputs a pipeline left pending); a
-    source ``mapped`` from its file holds none."""
+    source ``mapped`` from its file holds none; written ``piecewise``, a
+    concatenation along dim 0 holds one part at a time, never itself (see ``_spans``)."""
     derived = derivation_of(leaf)
     if derived is None:
         # only a rule's outputs are pending, and those have a derivation: ``leaf`` is a source tensor
         borrowed = isinstance(leaf, torch.Tensor) and mapped(leaf)
         return [source_keys.get(id(leaf), key)], (), 0 if borrowed else math.prod(leaf.shape) * leaf.dtype.itemsize
     derivation = derived[0]
+    in_pieces = piecewise and concatenates_bytes(derivation)
     sources: list[str] = []
     rules: list[str] = []
-    held = sum(math.prod(shape) * dtype.itemsize for shape, dtype in derivation.outputs)
+    held = 0 if in_pieces else sum(math.prod(shape) * dtype.itemsize for shape, dtype in derivation.outputs)
     for part in derivation.sources:
-        part_sources, part_rules, part_held = _trace(part, source_keys, key, mapped)
+        part_sources, part_rules, part_held = _trace(part, source_keys, key, mapped, in_pieces)
         sources += part_sources
         rules += [r for r in part_rules if r not in rules]
-        held += part_held
+        held = max(held, part_held) if in_pieces else held + part_held
     return sources, (*rules, derivation.rule), held
 
 

@@ -39,7 +39,7 @@ from sdtree._tree import tree_flatten_with_accessor
 from sdtree.checkpoint._atomic import atomic_destination, check_destination, commit, remove, temporary_name
 from sdtree.checkpoint._dcp_read import quiet_single_process, unwrapped_errors
 from sdtree.checkpoint._lazy import Fetch, as_is
-from sdtree.checkpoint._spans import FileSpan, copy_span, span_of, write_summed
+from sdtree.checkpoint._spans import Piece, pieces_of, write_pieces
 from sdtree.transforms.tensors import contiguous_strides
 from sdtree.errors import CheckpointFormatError
 
@@ -58,9 +58,9 @@ class _FetchingSavePlanner(DefaultSavePlanner):
             return self._fetch(self.lookup_object(write_item.index))
         return super().resolve_data(write_item)
 
-    def span(self, write_item: WriteItem) -> Optional[tuple[torch.Tensor, FileSpan]]:
-        """The tensor of ``write_item`` and the span of its stored bytes, if
-        it is a whole tensor stored plainly (see ``_spans``)."""
+    def pieces(self, write_item: WriteItem) -> Optional[tuple[torch.Tensor, list[Piece]]]:
+        """The tensor of ``write_item`` and the pieces of its bytes, if it is
+        a whole tensor whose bytes come in pieces (see ``_spans``)."""
         if write_item.type != WriteItemType.TENSOR or write_item.tensor_data is None:
             return None
         leaf = self.lookup_object(write_item.index)
@@ -69,7 +69,7 @@ class _FetchingSavePlanner(DefaultSavePlanner):
             return None
         if leaf.numel() * leaf.element_size() >= _ZIP32:
             return None  # its record would need zip64 fields: torch.save writes it
-        found = span_of(self._fetch, leaf)
+        found = pieces_of(self._fetch, leaf)
         return None if found is None else (leaf, found)
 
 
@@ -102,6 +102,7 @@ class _OneFilePerRankWriter(FileSystemWriter):
     def __init__(self, directory: Path, checkpoint_id: Path, *, sync: bool) -> None:
         super().__init__(directory, single_file_per_rank=True, thread_count=1, sync_files=sync)
         self._checkpoint_id = checkpoint_id
+        self._what = f"DCP checkpoint {str(checkpoint_id)!r}"
 
     def storage_meta(self) -> Optional[StorageMeta]:
         meta = super().storage_meta()
@@ -116,9 +117,9 @@ class _OneFilePerRankWriter(FileSystemWriter):
         with open(Path(self.path) / name, "wb") as stream:
             for item in values_first:
                 offset = stream.tell()
-                spanned = planner.span(item) if isinstance(planner, _FetchingSavePlanner) else None
-                if spanned is not None:
-                    write_tensor_archive(stream, *spanned)
+                pieces = planner.pieces(item) if isinstance(planner, _FetchingSavePlanner) else None
+                if pieces is not None:
+                    write_tensor_archive(stream, *pieces, f"{self._what}: {item.index.fqn!r}")
                 else:
                     data = planner.resolve_data(item)
                     if isinstance(data, io.BytesIO):
@@ -126,7 +127,7 @@ class _OneFilePerRankWriter(FileSystemWriter):
                     else:
                         tensor = _compact_cpu(data)
                         if _archivable(tensor):
-                            write_tensor_archive(stream, tensor, tensor)
+                            write_tensor_archive(stream, tensor, [lambda: tensor], f"{self._what}: {item.index.fqn!r}")
                         else:
                             torch.save(tensor, stream)
                         del tensor
@@ -156,14 +157,14 @@ def _archivable(tensor: torch.Tensor) -> bool:
     )
 
 
-def write_tensor_archive(out: IO[bytes], leaf: torch.Tensor, data: FileSpan | torch.Tensor) -> None:
+def write_tensor_archive(out: IO[bytes], leaf: torch.Tensor, pieces: list[Piece], what: str) -> None:
     """Append to ``out`` the ``torch.save`` archive of the tensor ``leaf``
     (shape and dtype), laid out as torch lays it out (the records, names,
-    alignment and zip64 end records of miniz). Its bytes are ``data``: a
-    span of a file, copied by the kernel, or a contiguous CPU tensor,
-    written from its memory; either way their CRC is summed by zlib in a
-    second thread beside the copy (miniz's own, in torch.save, sums at about
-    a third of the speed, before it writes)."""
+    alignment and zip64 end records of miniz). Its bytes are ``pieces`` (see
+    ``_spans``): spans of files, copied by the kernel, and tensors, written
+    from their memory; either way their CRC is summed by zlib in a second
+    thread beside the copy (miniz's own, in torch.save, sums at about a
+    third of the speed, before it writes). ``what`` names the tensor in errors."""
     start = out.tell()
     central = []
     pickled = _tensor_pickle(leaf)
@@ -178,12 +179,10 @@ def write_tensor_archive(out: IO[bytes], leaf: torch.Tensor, data: FileSpan | to
         if small is not None:
             out.write(small)
             crc, size = zlib.crc32(small), len(small)
-        elif isinstance(data, FileSpan):
-            copied = copy_span(data, out, crc=True)
-            assert copied is not None  # asked for
-            crc, size = copied, data.nbytes
         else:
-            crc, size = write_summed(out, data), data.numel() * data.element_size()
+            summed = write_pieces(out, pieces, leaf, crc=True, what=what)
+            assert summed is not None  # asked for
+            crc, size = summed, leaf.numel() * leaf.element_size()
         out.write(struct.pack("<4sIII", b"PK\x07\x08", crc, size, size))
         central.append(
             struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 0, 0, _FLAGS, 0, 0, 0, crc, size, size, len(encoded), 0, 0, 0, 0, 0, at)

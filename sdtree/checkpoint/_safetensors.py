@@ -40,7 +40,7 @@ from safetensors import safe_open
 
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, fetched_plain, first_aliases, not_flat_model
 from sdtree.checkpoint._mapped import FileIdentity, identity_of, map_bytes
-from sdtree.checkpoint._spans import FileSpan, copy_span, span_of
+from sdtree.checkpoint._spans import FileSpan, pieces_of, write_pieces
 from sdtree.errors import CheckpointFormatError, CorruptCheckpointError
 
 __all__ = ["open_safetensors", "write_safetensors", "check_model_state_dict", "with_aliases", "loads_unique", "ALIASES_KEY"]
@@ -259,9 +259,9 @@ def write_safetensors(path: Path, tree: Any, fetch: Fetch, *, fn: str) -> None:
         file.write(len(header).to_bytes(8, "little"))
         file.write(header)
         for key, leaf in stored:
-            span = span_of(fetch, leaf)
-            if span is not None and span.nbytes == leaf.numel() * leaf.element_size():
-                copy_span(span, file, crc=False)  # stored as it is written: copied by the kernel
+            pieces = pieces_of(fetch, leaf)
+            if pieces is not None:  # stored as it is written (or fused from such): copied by the kernel
+                write_pieces(file, pieces, leaf, crc=False, what=f"{fn}: {key!r}")
                 continue
             tensor = fetched_plain(fetch(leaf), leaf, key, fn)
             if tensor.nbytes:

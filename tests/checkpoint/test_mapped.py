@@ -171,7 +171,7 @@ def test_the_planned_peak_bounds_the_memory_a_conversion_holds(tmp_path):
     model = {f"l.{i}.{n}": torch.randn(2560, 4096, generator=g) for i in range(2) for n in ("gate", "up")}
     src = tmp_path / "src.safetensors"
     save(model, src)
-    rule = fuse(["l.{i}.gate", "l.{i}.up"], "l.{i}.w13")
+    rule = fuse(["l.{i}.gate", "l.{i}.up"], "l.{i}.w13", dim=1)  # along dim 1: the output must be computed
     plan = convert(src, tmp_path / "plan", transform=rule, to="hf", dry_run=True)
     assert plan.peak_bytes == 80 * MIB  # the fused output; its sources are mapped
     done, peak = _peak_anon_during(lambda: convert(src, tmp_path / "out", transform=rule, to="hf", sync=False))
@@ -179,4 +179,13 @@ def test_the_planned_peak_bounds_the_memory_a_conversion_holds(tmp_path):
     assert peak <= plan.peak_bytes + 8 * MIB, f"held {peak / MIB:.0f} MiB, planned {plan.peak_bytes / MIB:.0f}"
     assert peak >= plan.peak_bytes / 2  # the measure sees the fused output: it does measure
     _, copied = _peak_anon_during(lambda: convert(src, tmp_path / "copy", to="hf", sync=False))
-    assert copied <= 8 * MIB  # every tensor written from the mapped file
+    assert copied <= 8 * MIB  # every tensor copied from the file
+    # along dim 0 the output's bytes are its sources', one after another: copied from the file, never held
+    stacked = fuse(["l.{i}.gate", "l.{i}.up"], "l.{i}.w13")
+    plan = convert(src, tmp_path / "plan0", transform=stacked, to="hf", dry_run=True)
+    assert plan.peak_bytes == 0
+    done, held = _peak_anon_during(lambda: convert(src, tmp_path / "out0", transform=stacked, to="hf", sync=False))
+    assert held <= 8 * MIB, f"held {held / MIB:.0f} MiB"
+    assert_state_dict_equal(load(tmp_path / "out0"), stacked(model))
+    on_torch = convert(src, tmp_path / "plan.pt", transform=stacked, dry_run=True)
+    assert on_torch.peak_bytes == 80 * MIB  # a torch.save file is written whole: the output is computed

@@ -79,10 +79,10 @@ def test_tensors_stored_as_written_are_copied_by_the_kernel_not_read(tmp_path, m
 def test_a_tensor_archive_is_what_torch_save_writes(tmp_path, tensor, source):
     src = tmp_path / "bytes"
     src.write_bytes(b"junk" + tensor.reshape(-1).view(torch.uint8).numpy().tobytes() + b"tail")
-    data = FileSpan(str(src), 4, tensor.numel() * tensor.element_size(), None, None, "t") if source == "span" else tensor
+    data = FileSpan(str(src), 4, tensor.numel() * tensor.element_size(), None, None, "t") if source == "span" else (lambda: tensor)
     with open(tmp_path / "data.distcp", "wb") as out:
         out.write(b"x" * 7)  # appended after other bytes, as in a .distcp file
-        write_tensor_archive(out, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"), data)
+        write_tensor_archive(out, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"), [data], "t")
     blob = (tmp_path / "data.distcp").read_bytes()[7:]
     loaded = torch.load(io.BytesIO(blob), weights_only=True)
     assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor)
@@ -186,3 +186,42 @@ def test_only_whole_plain_tensors_have_spans(tmp_path):
     assert checkpoint.span(checkpoint.tree["small"]) is None  # below 1 MiB a DCP tensor is read
     st = open_checkpoint(_source(tmp_path, "safetensors", small))
     assert st.span(st.tree["small"]).nbytes == 16 and st.span(torch.ones(2)) is None  # not a placeholder
+
+
+@pytest.mark.parametrize("dst_fmt", sorted(DESTINATIONS))
+@pytest.mark.parametrize("src_fmt", sorted(SOURCES))
+def test_a_fuse_along_dim_0_is_written_from_its_parts_bytes(tmp_path, monkeypatch, src_fmt, dst_fmt):
+    from sdtree.transforms import fuse, permute_for_rope
+
+    g = torch.Generator().manual_seed(1)
+    model = {f"l.{i}.{n}": torch.randn(512, 512, generator=g) for i in range(2) for n in ("q", "k", "v")}
+    src = _source(tmp_path, src_fmt, model)
+    rule = permute_for_rope("l.{i}.q", n_heads=8) >> fuse(["l.{i}.q", "l.{i}.k", "l.{i}.v"], "l.{i}.qkv", sizes=(512, 512, 512))
+    reads, spans = _counting(monkeypatch)
+    dst = tmp_path / DESTINATIONS[dst_fmt]
+    # one permuted q at a time (and the q it is permuted from, where it is read rather than mapped: DCP)
+    assert convert(src, dst, transform=rule, to=dst_fmt, dry_run=True).peak_bytes == (2 if src_fmt == "dcp" else 1) * MIB
+    convert(src, dst, transform=rule, to=dst_fmt)
+    # each q read (to permute it); each k and v copied by the kernel into the fused output, which is never built
+    assert len({id(t) for t in reads}) == 2 and len({id(t) for t in spans}) == 4
+    monkeypatch.undo()
+    assert_state_dict_equal(load(dst), rule(model))  # sdtree's reader checks each DCP record's CRC
+    if dst_fmt == "dcp":
+        into = {k: torch.empty_like(v) for k, v in rule(model).items()}
+        with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+            dcp.load(into, checkpoint_id=dst)
+        assert_state_dict_equal(into, rule(model))
+
+
+def test_a_corrupt_part_of_a_fuse_fails_the_conversion(tmp_path):
+    from sdtree.transforms import fuse
+
+    model = {"a": torch.zeros(512, 512), "b": torch.full((512, 512), 1.5)}
+    src = _source(tmp_path, "dcp", model)
+    (data,) = [p for p in src.iterdir() if p.suffix == ".distcp"]
+    raw = bytearray(data.read_bytes())
+    raw[raw.find(torch.full((64,), 1.5).numpy().tobytes()) + 4096] ^= 0xFF  # inside b, the second part
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match=r"src-dcp': 'b' is corrupt: its record .* fails its CRC check"):
+        convert(src, tmp_path / "out", transform=fuse(["a", "b"], "ab"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src-dcp"]
