@@ -48,7 +48,9 @@ _FILE_WRITERS: dict[Format, _Writer] = {"torch": write_torch_file, "safetensors"
 def _writer(fmt: Format, dst: Path, max_shard_size: Union[int, str, None], fn: str, sync: bool) -> _Writer:
     """``write(tmp, tree, fetch, fn=...)`` for ``fmt``, made before anything is
     read: a DCP directory records ``dst``, where ``tmp`` will be renamed to,
-    as its checkpoint id (its writer fsyncs each file with ``sync``); a
+    as its checkpoint id (its writer fsyncs each file with ``sync``, and
+    like the safetensors and hf writers starts each tensor's writeback as it
+    is written, see ``_atomic.start_writeback``); a
     Hugging Face one is sharded by ``max_shard_size`` (default ``"5GB"``),
     which the other formats refuse.
 
@@ -58,7 +60,7 @@ def _writer(fmt: Format, dst: Path, max_shard_size: Union[int, str, None], fn: s
     """
     if fmt == "hf":
         limit = parse_size(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size, fn=fn)
-        return functools.partial(write_hf, max_shard_size=limit)
+        return functools.partial(write_hf, max_shard_size=limit, sync=sync)
     if max_shard_size is not None:
         raise CheckpointFormatError(
             f"{fn}: max_shard_size={max_shard_size!r} (--max-shard-size) sets the shard size of a Hugging "
@@ -67,6 +69,8 @@ def _writer(fmt: Format, dst: Path, max_shard_size: Union[int, str, None], fn: s
         )
     if fmt == "dcp":
         return functools.partial(write_dcp, checkpoint_id=dst, sync=sync)
+    if fmt == "safetensors":
+        return functools.partial(write_safetensors, sync=sync)
     return _FILE_WRITERS[fmt]
 
 

@@ -8,6 +8,11 @@ conversion holds one tensor at a time. From several ranks the save is
 collective and sharded, and the ranks agree before anything is written and
 before it is renamed into place. ``.metadata`` names the checkpoint by its
 final path, not by the temporary directory it is written in.
+
+Each tensor's record is the ``torch.save`` archive torch's writer makes,
+written by :func:`write_tensor_archive` rather than by ``torch.save``: its
+bytes come as pieces (``_spans``), copied from the source file where it
+stores them, and their CRC is summed by zlib beside the copy.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from torch.futures import Future
 
 from sdtree._collectives import agree, first_error, from_leader, portable_error, several_ranks
 from sdtree._tree import tree_flatten_with_accessor
-from sdtree.checkpoint._atomic import atomic_destination, check_destination, commit, remove, temporary_name
+from sdtree.checkpoint._atomic import atomic_destination, check_destination, commit, remove, start_writeback, temporary_name
 from sdtree.checkpoint._dcp_read import quiet_single_process, unwrapped_errors
 from sdtree.checkpoint._lazy import Fetch, as_is
 from sdtree.checkpoint._spans import Piece, pieces_of, write_pieces
@@ -134,6 +139,9 @@ class _OneFilePerRankWriter(FileSystemWriter):
                     del data  # before the next is fetched
                 length = stream.tell() - offset
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length)))
+                if self.sync_files:
+                    stream.flush()
+                    start_writeback(stream.fileno(), offset, length)
             if self.sync_files:
                 stream.flush()
                 os.fsync(stream.fileno())

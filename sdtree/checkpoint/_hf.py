@@ -316,7 +316,7 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[
     return shards
 
 
-def write_hf(path: Path, tree: Any, fetch: Fetch, *, fn: str, max_shard_size: int) -> None:
+def write_hf(path: Path, tree: Any, fetch: Fetch, *, fn: str, max_shard_size: int, sync: bool = False) -> None:
     """Write a flat ``{key: tensor}`` state dict into the directory ``path``
     as Hugging Face does: shards of at most ``max_shard_size`` bytes and an
     index, or a single ``model.safetensors``."""
@@ -326,12 +326,12 @@ def write_hf(path: Path, tree: Any, fetch: Fetch, *, fn: str, max_shard_size: in
     stored = [key for i, key in enumerate(keys) if firsts[i] == i]
     shards = plan_shards([(key, model[key].numel() * model[key].element_size()) for key in stored], max_shard_size)
     if len(shards) == 1:  # save_pretrained writes no index then; the aliases go in the file's metadata
-        write_safetensors(path / _WRITTEN.single, model, fetch, fn=fn)
+        write_safetensors(path / _WRITTEN.single, model, fetch, fn=fn, sync=sync)
         return
     weight_map: dict[str, str] = {}
     for number, shard in enumerate(shards, 1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(path / name, {key: model[key] for key in shard}, fetch, fn=fn)
+        write_safetensors(path / name, {key: model[key] for key in shard}, fetch, fn=fn, sync=sync)
         weight_map.update(dict.fromkeys(shard, name))
     metadata: dict[str, Any] = {"total_size": sum(model[key].numel() * model[key].element_size() for key in stored)}
     aliases = [[i, key, keys[firsts[i]]] for i, key in enumerate(keys) if firsts[i] != i]

@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors import safe_open
 
+from sdtree.checkpoint._atomic import start_writeback
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, fetched_plain, first_aliases, not_flat_model
 from sdtree.checkpoint._mapped import FileIdentity, identity_of, map_bytes
 from sdtree.checkpoint._spans import FileSpan, pieces_of, write_pieces
@@ -234,8 +235,10 @@ def check_model_state_dict(tree: Any, fn: str, holder: str = "a safetensors file
     return model
 
 
-def write_safetensors(path: Path, tree: Any, fetch: Fetch, *, fn: str) -> None:
-    """Write a flat ``{key: tensor}`` state dict as safetensors, one tensor at a time."""
+def write_safetensors(path: Path, tree: Any, fetch: Fetch, *, fn: str, sync: bool = False) -> None:
+    """Write a flat ``{key: tensor}`` state dict as safetensors, one tensor at
+    a time; with ``sync`` (an fsync will follow), each tensor's writeback
+    starts as it is written."""
     model = check_model_state_dict(tree, fn)
     entries: dict[str, Any] = {}
     stored: list[tuple[str, torch.Tensor]] = []
@@ -259,11 +262,15 @@ def write_safetensors(path: Path, tree: Any, fetch: Fetch, *, fn: str) -> None:
         file.write(len(header).to_bytes(8, "little"))
         file.write(header)
         for key, leaf in stored:
+            start = file.tell()
             pieces = pieces_of(fetch, leaf)
             if pieces is not None:  # stored as it is written (or fused from such): copied by the kernel
                 write_pieces(file, pieces, leaf, crc=False, what=f"{fn}: {key!r}")
-                continue
-            tensor = fetched_plain(fetch(leaf), leaf, key, fn)
-            if tensor.nbytes:
-                file.write((ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr()))
-            del tensor
+            else:
+                tensor = fetched_plain(fetch(leaf), leaf, key, fn)
+                if tensor.nbytes:
+                    file.write((ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr()))
+                del tensor
+            if sync:
+                file.flush()
+                start_writeback(file.fileno(), start, file.tell() - start)

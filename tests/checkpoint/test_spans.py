@@ -225,3 +225,32 @@ def test_a_corrupt_part_of_a_fuse_fails_the_conversion(tmp_path):
     with pytest.raises(CorruptCheckpointError, match=r"src-dcp': 'b' is corrupt: its record .* fails its CRC check"):
         convert(src, tmp_path / "out", transform=fuse(["a", "b"], "ab"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src-dcp"]
+
+
+@pytest.mark.parametrize("dst_fmt", sorted(DESTINATIONS))
+@pytest.mark.parametrize("sync", [True, False])
+def test_a_durable_write_starts_each_tensors_writeback_as_it_is_written(tmp_path, monkeypatch, dst_fmt, sync):
+    import sdtree.checkpoint._dcp_write as dcp_write
+    import sdtree.checkpoint._safetensors as safetensors_write
+
+    src = _source(tmp_path, "safetensors")
+    calls = []
+    for module in (dcp_write, safetensors_write):
+        monkeypatch.setattr(module, "start_writeback", lambda fd, offset, nbytes: calls.append((offset, nbytes)))
+    convert(src, tmp_path / DESTINATIONS[dst_fmt], to=dst_fmt, sync=sync)
+    if not sync:
+        assert calls == []
+        return
+    sizes = sorted(n for _, n in calls)
+    assert len(calls) >= 3 and all(n > 0 for n in sizes)
+    assert sum(n for _, n in calls) >= sum(t.numel() * t.element_size() for t in _model().values())
+
+
+def test_start_writeback_leaves_a_failure_to_the_fsync(tmp_path):
+    from sdtree.checkpoint._atomic import start_writeback
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10000)
+    with open(path, "rb+") as file:
+        start_writeback(file.fileno(), 0, 10000)
+    start_writeback(-1, 0, 10)  # a bad descriptor: nothing raised, the fsync that follows reports what is wrong
