@@ -36,6 +36,7 @@ from sdtree.transforms.plans import Derivation, derivation_of
 __all__ = ["FileSpan", "Piece", "SpanningFetch", "pieces_of", "write_pieces", "concatenates_bytes", "copy_span", "write_summed", "PIECEWISE"]
 
 _BUFFER = 1 << 22  # 4 MiB: what the CRC thread reads at a time (stays in the cache while it is summed)
+_BESIDE = 1 << 20  # from this size a CRC is summed in a thread beside the copy; below, a thread costs more than it saves
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 
@@ -201,8 +202,10 @@ def _copy_range(source: int, out: int, span: FileSpan, at: int) -> None:
     else through a buffer."""
     done = 0
     while done < span.nbytes:
+        if _COPY_FILE_RANGE is None:  # not Linux
+            return _copy_through_buffer(source, out, span, at, done)
         try:
-            n = os.copy_file_range(source, out, span.nbytes - done, span.offset + done, at + done)
+            n = _COPY_FILE_RANGE(source, out, span.nbytes - done, span.offset + done, at + done)
         except OSError as err:
             if err.errno not in _NO_COPY_RANGE:
                 raise
@@ -213,10 +216,23 @@ def _copy_range(source: int, out: int, span: FileSpan, at: int) -> None:
     return None
 
 
+_COPY_FILE_RANGE = getattr(os, "copy_file_range", None)  # Linux only
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` from ``offset`` of ``fd``; the bytes read (``os.preadv``
+    where the system has it, which reads into the buffer itself)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)
+    view[: len(data)] = data
+    return len(data)
+
+
 def _copy_through_buffer(source: int, out: int, span: FileSpan, at: int, done: int) -> None:
     buffer = memoryview(bytearray(_BUFFER))
     while done < span.nbytes:
-        n = os.preadv(source, [buffer[: min(_BUFFER, span.nbytes - done)]], span.offset + done)
+        n = _pread_into(source, buffer[: min(_BUFFER, span.nbytes - done)], span.offset + done)
         if n == 0:
             raise CorruptCheckpointError(f"{span.what}: the file {span.path!r} ended before its bytes did (truncated?).")
         written = 0
@@ -228,12 +244,16 @@ def _copy_through_buffer(source: int, out: int, span: FileSpan, at: int, done: i
 class _Summer:
     """The CRC-32 of a span from 0 (what its source records), and continued
     from ``start`` if given (for the file it is copied into), computed in a
-    thread of its own while the caller copies it."""
+    thread of its own while the caller copies it (from 1 MiB; a smaller span
+    is summed after the copy, when its result is asked for)."""
 
     def __init__(self, fd: int, span: FileSpan, start: Optional[int]) -> None:
         self._fd, self._span, self._start = fd, span, start
         self._crcs: Optional[tuple[int, Optional[int]]] = None
         self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        if span.nbytes < _BESIDE:
+            return  # summed in result(), after the copy
         self._thread = threading.Thread(target=self._run, name="sdtree-crc", daemon=True)
         self._thread.start()
 
@@ -243,7 +263,7 @@ class _Summer:
             own, done, nbytes = 0, 0, self._span.nbytes
             continued = self._start or None  # continued from 0 is ``own``: summed once
             while done < nbytes:
-                n = os.preadv(self._fd, [buffer[: min(len(buffer), nbytes - done)]], self._span.offset + done)
+                n = _pread_into(self._fd, buffer[: min(len(buffer), nbytes - done)], self._span.offset + done)
                 if n == 0:
                     raise CorruptCheckpointError(
                         f"{self._span.what}: the file {self._span.path!r} ended before its bytes did (truncated?)."
@@ -258,7 +278,10 @@ class _Summer:
 
     def result(self) -> tuple[int, Optional[int]]:
         """``(the CRC from 0, the CRC continued from start, or None)``."""
-        self._thread.join()
+        if self._thread is None:
+            self._run()
+        else:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         assert self._crcs is not None
@@ -276,6 +299,9 @@ def write_summed(out: IO[bytes], tensor: torch.Tensor, *, start: Optional[int] =
     if start is None:
         out.write(view)
         return None
+    if nbytes < _BESIDE:
+        out.write(view)
+        return zlib.crc32(view, start)
     found: list[int] = []
     summer = threading.Thread(target=lambda: found.append(zlib.crc32(view, start)), name="sdtree-crc", daemon=True)
     summer.start()

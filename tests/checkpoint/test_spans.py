@@ -254,3 +254,15 @@ def test_start_writeback_leaves_a_failure_to_the_fsync(tmp_path):
     with open(path, "rb+") as file:
         start_writeback(file.fileno(), 0, 10000)
     start_writeback(-1, 0, 10)  # a bad descriptor: nothing raised, the fsync that follows reports what is wrong
+
+
+def test_copy_span_works_where_the_system_has_no_copy_file_range_or_preadv(tmp_path, monkeypatch):
+    import sdtree.checkpoint._spans as spans
+
+    path, span = _span(tmp_path, os.urandom(5 * MIB + 3), crc=None)
+    monkeypatch.setattr(spans, "_COPY_FILE_RANGE", None)  # as on macOS
+    monkeypatch.delattr(os, "preadv")
+    with open(tmp_path / "out.bin", "wb") as out:
+        summed = copy_span(span, out, crc=True)
+    assert (tmp_path / "out.bin").read_bytes() == path.read_bytes()[10:-10]
+    assert summed == zlib.crc32(path.read_bytes()[10:-10])
