@@ -21,10 +21,14 @@ def _round_trip(sd, name):
 
 
 def _same_objects(sd, loaded):
-    """Keys that held one tensor object still do."""
+    """Keys that held one tensor object still do. Only tensors: two keys may
+    hold one int or float object too (hypothesis hands out its boundary
+    values and nasty floats as the same objects), and no format keeps the
+    identity of numbers (pickle does not memoize them)."""
     groups = {}
     for key, value in sd.items():
-        groups.setdefault(id(value), []).append(key)
+        if isinstance(value, torch.Tensor):
+            groups.setdefault(id(value), []).append(key)
     return all(loaded[a] is loaded[b] for keys in groups.values() if len(keys) > 1 for a, b in zip(keys, keys[1:]))
 
 
