@@ -26,12 +26,11 @@ from sdtree.errors import (
     LayoutMismatchError,
     MissingPrefixError,
     NonStringKeyError,
-    PatternMatchError,
     preview,
 )
 from sdtree.fqn import split_flat_keys
 from sdtree.transforms.compose import Transform
-from sdtree.transforms.patterns import KeyPattern, PatternSet, is_pattern, key_pattern, non_str
+from sdtree.transforms.patterns import PatternSet, is_pattern, key_pattern, non_str
 from sdtree.types import PARAMS, PG, STATE, form_of
 
 __all__ = [

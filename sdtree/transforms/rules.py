@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
-from itertools import repeat
 from operator import attrgetter
 from typing import Any, NamedTuple, Optional
 
@@ -43,7 +42,7 @@ from sdtree.errors import (
     UnsupportedLeafError,
     preview as _preview,
 )
-from sdtree.types import PARAMS, PG, PG_DOT, STATE, STATE_DOT, form_of
+from sdtree.types import PARAMS, PG, STATE, STATE_DOT, form_of
 from sdtree.transforms.compose import Transform
 from sdtree.fqn import split_flat_keys
 from sdtree.transforms.patterns import KeyPattern, PatternSet, nearest_keys, non_str
