@@ -161,13 +161,18 @@ class Materializer:
         return outputs[index]
 
 
-def _proto(spec: Spec, protos: dict[Spec, torch.Tensor]) -> torch.Tensor:
-    """The meta tensor of ``spec`` whose detached aliases are the planned
-    outputs of that spec: several times cheaper to make than by torch.empty,
-    and a meta tensor holds no memory, so nothing can tie through an alias
-    (alias_key and the writers tell meta tensors apart by identity)."""
-    proto = protos[spec] = torch.empty(spec[0], dtype=spec[1], device="meta")
-    return proto
+def _planned_meta(spec: Spec, derived: tuple[Derivation, int], protos: dict[Spec, torch.Tensor]) -> torch.Tensor:
+    """A planned output of ``spec`` that remembers ``derived``: a detached
+    alias of the one meta tensor of that spec in ``protos`` (made on first
+    use), several times cheaper to make than by torch.empty. A meta tensor
+    holds no memory, so nothing can tie through an alias (alias_key and the
+    writers tell meta tensors apart by identity)."""
+    proto = protos.get(spec)
+    if proto is None:
+        proto = protos[spec] = torch.empty(spec[0], dtype=spec[1], device="meta")
+    out = proto.detach()
+    setattr(out, _DERIVED, derived)
+    return out
 
 
 def meta_outputs(derivation: Derivation, pending: bool, protos: dict[Spec, torch.Tensor]) -> list[Planned]:
@@ -177,13 +182,7 @@ def meta_outputs(derivation: Derivation, pending: bool, protos: dict[Spec, torch
         if len(specs) == 1:
             return [Pending(specs[0][0], specs[0][1], (derivation, 0))]
         return [Pending(shape, dtype, (derivation, i)) for i, (shape, dtype) in enumerate(specs)]
-    outputs: list[Planned] = []
-    for i, spec in enumerate(specs):
-        proto = protos.get(spec)
-        out = (_proto(spec, protos) if proto is None else proto).detach()
-        setattr(out, _DERIVED, (derivation, i))
-        outputs.append(out)
-    return outputs
+    return [_planned_meta(spec, (derivation, i), protos) for i, spec in enumerate(specs)]
 
 
 def single_outputs(
@@ -196,23 +195,13 @@ def single_outputs(
     if pending:
         return [new(Pending, (d.outputs[0][0], d.outputs[0][1], (d, 0))) for d in derivations]
     protos: dict[Spec, torch.Tensor] = {}
-    outputs: list[Planned] = []
-    for derivation in derivations:
-        spec = derivation.outputs[0]
-        proto = protos.get(spec)
-        out = (_proto(spec, protos) if proto is None else proto).detach()
-        setattr(out, _DERIVED, (derivation, 0))
-        outputs.append(out)
-    return outputs
+    return [_planned_meta(d.outputs[0], (d, 0), protos) for d in derivations]
 
 
 def _settle_one(value: Pending, protos: dict[Spec, torch.Tensor], made: dict[int, torch.Tensor]) -> torch.Tensor:
     settled = made.get(id(value))
     if settled is None:  # one meta tensor per pending output, however many keys hold it
-        spec = (value.shape, value.dtype)
-        proto = protos.get(spec)
-        settled = made[id(value)] = (_proto(spec, protos) if proto is None else proto).detach()
-        setattr(settled, _DERIVED, value[2])
+        settled = made[id(value)] = _planned_meta((value.shape, value.dtype), value[2], protos)
     return settled
 
 
