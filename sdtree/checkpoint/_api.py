@@ -14,7 +14,7 @@ import torch
 from sdtree._tree import tree_flatten, tree_flatten_with_path
 from sdtree.checkpoint._atomic import atomic_destination, check_destination, check_not_source
 from sdtree.checkpoint._dcp_read import load_dcp_into, open_dcp
-from sdtree.checkpoint._dcp_write import save_dcp, write_dcp
+from sdtree.checkpoint._dcp_write import ZIP32_LIMIT, save_dcp, write_dcp
 from sdtree.checkpoint._formats import Format, PathLike, destination_format, detect_format
 from sdtree.checkpoint._hf import DEFAULT_MAX_SHARD_SIZE, open_hf, parse_size, write_hf
 from sdtree.checkpoint.layout import (
@@ -29,7 +29,7 @@ from sdtree.checkpoint.layout import (
 )
 from sdtree.checkpoint._lazy import Checkpoint, Fetch, as_is, dotted, first_aliases, tensor_items
 from sdtree.checkpoint._safetensors import open_safetensors, write_safetensors
-from sdtree.checkpoint._spans import PIECEWISE, SpanningFetch, concatenates_bytes
+from sdtree.checkpoint._spans import SpanningFetch, concatenates_bytes
 from sdtree.checkpoint._torch_file import open_torch_file, write_torch_file
 from sdtree.errors import CheckpointFormatError, NothingToWriteError, UnsupportedLeafError, preview as _preview
 from sdtree.transforms.compose import Transform
@@ -42,6 +42,8 @@ Progress = Callable[[int, int], None]
 """Called after each tensor is fetched: ``progress(nbytes, total_bytes)``."""
 
 _Writer = Callable[..., None]
+# the formats whose writers write a tensor piece by piece (see _spans), and the size it must stay below (None: any)
+_PIECEWISE: dict[Format, Optional[int]] = {"dcp": ZIP32_LIMIT, "safetensors": None, "hf": None}
 _FILE_WRITERS: dict[Format, _Writer] = {"torch": write_torch_file, "safetensors": write_safetensors}
 
 
@@ -429,13 +431,12 @@ def _plan(checkpoint: Checkpoint, source: Any, tree: Any, fmt: Format) -> tuple[
     source_keys = {id(leaf): key for key, leaf in tensor_items(source)}
     written = {id(t) for t in _unique(tree, fmt)}
     plan = []
+    limit = _PIECEWISE.get(fmt, 0)  # 0: not piecewise
     for key, leaf in tensor_items(tree):
         if id(leaf) not in written:
             continue
         written.discard(id(leaf))  # tied: planned once, under its first key
-        nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
-        limit = PIECEWISE.get(fmt, 0)  # None: no limit
-        piecewise = fmt in PIECEWISE and (limit is None or nbytes < limit)
+        piecewise = limit is None or math.prod(leaf.shape) * leaf.dtype.itemsize < limit
         sources, rules, peak = _trace(leaf, source_keys, key, checkpoint.is_mapped, piecewise)
         plan.append(PlannedTensor(key, tuple(leaf.shape), leaf.dtype, tuple(dict.fromkeys(sources)), rules, peak))
     return tuple(plan)

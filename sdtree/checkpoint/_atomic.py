@@ -22,7 +22,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sdtree.errors import DestinationError, DestinationExistsError
 
@@ -175,14 +175,16 @@ _SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2  # start writing the dirty pages out; do not wait
 
 
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Start writing ``nbytes`` at ``offset`` of the file ``fd`` to the disk,
-    without waiting (Linux's ``sync_file_range``; elsewhere nothing): a writer
-    that will fsync at the end calls it as each tensor is written, so the
-    disk writes one tensor while the next is copied, and the fsync waits
-    only for the last. Durability still rests on the fsync."""
+def start_writeback(file: IO[bytes], offset: int) -> None:
+    """Start writing what ``file`` holds from ``offset`` to where it stands to
+    the disk, without waiting (Linux's ``sync_file_range``; elsewhere
+    nothing): a writer that will fsync at the end calls it as each tensor is
+    written, so the disk writes one tensor while the next is copied, and the
+    fsync waits only for the last. Durability still rests on the fsync."""
+    file.flush()
+    nbytes = file.tell() - offset
     if _SYNC_FILE_RANGE is not None and nbytes > 0:
-        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # a failure only leaves it to the fsync
+        _SYNC_FILE_RANGE(file.fileno(), offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # a failure only leaves it to the fsync
 
 
 @contextlib.contextmanager

@@ -213,19 +213,33 @@ def _plain_record(
     return (archive, record.key) if plain and record is not None else None
 
 
+@contextmanager
+def _large_plain_record(
+    reader: FileSystemReader, fqn: str, md: TensorStorageMetadata, what: str
+) -> Iterator[Optional[tuple[TorchArchive, str, Path, int]]]:
+    """``(archive, record key, file, archive's offset in it)`` of ``fqn``
+    where it is one plain chunk (see :func:`_plain_record`) of at least
+    1 MiB, as borrowing and spans take it, with its file open meanwhile
+    (the archive reads through it); else None."""
+    info = reader.storage_data.get(MetadataIndex(fqn, md.chunks[0].offsets, 0)) if len(md.chunks) == 1 else None
+    if info is None or getattr(info, "transform_descriptors", None) or (
+        math.prod(md.size) * md.properties.dtype.itemsize < _BORROW_MIN_BYTES
+    ):
+        yield None
+        return
+    path = Path(reader.path) / info.relative_path
+    with open(path, "rb") as file:
+        found = _plain_record(file, info.offset, info.length, md.size, md.properties.dtype, f"{what}: {fqn!r}")
+        yield None if found is None else (found[0], found[1], path, info.offset)
+
+
 def _borrow_tensor(reader: FileSystemReader, fqn: str, md: TensorStorageMetadata, what: str) -> torch.Tensor:
     """``fqn`` mapped from its ``.distcp`` file where it is one plain chunk
     of at least 1 MiB, its CRC checked (see ``_mapped``); else read."""
-    info = reader.storage_data.get(MetadataIndex(fqn, md.chunks[0].offsets, 0)) if len(md.chunks) == 1 else None
-    if info is not None and not getattr(info, "transform_descriptors", None):
-        nbytes = math.prod(md.size) * md.properties.dtype.itemsize
-        path = Path(reader.path) / info.relative_path
-        if nbytes >= _BORROW_MIN_BYTES:
-            with open(path, "rb") as file:
-                found = _plain_record(file, info.offset, info.length, md.size, md.properties.dtype, f"{what}: {fqn!r}")
-                data = found[0].map_record(found[1], path, info.offset) if found is not None else None
-            if data is not None:
-                return data.view(md.properties.dtype).view(md.size)
+    with _large_plain_record(reader, fqn, md, what) as found:
+        data = found[0].map_record(found[1], found[2], found[3]) if found is not None else None
+    if data is not None:
+        return data.view(md.properties.dtype).view(md.size)
     return _read_tensor(reader, fqn, md, what)
 
 
@@ -233,15 +247,8 @@ def _span_of(reader: FileSystemReader, fqn: str, md: TensorStorageMetadata, what
     """Where ``fqn``'s bytes lie in its ``.distcp`` file, where it is one
     plain chunk of at least 1 MiB (as :func:`_borrow_tensor` maps it), with
     the CRC its record holds; else None."""
-    info = reader.storage_data.get(MetadataIndex(fqn, md.chunks[0].offsets, 0)) if len(md.chunks) == 1 else None
-    if info is None or getattr(info, "transform_descriptors", None):
-        return None
-    if math.prod(md.size) * md.properties.dtype.itemsize < _BORROW_MIN_BYTES:
-        return None
-    path = Path(reader.path) / info.relative_path
-    with open(path, "rb") as file:
-        found = _plain_record(file, info.offset, info.length, md.size, md.properties.dtype, f"{what}: {fqn!r}")
-        return found[0].record_span(found[1], path, info.offset, f"{what}: {fqn!r}") if found is not None else None
+    with _large_plain_record(reader, fqn, md, what) as found:
+        return found[0].record_span(found[1], found[2], found[3], f"{what}: {fqn!r}") if found is not None else None
 
 
 def _narrow(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:

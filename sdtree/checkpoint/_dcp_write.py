@@ -48,7 +48,7 @@ from sdtree.checkpoint._spans import Piece, pieces_of, write_pieces
 from sdtree.transforms.tensors import contiguous_strides
 from sdtree.errors import CheckpointFormatError
 
-__all__ = ["check_keys", "write_dcp", "save_dcp", "write_tensor_archive"]
+__all__ = ["check_keys", "write_dcp", "save_dcp", "write_tensor_archive", "ZIP32_LIMIT"]
 
 
 class _FetchingSavePlanner(DefaultSavePlanner):
@@ -72,7 +72,7 @@ class _FetchingSavePlanner(DefaultSavePlanner):
         chunk = write_item.tensor_data.chunk
         if not isinstance(leaf, torch.Tensor) or any(chunk.offsets) or tuple(chunk.sizes) != tuple(leaf.shape):
             return None
-        if leaf.numel() * leaf.element_size() >= _ZIP32:
+        if leaf.numel() * leaf.element_size() >= ZIP32_LIMIT:
             return None  # its record would need zip64 fields: torch.save writes it
         found = pieces_of(self._fetch, leaf)
         return None if found is None else (leaf, found)
@@ -140,8 +140,7 @@ class _OneFilePerRankWriter(FileSystemWriter):
                 length = stream.tell() - offset
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length)))
                 if self.sync_files:
-                    stream.flush()
-                    start_writeback(stream.fileno(), offset, length)
+                    start_writeback(stream, offset)
             if self.sync_files:
                 stream.flush()
                 os.fsync(stream.fileno())
@@ -152,7 +151,7 @@ class _OneFilePerRankWriter(FileSystemWriter):
 
 # -- a torch.save archive of a stored tensor ----------------------------------------
 
-_ZIP32 = 0xFFFFFFFF  # below this size a record needs no zip64 fields; a larger one goes through torch.save
+ZIP32_LIMIT = 0xFFFFFFFF  # below this size a record needs no zip64 fields; a larger one goes through torch.save
 _ALIGN = 64  # torch aligns each record's data to 64 bytes (``.storage_alignment``), for mmap loads
 
 
@@ -161,7 +160,7 @@ def _archivable(tensor: torch.Tensor) -> bool:
     tensor): plain strided data under 4 GiB; torch.save writes the rest."""
     return (
         tensor.layout == torch.strided and not tensor.is_quantized and tensor.device.type == "cpu"
-        and tensor.is_contiguous() and tensor.numel() * tensor.element_size() < _ZIP32
+        and tensor.is_contiguous() and tensor.numel() * tensor.element_size() < ZIP32_LIMIT
     )
 
 

@@ -31,7 +31,7 @@ import torch
 
 from sdtree.errors import CorruptCheckpointError
 
-__all__ = ["FileIdentity", "identity_of", "map_bytes", "crc_of"]
+__all__ = ["FileIdentity", "identity_of", "check_still_there", "map_bytes", "crc_of"]
 
 _MADV_POPULATE_READ = 22  # Linux's; Python's mmap module does not name it
 
@@ -50,6 +50,23 @@ def identity_of(stat: os.stat_result) -> FileIdentity:
     return FileIdentity(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
+def check_still_there(fd: int, path: Path | str, offset: int, nbytes: int, what: str, identity: Optional[FileIdentity]) -> None:
+    """Check that the open file ``fd`` is still the one opened as
+    ``identity`` (if given) and holds the ``nbytes`` bytes at ``offset``.
+
+    Raises:
+        CorruptCheckpointError: it has changed, or is too short.
+    """
+    stat = os.fstat(fd)
+    if identity is not None and identity_of(stat) != identity:
+        raise CorruptCheckpointError(f"{what}: the file {str(path)!r} has changed since the checkpoint was opened. Open it again.")
+    if offset + nbytes > stat.st_size:
+        raise CorruptCheckpointError(
+            f"{what}: the file {str(path)!r} is {stat.st_size} bytes, too short for bytes "
+            f"[{offset}, {offset + nbytes}) (truncated since it was opened?)."
+        )
+
+
 def map_bytes(path: Path, offset: int, nbytes: int, what: str, *, identity: Optional[FileIdentity] = None) -> torch.Tensor:
     """The ``nbytes`` bytes at ``offset`` of ``path`` as a uint8 tensor over a
     private (copy-on-write) mapping of them, which lasts as long as the tensor.
@@ -62,16 +79,7 @@ def map_bytes(path: Path, offset: int, nbytes: int, what: str, *, identity: Opti
         return torch.empty(0, dtype=torch.uint8)
     fd = os.open(path, os.O_RDONLY)
     try:
-        stat = os.fstat(fd)
-        if identity is not None and identity_of(stat) != identity:
-            raise CorruptCheckpointError(
-                f"{what}: the file {str(path)!r} has changed since the checkpoint was opened. Open it again."
-            )
-        if offset + nbytes > stat.st_size:
-            raise CorruptCheckpointError(
-                f"{what}: the file {str(path)!r} is {stat.st_size} bytes, too short for bytes "
-                f"[{offset}, {offset + nbytes}) (truncated since it was opened?)."
-            )
+        check_still_there(fd, path, offset, nbytes, what, identity)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         mapped = mmap.mmap(
             fd, offset + nbytes - start, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start

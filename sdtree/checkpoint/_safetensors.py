@@ -272,5 +272,4 @@ def write_safetensors(path: Path, tree: Any, fetch: Fetch, *, fn: str, sync: boo
                     file.write((ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr()))
                 del tensor
             if sync:
-                file.flush()
-                start_writeback(file.fileno(), start, file.tell() - start)
+                start_writeback(file, start)

@@ -28,12 +28,12 @@ from typing import IO, Any, Callable, NamedTuple, Optional, Union
 
 import torch
 
-from sdtree.checkpoint._mapped import FileIdentity, identity_of
+from sdtree.checkpoint._mapped import FileIdentity, check_still_there
 from sdtree.errors import CorruptCheckpointError
 from sdtree.transforms.ops import CatOp
 from sdtree.transforms.plans import Derivation, derivation_of
 
-__all__ = ["FileSpan", "Piece", "SpanningFetch", "pieces_of", "write_pieces", "concatenates_bytes", "copy_span", "write_summed", "PIECEWISE"]
+__all__ = ["FileSpan", "Piece", "SpanningFetch", "pieces_of", "write_pieces", "concatenates_bytes", "copy_span", "write_summed"]
 
 _BUFFER = 1 << 22  # 4 MiB: what the CRC thread reads at a time (stays in the cache while it is summed)
 _BESIDE = 1 << 20  # from this size a CRC is summed in a thread beside the copy; below, a thread costs more than it saves
@@ -120,10 +120,6 @@ def concatenates_bytes(derivation: Derivation) -> bool:
     return len(shape) > 0 and derivation.op.dim % len(shape) == 0
 
 
-# the formats whose writers write a tensor piece by piece (records under 4 GiB, for DCP)
-PIECEWISE: dict[str, Optional[int]] = {"dcp": (1 << 32) - 1, "safetensors": None, "hf": None}
-
-
 def pieces_of(fetch: Any, leaf: Any) -> Optional[list[Piece]]:
     """The pieces of ``leaf``'s bytes (see :class:`SpanningFetch`), if
     ``fetch`` gives pieces and it has some."""
@@ -175,14 +171,7 @@ def copy_span(span: FileSpan, out: IO[bytes], *, crc: bool, start: int = 0) -> O
     out.flush()
     at = out.tell()
     with open(span.path, "rb", buffering=0) as source:
-        stat = os.fstat(source.fileno())
-        if span.identity is not None and identity_of(stat) != span.identity:
-            raise CorruptCheckpointError(f"{span.what}: the file {span.path!r} has changed since the checkpoint was opened. Open it again.")
-        if span.offset + span.nbytes > stat.st_size:
-            raise CorruptCheckpointError(
-                f"{span.what}: the file {span.path!r} is {stat.st_size} bytes, too short for bytes "
-                f"[{span.offset}, {span.offset + span.nbytes}) (truncated since it was opened?)."
-            )
+        check_still_there(source.fileno(), span.path, span.offset, span.nbytes, span.what, span.identity)
         summer = _Summer(source.fileno(), span, start if crc else None) if crc or span.crc is not None else None
         try:
             _copy_range(source.fileno(), out.fileno(), span, at)

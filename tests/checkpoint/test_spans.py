@@ -236,7 +236,7 @@ def test_a_durable_write_starts_each_tensors_writeback_as_it_is_written(tmp_path
     src = _source(tmp_path, "safetensors")
     calls = []
     for module in (dcp_write, safetensors_write):
-        monkeypatch.setattr(module, "start_writeback", lambda fd, offset, nbytes: calls.append((offset, nbytes)))
+        monkeypatch.setattr(module, "start_writeback", lambda file, offset: calls.append((offset, file.tell() - offset)))
     convert(src, tmp_path / DESTINATIONS[dst_fmt], to=dst_fmt, sync=sync)
     if not sync:
         assert calls == []
@@ -249,11 +249,18 @@ def test_a_durable_write_starts_each_tensors_writeback_as_it_is_written(tmp_path
 def test_start_writeback_leaves_a_failure_to_the_fsync(tmp_path):
     from sdtree.checkpoint._atomic import start_writeback
 
-    path = tmp_path / "f"
-    path.write_bytes(b"x" * 10000)
-    with open(path, "rb+") as file:
-        start_writeback(file.fileno(), 0, 10000)
-    start_writeback(-1, 0, 10)  # a bad descriptor: nothing raised, the fsync that follows reports what is wrong
+    with open(tmp_path / "f", "wb") as file:
+        file.write(b"x" * 10000)
+        start_writeback(file, 0)  # flushes what the file object buffers first
+        assert os.path.getsize(tmp_path / "f") == 10000
+
+    class BadDescriptor(io.BytesIO):
+        def fileno(self):
+            return -1
+
+    bad = BadDescriptor(b"y" * 10)
+    bad.seek(10)
+    start_writeback(bad, 0)  # a bad descriptor: nothing raised, the fsync that follows reports what is wrong
 
 
 def test_copy_span_works_where_the_system_has_no_copy_file_range_or_preadv(tmp_path, monkeypatch):
