@@ -19,8 +19,8 @@ recycled heap memory, and then whichever variant happens to reuse warm pages
 wins by the page faults it skips (up to 3x here), which measures the
 allocator's history, not the code.
 
-Time: interleaved rounds (the two variants alternate), best and median; the
-ratio is of medians. Target: at most 1.15x.
+Time: interleaved rounds, the order flipping every round (A B, B A, ...),
+best and median; the ratio is of medians. Target: at most 1.15x.
 
 Peak extra memory: each variant in a fresh process, the highest resident
 set size sampled (every ms) during one call, minus the size before it (the
@@ -35,7 +35,7 @@ floor, the least any planner must do (rename every key in one dict
 comprehension with a precompiled regex, one torch.empty per output that
 differs from its input), and prints sdtree's time as a multiple of it.
 
-Run: make bench   (or: .venv/bin/python benchmarks/bench_tensor_ops.py [--layers 32] [--rounds 7])
+Run: make bench   (or: .venv/bin/python benchmarks/bench_tensor_ops.py [--layers 32] [--rounds 8])
 """
 
 from __future__ import annotations
@@ -178,9 +178,13 @@ def bounds(args) -> tuple[int, int]:
 
 
 def timed_rounds(fns: dict, pair, rounds: int) -> dict:
+    """Seconds of each variant per round. The order flips every round (A B,
+    B A, A B, ...): on this VM every other call runs about twice as long in
+    the kernel (the same page faults, twice the system time), and in a fixed
+    A B order one variant would always draw the slow turns."""
     times: dict = {label: [] for label in fns}
-    for _ in range(rounds):
-        for label, fn in fns.items():
+    for r in range(rounds):
+        for label, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
             gc.collect()
             start = time.perf_counter()
             out = fn(pair)
@@ -279,7 +283,7 @@ def main() -> None:
     parser.add_argument("--n-kv-heads", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=8, help="an even number: each variant first in half the rounds")
     parser.add_argument("--plan-keys", type=int, default=100_000)
     parser.add_argument("--plan-only", action="store_true", help="measure the planning on meta tensors only")
     parser.add_argument("--measure", help=argparse.SUPPRESS)

@@ -24,6 +24,7 @@ from sdtree.transforms import (
     fqns_to_param_ids,
     fuse,
     gather,
+    groups,
     identity,
     map_tensors,
     merge_optimizers,
@@ -143,7 +144,7 @@ EXPORTS = sorted(
 NOT_FUNCTIONS = {
     "Transform", "OptimizerLayout", "KeyPattern", "PatternSet", "Op", "Misfit", "Spec", "Derivation",
     "TensorRule", "Group", "Grouping", "Announcement", "Path", "DEFAULT_BUCKET_BYTES", "dtensor_type", "sharded_tensor_type",
-    "MODEL", "OPTIM", "Pending", "Planned",
+    "MODEL", "OPTIM", "Pending", "Planned", "Columns",
     # the ops and rule classes behind the tensor transforms: their factories are checked
     "CatOp", "SplitOp", "StackOp", "UnbindOp", "RopeOp", "TransposeOp", "ReshapeOp", "CastOp", "MapOp", "Sizes",
     "PatternRule", "Fuse", "Split", "Stacking", "Stack", "Unstack", "Unary", "PermuteForRope", "UnpermuteForRope",
@@ -263,20 +264,25 @@ def _calls(name):
         "materialize": [(lambda p, m: rules.materialize(p, lambda t: m[names[id(t)]]), (planned, model))],
         "Materializer": [(lambda p, m: rules.Materializer({"qk": p}, lambda t: m[names[id(t)]])(p), (planned, model))],
         "meta_outputs": [(lambda p: plans.meta_outputs(rules.derivation_of(p)[0], True, {}), (planned,))],
-        "settle": [(plans.settle, (sd,)) for sd in (metas, pending, (pending, optim))],
+        "settle": [(plans.settle, (sd,)) for sd in (metas, pending, dict(pending.items()), (pending, optim))],
+        "as_dict": [(plans.as_dict, (sd,)) for sd in (metas, pending, (pending, optim))],
         "single_outputs": [
             (lambda p, flag=flag: plans.single_outputs(rules.derivation_of(p)[0].op, [(p,)], [[(p.shape, p.dtype)]], "fuse", flag), (planned,))
             for flag in (False, True)
         ],
         "plan_in_place": [
-            (lambda sd, flag=flag: plans.plan_in_place(sd, ["norm.weight"], op, plan, "cast", flag), (metas,))
+            (lambda sd, flag=flag: plans.plan_in_place(list(sd.values()), list(sd), [list(sd).index("norm.weight")], op, plan, "cast", flag), (metas,))
             for flag in (False, True)
         ],
         "plan_fused": [
-            (lambda sd, flag=flag: plans.plan_fused(sd, list(sd), [qk], None, ["qk"], cat, plan, "fuse", flag), (metas,))
+            (lambda sd, flag=flag: plans.plan_fused(list(sd), list(sd.values()), [qk], [list(sd).index(k) for k in qk], ["qk"], cat, plan, "fuse", flag), (metas,))
             for flag in (False, True)
         ],
         "non_str": [(patterns.non_str, (list(model),))],
+        "in_turn": [(groups.in_turn, ([0, 1, 0, 1], [("0",), ("0",), ("1",), ("1",)], 2))],
+        "in_order": [
+            (lambda sd: groups.in_order(list(sd), list(sd.values()), [rules.Group((("i", "0"),), qk)], {qk[0]: [("qk", 1)]}, None), (model,))
+        ],
     }
     return table.get(name)
 

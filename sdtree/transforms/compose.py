@@ -30,15 +30,17 @@ class Transform:
 
     _factory: str = ""
     # whether the transform takes the pending outputs of a tensor rule before
-    # it in a pipeline (sdtree.transforms.plans): it never reads values
+    # it in a pipeline, and a model state dict as plans.Columns
+    # (sdtree.transforms.plans): it never reads values
     _takes_pending: bool = False
 
     def __call__(self, state_dict: Any, /) -> Any:
         raise NotImplementedError
 
     def _call(self, state_dict: Any, pending: bool) -> Any:
-        """``self(state_dict)``, except that ``pending`` lets a tensor rule
-        plan meta outputs as pending ones, for a next step that takes them."""
+        """``self(state_dict)``, except inside a pipeline: a step that takes
+        pending outputs is called so, with ``pending`` true, and may then
+        plan meta outputs as pending ones and return plans.Columns."""
         return self(state_dict)
 
     def inverse(self) -> Transform:
@@ -78,13 +80,14 @@ class _Pipeline(Transform):
 
     def __call__(self, state_dict: Any, /) -> Any:
         steps = self.transforms
-        held = False  # whether state_dict may hold pending outputs
-        for i, transform in enumerate(steps):
-            if held and not transform._takes_pending:
-                state_dict, held = settle(state_dict), False
-            ahead = i + 1 < len(steps) and steps[i + 1]._takes_pending
-            state_dict = transform._call(state_dict, ahead) if ahead else transform(state_dict)
-            held = held or ahead
+        held = False  # whether state_dict may hold pending outputs, or be plans.Columns
+        for transform in steps:
+            if transform._takes_pending:
+                state_dict, held = transform._call(state_dict, True), True
+            else:
+                if held:
+                    state_dict, held = settle(state_dict), False
+                state_dict = transform(state_dict)
         return settle(state_dict) if held else state_dict
 
     def inverse(self) -> Transform:

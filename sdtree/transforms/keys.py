@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import compress, repeat
+from operator import is_not
 from typing import Any, Optional, Union
 
 import attrs
@@ -31,6 +33,7 @@ from sdtree.errors import (
 from sdtree.fqn import split_flat_keys
 from sdtree.transforms.compose import Transform
 from sdtree.transforms.patterns import PatternSet, is_pattern, key_pattern, non_str
+from sdtree.transforms.plans import Columns, as_dict
 from sdtree.types import PARAMS, PG, STATE, form_of
 
 __all__ = [
@@ -84,6 +87,25 @@ class _KeyTransform(Transform):
             out = dict(zip(new_keys, state_dict.values()))  # type: ignore[arg-type]  # no None in new_keys
         self._check_collisions(keys, new_keys, len(out))
         return out
+
+    def _call(self, state_dict: Any, pending: bool) -> Any:
+        """Inside a pipeline (``pending``), a model state dict's new keys as
+        :class:`~sdtree.transforms.plans.Columns`, no dict built; every
+        other form as ``self(state_dict)``."""
+        if pending and type(state_dict) is Columns:
+            keys, values = state_dict.keys, state_dict.values
+        elif pending and isinstance(state_dict, Mapping) and form_of(state_dict, self._factory) == "model":
+            keys, values = list(state_dict), list(state_dict.values())
+            self._check_str_keys(keys, "key")
+        else:
+            return self(as_dict(state_dict))
+        new_keys = self._map_keys(keys)
+        if None in new_keys:
+            kept = list(map(is_not, new_keys, repeat(None)))
+            new_keys, values = list(compress(new_keys, kept)), list(compress(values, kept))
+        if len(set(new_keys)) < len(new_keys):  # two keys made one: the dict form names them
+            return self(as_dict(state_dict))
+        return Columns(new_keys, values)  # type: ignore[arg-type]  # no None left
 
     # -- the optimizer forms ------------------------------------------------
 

@@ -28,6 +28,7 @@ __all__ = ["KeyPattern", "PatternSet", "key_pattern", "is_pattern", "nearest_key
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HOLE = None  # a blanked-out segment in a skeleton
 _LASTINDEX = attrgetter("lastindex")
+_FIELD = re.compile(r"\{(\d+)\}")  # a positional field of a template
 _END = ()  # in the trie of a PatternSet, the child that ends a pattern (no segment is a tuple)
 
 
@@ -227,6 +228,13 @@ class PatternSet:
         if self._regex is None:
             return list(keys)
         fullmatch = self._regex.fullmatch
+        # per end marker: the template as (text before, the group filling its one field, text after)
+        pieces = {end: _pieces(templates[index], holes, end) for end, (index, holes) in self._outer.items()}
+        if all(len(p) == 3 for p in pieces.values()):  # joined by +: twice as fast as str.format
+            return [
+                key if (hit := fullmatch(key)) is None else (p := pieces[hit.lastindex])[0] + hit[p[1]] + p[2]
+                for key in keys
+            ]
         # per end marker: the template with each field renumbered to its regex group (less one: m.groups())
         table = {
             end: templates[index].format(*(f"{{{h - 1}}}" for h in holes))
@@ -279,6 +287,19 @@ def _compile_trie(patterns: Sequence[KeyPattern]) -> tuple[Any, dict[int, tuple[
         return alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
 
     return re.compile(branches(trie, (), "")), outer
+
+
+def _pieces(template: str, holes: tuple[int, ...], end: int) -> tuple[Any, ...]:
+    """A template of at most one field (``{k}``) as ``(before, group, after)``,
+    the group of the regex that fills the field (with none: the empty end
+    marker ``end``); a template of more fields as itself (a 1-tuple)."""
+    fields = _FIELD.findall(template)
+    if not fields:
+        return template, end, ""
+    if len(fields) == 1:
+        before, after = template.split("{" + fields[0] + "}")
+        return before, holes[int(fields[0])], after
+    return (template,)
 
 
 def non_str(keys: Sequence[Any]) -> list[Any]:

@@ -12,13 +12,16 @@ dtype and a derivation, several times cheaper to make than a meta tensor.
 The pipeline turns the pending outputs left into meta tensors
 (:func:`settle`) before a step that reads values and at its end, so no user
 ever sees one; a derivation's sources may be pending outputs (a chain).
+Between such steps a model state dict travels as :class:`Columns` (its keys
+and values as two lists), so that no step builds a dict only for the next
+to take apart; :func:`settle` builds the one dict the user gets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import chain, compress, repeat
-from operator import attrgetter, is_, itemgetter
+from itertools import chain, compress, cycle, repeat
+from operator import add, attrgetter, is_, itemgetter
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
@@ -37,6 +40,8 @@ __all__ = [
     "Materializer",
     "meta_outputs",
     "single_outputs",
+    "Columns",
+    "as_dict",
     "plan_in_place",
     "plan_fused",
     "settle",
@@ -86,6 +91,37 @@ class Pending(tuple):  # type: ignore[type-arg]  # (shape, dtype, (derivation, i
 
 
 Planned = Union[torch.Tensor, Pending]  # a derivation's source
+_SPEC, _DERIVATION = itemgetter(0, 1), itemgetter(2)  # of a Pending: (shape, dtype), (derivation, index)
+_NEW, _DETACH = tuple.__new__, torch.Tensor.detach
+_FIRST = itemgetter(0)
+
+
+class Columns:
+    """A model state dict between two steps of a pipeline that take pending
+    outputs: its keys (unique strings) and its values, as two lists. Steps
+    take it apart and make the next one by list operations in C, where a
+    dict would be built at every step only for the next to take it apart
+    again (a dict of 100,000 keys costs about 10 ms to build). Only tensor
+    rules and key transforms make one, when a pipeline asks for pending
+    outputs; :func:`settle` makes it a dict, so no user ever sees one."""
+
+    __slots__ = ("keys", "values")
+
+    def __init__(self, keys: list[str], values: list[Any]) -> None:
+        self.keys, self.values = keys, values
+
+    def items(self) -> Iterable[tuple[str, Any]]:
+        return zip(self.keys, self.values)
+
+
+def as_dict(tree: Any) -> Any:
+    """``tree`` with a :class:`Columns` (alone or first of a pair) made a dict,
+    its values as they are (pending ones stay pending)."""
+    if type(tree) is Columns:
+        return dict(zip(tree.keys, tree.values))
+    if isinstance(tree, tuple) and len(tree) == 2 and type(tree[0]) is Columns:
+        return as_dict(tree[0]), tree[1]
+    return tree
 
 
 class Derivation(NamedTuple):
@@ -189,99 +225,127 @@ def single_outputs(
     op: Op, sources: Iterable[tuple[Planned, ...]], plans: Iterable[list[Spec]], rule: str, pending: bool
 ) -> list[Planned]:
     """The one output of each of many groups (``sources``, planned to
-    ``plans``): pending, or meta tensors that remember their derivation."""
-    new = tuple.__new__
-    derivations = [new(Derivation, (op, given, rule, plan)) for given, plan in zip(sources, plans)]
-    if pending:
-        return [new(Pending, (d.outputs[0][0], d.outputs[0][1], (d, 0))) for d in derivations]
-    protos: dict[Spec, torch.Tensor] = {}
-    return [_planned_meta(d.outputs[0], (d, 0), protos) for d in derivations]
+    ``plans``): pending, or meta tensors that remember their derivation.
+    Made in C: a map per column, no Python frame per group."""
+    plans = list(plans)
+    derivations = list(map(_NEW, repeat(Derivation), zip(repeat(op), sources, repeat(rule), plans)))
+    specs = list(map(_FIRST, plans))
+    derived = zip(derivations, repeat(0))
+    if pending:  # (shape, dtype) + ((derivation, 0),)
+        return list(map(_NEW, repeat(Pending), map(add, specs, zip(derived))))
+    return list(_planned_metas(specs, derived))
 
 
-def _settle_one(value: Pending, protos: dict[Spec, torch.Tensor], made: dict[int, torch.Tensor]) -> torch.Tensor:
-    settled = made.get(id(value))
-    if settled is None:  # one meta tensor per pending output, however many keys hold it
-        settled = made[id(value)] = _planned_meta((value.shape, value.dtype), value[2], protos)
-    return settled
+def _planned_metas(specs: Sequence[Spec], derived: Iterable[tuple[Derivation, int]]) -> list[torch.Tensor]:
+    """Planned outputs of ``specs``, each remembering its ``derived``: what
+    :func:`_planned_meta` makes, for many at once."""
+    protos = {spec: torch.empty(spec[0], dtype=spec[1], device="meta") for spec in dict.fromkeys(specs)}
+    outs = list(map(_DETACH, map(protos.__getitem__, specs)))
+    any(map(setattr, outs, repeat(_DERIVED), derived))  # setattr returns None: any() runs it on all
+    return outs
 
 
 def settle(tree: Any) -> Any:
-    """``tree`` with every pending output a meta tensor (the tree itself if
-    it holds none). Pending outputs are only ever values of a model state
-    dict, alone or first of a ``(model, optim)`` pair."""
+    """``tree`` with every pending output a meta tensor and a
+    :class:`Columns` a dict (the tree itself if it holds neither). Pending
+    outputs are only ever values of a model state dict, alone or first of a
+    ``(model, optim)`` pair."""
     if isinstance(tree, tuple) and len(tree) == 2:
         first, second = settle(tree[0]), settle(tree[1])
         return tree if first is tree[0] and second is tree[1] else (first, second)
+    if type(tree) is Columns:
+        values = list(tree.values)
+        at, made = _settled(values)
+        any(map(values.__setitem__, at, made))
+        return dict(zip(tree.keys, values))
     if not isinstance(tree, Mapping):
         return tree
-    values = list(tree.values())
-    at = list(compress(range(len(values)), map(is_, map(type, values), repeat(Pending))))
+    at, made = _settled(list(tree.values()))
     if not at:
         return tree
-    protos: dict[Spec, torch.Tensor] = {}
-    made: dict[int, torch.Tensor] = {}
     keys = list(tree)
-    out = dict(tree)
-    for i in at:
-        out[keys[i]] = _settle_one(values[i], protos, made)
+    out = dict(tree)  # copied in C, then the settled values replaced
+    out.update(zip(map(keys.__getitem__, at), made))
     return out
+
+
+def _settled(values: list[Any]) -> tuple[list[int], list[torch.Tensor]]:
+    """The positions of the pending outputs among ``values``, and the meta
+    tensor each becomes: one per pending output, however many keys hold it."""
+    at = list(compress(range(len(values)), map(is_, map(type, values), repeat(Pending))))
+    if not at:
+        return at, []
+    pending = list(map(values.__getitem__, at))
+    unique = list({id(p): p for p in pending}.values())
+    made = _planned_metas(list(map(_SPEC, unique)), map(_DERIVATION, unique))
+    if len(unique) < len(pending):
+        by_id = dict(zip(map(id, unique), made))
+        made = list(map(by_id.__getitem__, map(id, pending)))
+    return at, made
 
 
 # -- many groups at once --------------------------------------------------------
 
 _SHAPE, _DTYPE, _IS_META = attrgetter("shape"), attrgetter("dtype"), attrgetter("is_meta")
 _PLANNED = (torch.Tensor, Pending)
-_GONE: Any = object()  # the key of the entries plan_fused drops
 Plan = Callable[[Sequence[str], Sequence[Spec]], Optional[list[Spec]]]  # a rule's Op.plan, its errors reported
 
 
-def _all_planned(values: list[Any]) -> bool:
-    return all(map(isinstance, values, repeat(_PLANNED))) and all(map(_IS_META, values))
+def _planned_specs(values: list[Any]) -> Optional[list[Spec]]:
+    """The shape and dtype of each of ``values`` if every one is meta or
+    pending (else None), read in C."""
+    types = set(map(type, values))
+    if types == {Pending}:
+        return list(map(_SPEC, values))
+    if not all(map(isinstance, values, repeat(_PLANNED))) or not all(map(_IS_META, values)):
+        return None
+    return list(zip(map(_SHAPE, values), map(_DTYPE, values)))
 
 
 def plan_in_place(
-    sd: Mapping[str, Any], keys: list[str], op: Op, plan: Plan, rule: str, pending: bool
-) -> Optional[dict[str, Any]]:
-    """``sd`` with each of ``keys`` (one group each, mapped to itself: a
+    values: list[Any], keys: list[str], positions: list[int], op: Op, plan: Plan, rule: str, pending: bool
+) -> Optional[list[Any]]:
+    """``values`` (of a state dict, in order) with the values at
+    ``positions`` (of the keys ``keys``, one group each, mapped to itself: a
     permute, a transpose) planned by ``op``, when every input is meta or
     pending (else None): the outputs (pending ones if ``pending``) made in
     bulk, one plan per shape and dtype."""
-    values = list(map(sd.__getitem__, keys))
-    if not _all_planned(values):
+    inputs = list(map(values.__getitem__, positions))
+    specs = _planned_specs(inputs)
+    if specs is None:
         return None
-    specs = list(zip(map(_SHAPE, values), map(_DTYPE, values)))
     plans: dict[Spec, list[Spec]] = {}
     for spec in dict.fromkeys(specs):
-        planned = plan([keys[specs.index(spec)]], [spec])
+        planned = plan([keys[positions[specs.index(spec)]]], [spec])
         if planned is None:
             return None  # the rule's general path says why
         plans[spec] = planned
-    same = dict(sd)
-    same.update(zip(keys, single_outputs(op, zip(values), map(plans.__getitem__, specs), rule, pending)))
-    return same
+    out = list(values)
+    any(map(out.__setitem__, positions, single_outputs(op, zip(inputs), map(plans.__getitem__, specs), rule, pending)))
+    return out
 
 
 def plan_fused(
-    sd: Mapping[str, Any], keys: list[str], members: list[tuple[str, ...]], positions: Optional[dict[str, int]],
+    keys: list[str], values: list[Any], members: list[tuple[str, ...]], positions: list[int],
     targets: list[str], op: Op, plan: Plan, rule: str, pending: bool,
-) -> Optional[dict[str, Any]]:
-    """``sd`` (keyed ``keys``) with each group of ``n`` keys (``members``,
-    at ``positions`` in ``keys`` if known) planned by ``op`` into one output
-    under its target, in the place of its first member (a fuse), when every
-    input is meta or pending (else None): the outputs (pending ones if
-    ``pending``) made in bulk, one plan per set of input shapes and dtypes,
-    the dict built in C. None too where a group plans several outputs or
-    the targets clash with other keys: the rule's general path handles
-    those, naming the clash."""
+) -> Optional[tuple[list[str], list[Any]]]:
+    """The keys and values of a state dict (``keys``, ``values``) with each
+    group of ``n`` keys (``members``, at ``positions`` in ``keys``, group
+    after group) planned by ``op`` into one output under its target, in the
+    place of its first member (a fuse), when every input is meta or pending
+    (else None): the outputs (pending ones if ``pending``) made in bulk, one
+    plan per set of input shapes and dtypes, the lists made in C. None too
+    where a group plans several outputs or a target is a key already there
+    (or made twice): the rule's general path handles those, naming the clash."""
     if not members:
         return None
     n = len(members[0])
     if any(len(m) != n for m in members):
         return None
-    values = list(map(sd.__getitem__, chain.from_iterable(members)))
-    if not _all_planned(values):
+    inputs = list(map(values.__getitem__, positions))
+    specs = _planned_specs(inputs)
+    if specs is None:
         return None
-    specs = list(zip(map(_SHAPE, values), map(_DTYPE, values)))
     given: list[tuple[Spec, ...]] = list(zip(*[iter(specs)] * n))
     plans: dict[tuple[Spec, ...], list[Spec]] = {}
     for spec in dict.fromkeys(given):
@@ -289,13 +353,15 @@ def plan_fused(
         if planned is None or len(planned) != 1:
             return None
         plans[spec] = planned
-    outputs = single_outputs(op, zip(*[iter(values)] * n), map(plans.__getitem__, given), rule, pending)
-    where = positions if positions is not None else dict(zip(keys, range(len(keys))))
-    out_keys, out_values = list(keys), list(sd.values())
-    for at, target, output in zip(map(where.__getitem__, [m[0] for m in members]), targets, outputs):
-        out_keys[at], out_values[at] = target, output
-    for at in map(where.__getitem__, chain.from_iterable(m[1:] for m in members)):
-        out_keys[at] = _GONE
-    out = dict(zip(out_keys, out_values))
-    out.pop(_GONE, None)
-    return out if len(out) == len(keys) - (n - 1) * len(members) else None
+    outputs = single_outputs(op, zip(*[iter(inputs)] * n), map(plans.__getitem__, given), rule, pending)
+    out_keys, out_values, keep = list(keys), list(values), [True] * len(keys)
+    firsts = positions[::n]
+    # each output in its first member's place, the other members dropped (any() runs each map to its end)
+    any(map(out_keys.__setitem__, firsts, targets))
+    any(map(out_values.__setitem__, firsts, outputs))
+    any(map(keep.__setitem__, compress(positions, cycle([False] + [True] * (n - 1))), repeat(False)))
+    out_keys, out_values = list(compress(out_keys, keep)), list(compress(out_values, keep))
+    made = set(targets)  # each target made once, and no key left in place already named like one
+    if len(made) < len(targets) or made.intersection(keys).difference(chain.from_iterable(members)):
+        return None
+    return out_keys, out_values

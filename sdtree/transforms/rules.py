@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
-from operator import attrgetter
-from typing import Any, NamedTuple, Optional
+from itertools import chain
+from typing import Any, Optional, Union
 
 import torch
 
@@ -44,17 +44,17 @@ from sdtree.errors import (
 )
 from sdtree.types import PARAMS, PG, STATE, STATE_DOT, form_of
 from sdtree.transforms.compose import Transform
+from sdtree.transforms.groups import Group, Grouping, in_order, in_turn
 from sdtree.fqn import split_flat_keys
 from sdtree.transforms.patterns import KeyPattern, PatternSet, nearest_keys, non_str
 from sdtree.transforms.plans import Derivation, Materializer, Misfit, Op, Pending, Planned, Spec, derivation_of
-from sdtree.transforms.plans import materialize, meta_outputs, plan_fused, plan_in_place
+from sdtree.transforms.plans import Columns, materialize, meta_outputs, plan_fused, plan_in_place
 
 __all__ = ["Op", "Misfit", "Spec", "Derivation", "derivation_of", "materialize", "Materializer", "TensorRule", "Group", "Grouping"]
 
 _NAMES = "param_names"  # what optimizers built from named_parameters() keep per group
 _PLANNED = (torch.Tensor, Pending)  # what a rule acts on: a tensor, or inside a pipeline a pending output
 _UNSEEN: Any = object()
-_SHAPE, _DTYPE, _IS_META = attrgetter("shape"), attrgetter("dtype"), attrgetter("is_meta")
 
 
 def _spec(tensor: Planned) -> Spec:
@@ -77,56 +77,6 @@ def _run(
         raise UnsupportedLeafError(f"{op!r} cannot plan meta tensors: it needs their data.")
     derivation = tuple.__new__(Derivation, (op, tuple(inputs), rule, planned))  # as Derivation(...), one call less
     return meta_outputs(derivation, pending, {} if protos is None else protos)
-
-
-_GONE: Any = object()  # the key of the entries _in_order drops
-
-
-def _in_order(
-    keys: list[Any], values: list[Any], groups: list[Group], emitted: Mapping[str, list[tuple[str, Any]]],
-    where: Optional[Mapping[str, int]],
-) -> dict[str, Any]:
-    """The entries of ``keys``/``values`` (overwritten), each group's one
-    output in the place of its first member, its other members dropped (at
-    their positions ``where``): the dict is built in C."""
-    if where is None:
-        where = dict(zip(keys, range(len(keys))))
-    for group in groups:
-        members = group.members
-        at = where[members[0]]
-        keys[at], values[at] = emitted[members[0]][0]
-        for member in members[1:]:
-            keys[where[member]] = _GONE
-    out = dict(zip(keys, values))
-    out.pop(_GONE, None)
-    return out
-
-
-class Group(NamedTuple):
-    """The keys one application of a rule reads, in the order of its sources."""
-
-    binding: tuple[tuple[str, str], ...]  # the target's placeholder values
-    members: tuple[str, ...]
-
-
-class Grouping(NamedTuple):
-    """The groups a rule finds in a state dict, as columns: per group, the
-    values of the placeholders ``names`` and the keys it reads; and the
-    position of each key in the state dict (None: not known). The planning
-    of many groups works on the columns; :meth:`groups` makes the
-    :class:`Group` of each."""
-
-    names: tuple[str, ...]
-    gids: list[tuple[str, ...]]
-    members: list[tuple[str, ...]]
-    positions: Optional[dict[str, int]]
-
-    def groups(self) -> list[Group]:
-        new, names = tuple.__new__, self.names
-        if len(names) == 1:
-            (name,) = names
-            return [new(Group, (((name, gid[0]),), m)) for gid, m in zip(self.gids, self.members)]
-        return [new(Group, (tuple(zip(names, gid)), m)) for gid, m in zip(self.gids, self.members)]
 
 
 def _at(binding: tuple[tuple[str, str], ...]) -> str:
@@ -217,7 +167,7 @@ class TensorRule(Transform):
                     + (f"; the nearest keys are {_preview(near)}" if near else " (the state dict is empty)")
                     + ". Check the patterns, or pass strict=False to allow no match."
                 )
-            return Grouping(names, [], [], {})
+            return Grouping(names, [], [], [])
         matched = list(map(keys.__getitem__, at))
         if over is not None:
             by_gid: dict[tuple[str, ...], dict[str, str]] = {}
@@ -228,7 +178,10 @@ class TensorRule(Transform):
             return Grouping(names, gids, ordered, None)
         n = len(sources)
         if n == 1 and len(names) == len(sources[0].names):  # one key a group, told apart by all its values
-            return Grouping(names, values, list(zip(matched)), dict(zip(matched, at)))
+            return Grouping(names, values, list(zip(matched)), at)
+        if in_turn(indices, values, n):  # each group's keys together, in the sources' order: sliced in C
+            members_in_turn = list(zip(*(matched[i::n] for i in range(n))))
+            return Grouping(names, values[::n], members_in_turn, at)
         # a group's keys by pattern (the group: the values of the target's placeholders)
         members: dict[tuple[str, ...], list[Optional[str]]] = {}
         get = members.get
@@ -245,7 +198,9 @@ class TensorRule(Transform):
                     f"{_at(where)}found {_preview(k for k in slot if k is not None)} but not {_preview(missing)}. "
                     "Every group needs all its sources: drop the incomplete group's keys first (drop_keys)."
                 )
-        return Grouping(names, list(members), list(map(tuple, members.values())), dict(zip(matched, at)))  # type: ignore[arg-type]  # no None left
+        position = dict(zip(matched, at))
+        complete: list[tuple[str, ...]] = list(map(tuple, members.values()))  # type: ignore[arg-type]  # no None left
+        return Grouping(names, list(members), complete, list(map(position.__getitem__, chain.from_iterable(complete))))
 
     def _ordered(self, binding: tuple[tuple[str, str], ...], over: str, found: dict[Any, str]) -> tuple[str, ...]:
         by_index: dict[int, str] = {}
@@ -279,8 +234,7 @@ class TensorRule(Transform):
             out_model = self._call(model, pending)
             shapes = {k: tuple(v.shape) for k, v in model.items() if isinstance(v, _PLANNED)}
             return out_model, self._apply_optimizer(optim, shapes)
-        form = form_of(state_dict, self._factory)
-        if form == "model":
+        if type(state_dict) is Columns or form_of(state_dict, self._factory) == "model":
             return self._apply_model(state_dict, pending)
         return self._apply_optimizer(state_dict, None)
 
@@ -307,35 +261,67 @@ class TensorRule(Transform):
         """Whether each group is one key that maps to itself (permute, cast, ...)."""
         return False
 
-    def _apply_model(self, sd: Mapping[str, Any], pending: bool = False) -> dict[str, Any]:
-        keys = list(sd)
-        self._check_str(keys)
+    def _apply_model(self, sd: Union[Mapping[str, Any], Columns], pending: bool = False) -> Union[dict[str, Any], Columns]:
+        """The rule applied to a model state dict: a dict, or (with
+        ``pending``) :class:`~sdtree.transforms.plans.Columns` where its
+        outputs are planned in bulk."""
+        if isinstance(sd, Columns):  # keys a step before this one checked
+            keys, values = sd.keys, sd.values
+        else:
+            keys, values = list(sd), list(sd.values())
+            self._check_str(keys)
         accepts = self._accepts
         try:
             if type(self)._accepts is TensorRule._accepts:
                 grouping = self._grouped(keys)
             else:
-                grouping = self._grouped([k for k in keys if accepts(sd[k])])._replace(positions=None)
+                grouping = self._grouped([k for k, v in zip(keys, values) if accepts(v)])._replace(positions=None)
         except PatternMatchError as err:
-            nested = [k for k, v in sd.items() if isinstance(v, Mapping)]
+            nested = [k for k, v in zip(keys, values) if isinstance(v, Mapping)]
             if not nested:
                 raise
             raise PatternMatchError(
                 f"{err} The state dict holds nested state dicts ({_preview(nested)}): a combined checkpoint? "
                 "Apply the rule inside them with sdtree.transforms.each(rule) or at('model', rule)."
             ) from None
+        positions = grouping.positions
+        if positions is None and grouping.members:
+            index = dict(zip(keys, range(len(keys))))
+            positions = list(map(index.__getitem__, chain.from_iterable(grouping.members)))
+        bulk = None if positions is None else self._plan_bulk(keys, values, grouping, positions, pending)
+        if bulk is not None:
+            return bulk
+        return self._apply_each(dict(zip(keys, values)) if isinstance(sd, Columns) else sd, grouping, positions, pending)
+
+    def _plan_bulk(
+        self, keys: list[str], values: list[Any], grouping: Grouping, positions: list[int], pending: bool
+    ) -> Union[dict[str, Any], Columns, None]:
+        """The rule's outputs planned for all groups at once, where every input
+        is meta or pending (else None)."""
         op = self._op()
         plan_one = partial(self._plan, op)
         if self._in_place():
-            bulk = plan_in_place(sd, [m[0] for m in grouping.members], op, plan_one, self._factory, pending)
-        else:
-            single = self._single_targets(grouping)
-            bulk = None if single is None else plan_fused(
-                sd, keys, grouping.members, grouping.positions, single, op, plan_one, self._factory, pending
-            )
-        if bulk is not None:
-            return bulk
-        groups, positions = grouping.groups(), grouping.positions
+            same = plan_in_place(values, keys, positions, op, plan_one, self._factory, pending)
+            if same is None:
+                return None
+            return Columns(keys, same) if pending else dict(zip(keys, same))
+        single = self._single_targets(grouping)
+        fused = None if single is None else plan_fused(
+            keys, values, grouping.members, positions, single, op, plan_one, self._factory, pending
+        )
+        if fused is None:
+            return None
+        return Columns(*fused) if pending else dict(zip(*fused))
+
+    def _apply_each(
+        self, sd: Mapping[str, Any], grouping: Grouping, positions: Optional[list[int]], pending: bool
+    ) -> dict[str, Any]:
+        """The rule applied group by group: real tensors computed, meta ones
+        planned where the bulk planning cannot (a group of several outputs,
+        a target that clashes: named here)."""
+        op, keys = self._op(), list(sd)
+        groups = grouping.groups()
+        where = None if positions is None else dict(zip(chain.from_iterable(grouping.members), positions))
         inputs = [[sd[k] for k in g.members] for g in groups]
         for group, values in zip(groups, inputs):
             for value in values:
@@ -367,7 +353,7 @@ class TensorRule(Transform):
             emitted[group.members[0]] = list(zip(targets(group, len(outputs)), outputs))
         consumed = {k for g in groups for k in g.members}
         if all(len(e) == 1 for e in emitted.values()):
-            out = _in_order(keys, list(sd.values()), groups, emitted, positions)
+            out = in_order(keys, list(sd.values()), groups, emitted, where)
         else:
             out = {}
             get = emitted.get

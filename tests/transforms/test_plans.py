@@ -15,6 +15,7 @@ from sdtree.transforms import (
     Transform,
     add_prefix,
     cast,
+    drop_keys,
     flatten_optimizer,
     fuse,
     pipeline,
@@ -24,7 +25,7 @@ from sdtree.transforms import (
     unpermute_for_rope,
 )
 from sdtree.transforms.compose import pipeline_steps
-from sdtree.transforms.plans import Pending, settle
+from sdtree.transforms.plans import Columns, Pending, settle
 from sdtree.transforms.rules import Materializer, derivation_of, materialize
 
 SHAPE = dict(n_heads=4, n_kv_heads=2, dim=16)
@@ -169,7 +170,9 @@ def test_planned_outputs_are_distinct_tensors_never_tied():
 
 
 def test_settle_makes_one_meta_tensor_of_a_pending_output_held_twice():
-    pending = unpermute_for_rope("l.{i}.q", n_heads=2)._call({"l.0.q": torch.empty(4, 3, device="meta")}, True)["l.0.q"]
+    columns = unpermute_for_rope("l.{i}.q", n_heads=2)._call({"l.0.q": torch.empty(4, 3, device="meta")}, True)
+    assert type(columns) is Columns and columns.keys == ["l.0.q"]
+    (pending,) = columns.values
     assert type(pending) is Pending
     out = settle({"a": pending, "b": pending, "c": 1})
     assert out["a"] is out["b"] and type(out["a"]) is torch.Tensor and out["c"] == 1
@@ -186,6 +189,52 @@ def test_split_outputs_pending_then_consumed():
     assert list(out) == ["ac", "bb"] and all(type(v) is torch.Tensor for v in out.values())
     fetch = lambda t: sd["w"]  # noqa: E731  # the one source
     assert_state_dict_equal({k: materialize(v, fetch) for k, v in out.items()}, steps(sd))
+
+
+def _outcome(transform, tree):
+    """What ``transform`` makes of ``tree``: its keys, shapes and values, or its error."""
+    try:
+        out = transform(tree)
+    except Exception as err:  # noqa: BLE001  # the error is the outcome compared
+        return type(err), str(err)
+    model, optim = out if isinstance(out, tuple) else (out, None)
+    assert type(model) is dict and not any(isinstance(v, Pending) for v in model.values())
+    entries = [(k, tuple(v.shape), v.is_meta or v.tolist()) for k, v in model.items()]
+    if optim is None:
+        return entries
+    return entries, {k: sorted(v) for k, v in optim["state"].items()}, optim["param_groups"][0]["params"]
+
+
+LAYERS = {f"l.{i}.{n}": torch.full((2, 3), float(i)) for i in range(3) for n in ("a", "b", "c")}
+AB = fuse(["l.{i}.a", "l.{i}.b"], "l.{i}.ab")
+
+
+@pytest.mark.parametrize(
+    "steps, tree",
+    [
+        # the state dict passes from step to step as plans.Columns: the keys each step makes are new and distinct
+        (rename({"l.{i}.c": "l.{i}.cc"}) >> AB >> add_prefix("m."), LAYERS),
+        (strip_prefix("l.0.", strict=False) >> AB >> add_prefix("m."), LAYERS),
+        # a rename that makes two keys one: the same collision error as the rename alone
+        (rename({"l.{i}.c": "l.{i}.a"}) >> AB >> add_prefix("m."), LAYERS),
+        (add_prefix("m.") >> rename({"m.l.0.a": "m.l.0.b"}) >> fuse(["m.l.{i}.a", "m.l.{i}.b"], "m.l.{i}.ab"), LAYERS),
+        # a fuse whose target is a key already there, first or later in the pipeline
+        (AB >> add_prefix("m."), {**LAYERS, "l.1.ab": torch.ones(1)}),
+        (AB >> fuse(["l.{i}.ab", "l.{i}.c"], "l.{i}.x") >> add_prefix("m."), {**LAYERS, "l.2.x": torch.ones(1)}),
+        (AB >> fuse(["l.{i}.ab", "l.{i}.c"], "l.{i}.x") >> add_prefix("m."), LAYERS),
+        # keys dropped on the way; a step that matches nothing; a pair with its optimizer
+        (AB >> drop_keys("l.1.") >> add_prefix("m."), LAYERS),
+        (fuse(["x.{i}.a", "x.{i}.b"], "x.{i}.ab", strict=False) >> AB >> add_prefix("m."), LAYERS),
+        (rename({"l.{i}.c": "l.{i}.cc"}) >> AB >> add_prefix("m."), (LAYERS, _adam(LAYERS))),
+        # a rule in the middle whose groups come out of order
+        (rename({"l.{i}.a": "z.{i}.a"}) >> fuse(["l.{i}.b", "z.{i}.a"], "l.{i}.ba") >> add_prefix("m."), LAYERS),
+    ],
+)
+@pytest.mark.parametrize("meta", [False, True])
+def test_a_pipeline_gives_what_its_steps_give_one_by_one(steps, tree, meta):
+    if meta:
+        tree = (_meta(tree[0]), _adam(_meta(tree[0]))) if isinstance(tree, tuple) else _meta(tree)
+    assert _outcome(steps, tree) == _outcome(_OneByOne(steps), tree)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
