@@ -10,11 +10,13 @@ Shapes (float32): (a) 1,024 tensors of 16 KiB, (m) 4 tensors of 4 MiB,
 - full-state-dict gather of the same shapes sharded Shard(0) (with and without
   cpu_offload): sdtree.gather_state_dict vs torch's _gather_state_dict vs one
   flat all_gather of the same bytes;
-- gather into a preallocated destination (sdtree's gather_into, what the
-  stager's full_state_dict mirror uses) vs one flat all_gather into a
-  preallocated buffer; "gather flat + copy" adds the one copy a bucket of
-  small tensors needs (gathered rank-major, kept tensor-major): the floor
-  for (a);
+- gather into a preallocated destination vs one flat all_gather into a
+  preallocated buffer: "planned" is what the stager's full_state_dict
+  mirror does at each stage (a GatherPlan made once, called again), "gather
+  into sdtree" the one-shot gather_into (it checks and plans every call),
+  "stage" a whole Stager.stage (its checks on every rank, then the plan);
+  "gather flat + copy" adds the one copy a bucket of small tensors needs
+  (gathered rank-major, kept tensor-major): the floor for (a);
 - scatter load: broadcast_state_dict into Shard(0) DTensor templates
   (FSDP2's layout), sdtree vs torch vs one flat dist.scatter of the same
   bytes into a preallocated buffer, with the tensor bytes each rank
@@ -150,7 +152,7 @@ def body(rank: int, world: int, port: int, out_queue, kinds: list, fsdp2: bool) 
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import sdtree
-    from sdtree.transforms.gather import gather_into
+    from sdtree.transforms.gather import GatherPlan, gather_into
 
     mesh = init_device_mesh("cpu", (world,))
     cpu = torch.device("cpu")
@@ -241,6 +243,11 @@ def body(rank: int, world: int, port: int, out_queue, kinds: list, fsdp2: bool) 
         # into a preallocated destination (the stager's mirror)
         mirror = {k: torch.empty_like(v) for k, v in full.items()}
         fns["gather into sdtree"] = lambda: gather_into(sharded, mirror)
+        # the stager's: its mirror gathered into by the plan it keeps (made once), and a whole stage()
+        plan = GatherPlan(list(sharded.values()), list(mirror.values()))
+        fns["gather into, planned"] = lambda: plan(list(sharded.values()))
+        stager = sdtree.Stager(sharded, full_state_dict=True)
+        fns["stage, full_state_dict"] = lambda: stager.stage(sharded)
         copy_to = [t.view(world, -1) for t in mirror.values()]
         gathered_rows = gathered.view(world, n, length)
         copy_from = [gathered_rows[:, j] for j in range(n)]
@@ -354,12 +361,15 @@ def main() -> None:
         for suffix in (" +cpu_offload",):
             _, text = ratio(kind, "gather torch" + suffix, "gather sdtree" + suffix)
             print(f"  ({kind}) {'gather' + suffix + ': torch / sdtree':<44} {text}")
-        check(kind, "gather into: sdtree / flat (preallocated)", "gather into sdtree", "gather flat", "<=", 1.25)
+        check(kind, "gather into, planned / flat (preallocated)", "gather into, planned", "gather flat", "<=", 1.25)
+        for label in ("gather into sdtree", "stage, full_state_dict"):
+            _, text = ratio(kind, label, "gather flat")
+            print(f"  ({kind}) {label + ' / flat (preallocated)':<44} {text}")
         if kind == "a":
             _, text = ratio(kind, "gather flat + copy", "gather flat")
             print(f"  ({kind}) {'floor: gather flat + copy / flat':<44} {text}")
-            _, text = ratio(kind, "gather into sdtree", "gather flat + copy")
-            print(f"  ({kind}) {'gather into: sdtree / floor (flat + copy)':<44} {text}")
+            _, text = ratio(kind, "gather into, planned", "gather flat + copy")
+            print(f"  ({kind}) {'gather into, planned / floor (flat + copy)':<44} {text}")
             for op in ("broadcast", "gather"):
                 _, text = ratio(kind, f"{op} bare bucket", f"{op} flat, new buffer")
                 print(f"  ({kind}) {op + ': bare bucket / flat, new buffer':<44} {text}")

@@ -144,7 +144,7 @@ EXPORTS = sorted(
 NOT_FUNCTIONS = {
     "Transform", "OptimizerLayout", "KeyPattern", "PatternSet", "Op", "Misfit", "Spec", "Derivation",
     "TensorRule", "Group", "Grouping", "Announcement", "Path", "DEFAULT_BUCKET_BYTES", "dtensor_type", "sharded_tensor_type",
-    "MODEL", "OPTIM", "Pending", "Planned", "Columns",
+    "MODEL", "OPTIM", "Pending", "Planned", "Columns", "GatherPlan",
     # the ops and rule classes behind the tensor transforms: their factories are checked
     "CatOp", "SplitOp", "StackOp", "UnbindOp", "RopeOp", "TransposeOp", "ReshapeOp", "CastOp", "MapOp", "Sizes",
     "PatternRule", "Fuse", "Split", "Stacking", "Stack", "Unstack", "Unary", "PermuteForRope", "UnpermuteForRope",

@@ -24,7 +24,7 @@ import torch
 from sdtree._collectives import agree, first_error, portable_error, several_ranks
 from sdtree._tree import codify, tree_flatten_keyed, tree_unflatten
 from sdtree.errors import StagerClosedError, StagingMismatchError, UnsupportedLeafError, preview
-from sdtree.transforms.gather import gather_into
+from sdtree.transforms.gather import GatherPlan
 from sdtree.transforms.tensors import allocate, dtensor_type, local_tensors, path_differences, rewrap, sharded_tensor_type
 
 __all__ = ["Stager"]
@@ -182,6 +182,7 @@ class Stager:
         self._tied: list[list[int]] = []
         self._spans: list[_Span] = []
         self._gathers: list[tuple[int, torch.Tensor]] = []  # (leaf, full tensor) with full_state_dict
+        self._gather_plan: Optional[GatherPlan] = None  # how they are gathered, planned at the first stage
         self._nbytes = 0
         self._last: StateDict = {}
         self._build(state_dict)
@@ -209,6 +210,7 @@ class Stager:
         self._spans = []
         self._copies = {}
         self._gathers = []
+        self._gather_plan = None
         self._last = {}
 
     @property
@@ -304,6 +306,7 @@ class Stager:
             if not self.full_state_dict:
                 self._mirror[i] = rewrap(leaves[i], [])  # no local shard: metadata only
         self._gathers = self._plan_gathers(leaves, gathered)
+        self._gather_plan = None
         self._nbytes += sum(full.numel() * full.element_size() for _, full in self._gathers)
         self._last = self._unflatten(leaves)
 
@@ -389,7 +392,7 @@ class Stager:
 
     def _plan_gathers(self, leaves: list[Any], gathered: list[int]) -> list[tuple[int, torch.Tensor]]:
         """``(leaf, full tensor)`` of each leaf staged in full: the mirror's
-        buffers, which :func:`~sdtree.transforms.gather.gather_into` fills."""
+        buffers, which a :class:`~sdtree.transforms.gather.GatherPlan` fills."""
         specs = [_shape_and_dtype(leaves[i]) for i in gathered]
         fulls = allocate(specs, pin_memory=self._pinned(), share_memory=self.share_memory) if specs else []
         for i, full in zip(gathered, fulls):
@@ -492,6 +495,12 @@ class Stager:
 
     def _gather(self, leaves: list[Any]) -> None:
         """Fill the full tensors of ``full_state_dict`` (collective: every rank
-        gathers the same leaves, in leaf order), reusing their memory."""
-        if self._gathers:
-            gather_into([leaves[i] for i, _ in self._gathers], [full for _, full in self._gathers])
+        gathers the same leaves, in leaf order, checked against the mirror's
+        layout on every rank first), reusing their memory and the plan of
+        the gathers, made at the first stage."""
+        if not self._gathers:
+            return
+        sharded = [leaves[i] for i, _ in self._gathers]
+        if self._gather_plan is None:
+            self._gather_plan = GatherPlan(sharded, [full for _, full in self._gathers])
+        self._gather_plan(sharded)

@@ -2,7 +2,8 @@
 rank of a process group calls in the same order, by concept:
 
 - :mod:`sdtree.transforms.gather`: ``gather_dtensors`` (full tensors, in
-  buckets), ``gather_into`` (into tensors you hold) and ``keep_on_ranks``;
+  buckets), ``gather_into`` (into tensors you hold; ``GatherPlan`` plans it
+  once for a destination gathered into again) and ``keep_on_ranks``;
 - :mod:`sdtree.transforms.broadcast`: ``broadcast_from_rank0``, and its two
   halves ``announce`` (metadata) and ``Announcement.deliver`` (tensors);
 - :mod:`sdtree.transforms.sharding`: ``shard_like`` / ``shard_as`` /
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 from sdtree._collectives import DEFAULT_BUCKET_BYTES
 from sdtree.transforms.broadcast import Announcement, announce, broadcast_from_rank0
-from sdtree.transforms.gather import gather_dtensors, gather_into, gather_state_dict, keep_on_ranks
+from sdtree.transforms.gather import GatherPlan, gather_dtensors, gather_into, gather_state_dict, keep_on_ranks
 from sdtree.transforms.sharding import local_slice, shard_as, shard_like
 
 __all__ = [
     "keep_on_ranks",
     "gather_dtensors",
     "gather_into",
+    "GatherPlan",
     "broadcast_from_rank0",
     "announce",
     "Announcement",

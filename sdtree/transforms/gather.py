@@ -30,9 +30,11 @@ from sdtree._collectives import (
     all_gather_single,
     buckets,
     first_error,
+    pack,
     pg_device,
     portable_error,
     rank,
+    scratch,
     two_in_flight,
 )
 from sdtree._tree import codify, tree_flatten, tree_unflatten
@@ -41,7 +43,7 @@ from sdtree.transforms.compose import Transform
 from sdtree.transforms.sharding import row_counts
 from sdtree.transforms.tensors import check_leaf_types, dtensor_type, offload_to_cpu, pair_leaves, sharded_tensor_type
 
-__all__ = ["gather_dtensors", "gather_into", "keep_on_ranks", "gather_state_dict"]
+__all__ = ["gather_dtensors", "gather_into", "GatherPlan", "keep_on_ranks", "gather_state_dict"]
 
 
 @attrs.frozen(repr=False)
@@ -73,7 +75,7 @@ class _GatherDTensors(Transform):
 
     def __call__(self, state_dict: Any, /) -> Any:
         leaves, spec = tree_flatten(state_dict)
-        _gather(leaves, None, self.bucket_bytes, self._done)
+        _gather(leaves, self.bucket_bytes, self._done)
         return tree_unflatten(spec, leaves)
 
     def _done(self, full: torch.Tensor) -> torch.Tensor:
@@ -83,33 +85,28 @@ class _GatherDTensors(Transform):
 Outs = Optional[list[Optional[torch.Tensor]]]  # a destination per leaf (``gather_into``), or fresh tensors
 
 
-def _gather(leaves: list[Any], outs: Outs, bucket_bytes: int, done: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Replace each DTensor and ShardedTensor of ``leaves`` by its full tensor:
-    ``outs[i]`` written in place when ``outs`` is given, else a new tensor
-    passed through ``done``."""
+def _gather(leaves: list[Any], bucket_bytes: int, done: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace each DTensor and ShardedTensor of ``leaves`` by its full
+    tensor, a new one passed through ``done``."""
     dtensor: Any = sys.modules.get("torch.distributed.tensor")
     sharded_tensor_cls = sharded_tensor_type()
     if dtensor is None and not sharded_tensor_cls:
         return
     dtensor_cls = dtensor.DTensor if dtensor is not None else ()
-    shard_cls = dtensor.Shard if dtensor is not None else ()
     batches: dict[tuple[int, torch.dtype], list[int]] = {}
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, dtensor_cls):
             # FSDP2's layout (dim 0 over a 1-D mesh) in buckets; the rest one by one
-            placements = leaf._spec.placements
-            mesh = leaf._spec.mesh
-            if len(placements) == 1 and type(placements[0]) is shard_cls and placements[0].dim == 0 and leaf.dim():
-                batches.setdefault((id(mesh), leaf.dtype), []).append(i)
+            if _fsdp_layout(leaf, dtensor.Shard):
+                batches.setdefault((id(leaf._spec.mesh), leaf.dtype), []).append(i)
             else:
-                leaves[i] = _land(leaf.full_tensor(), outs[i] if outs else None, done)
+                leaves[i] = done(leaf.full_tensor())
         elif isinstance(leaf, sharded_tensor_cls):
-            out = outs[i] if outs else None
-            leaves[i] = _land(_gather_sharded_tensor(leaf, out), out, done)
+            leaves[i] = done(_gather_sharded_tensor(leaf))
     # dict order follows the state dict's order, the same on every rank.
     # Two buckets (of half the budget each) in flight: the next one is packed
     # and the previous one unpacked while a gather is on the wire.
-    two_in_flight(_gather_buckets(leaves, outs, batches, max(1, bucket_bytes // 2), done))
+    two_in_flight(_gather_buckets(leaves, None, batches, max(1, bucket_bytes // 2), done))
 
 
 def _land(full: torch.Tensor, out: Optional[torch.Tensor], done: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -127,16 +124,19 @@ def _gather_buckets(
     """Tensors of at least ``ALONE_BYTES`` alone (no pack, no unpack), the
     others in buckets, in the same order on every rank."""
     alone = min(ALONE_BYTES, limit)
+    job = 0  # two in flight: the buckets alternate between two scratch slots
     for indices in batches.values():
         small = []
         for i in indices:
             leaf = leaves[i]
             if leaf.numel() * leaf.dtype.itemsize >= alone:
-                yield _gather_bucket(leaves, outs, [i], done)
+                yield _gather_bucket(leaves, outs, [i], done, job % 2)
+                job += 1
             else:
                 small.append((i, leaf.shape, leaf.dtype))
         for bucket in buckets(small, limit):
-            yield _gather_bucket(leaves, outs, [i for i, _, _ in bucket], done)
+            yield _gather_bucket(leaves, outs, [i for i, _, _ in bucket], done, job % 2)
+            job += 1
 
 
 def _staging(out: Optional[torch.Tensor], numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -179,7 +179,9 @@ def _direct(out: Optional[torch.Tensor], device: torch.device) -> bool:
     return out is not None and out.device == device and out.is_contiguous()
 
 
-def _gather_bucket(leaves: list[Any], outs: Outs, indices: list[int], done: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+def _gather_bucket(
+    leaves: list[Any], outs: Outs, indices: list[int], done: Callable[[torch.Tensor], torch.Tensor], slot: int
+) -> Callable[[], None]:
     """Start one all_gather for the bucket; return what waits for it and
     puts the full tensors into ``leaves`` (and ``outs``). Evenly split
     tensors of one shard length are packed side by side, so that a single
@@ -222,14 +224,18 @@ def _gather_bucket(leaves: list[Any], outs: Outs, indices: list[int], done: Call
         return finish_one
     pieces: list[torch.Tensor] = []
     for length, group_indices in even.items():
-        pieces.append(torch._C._nn.flatten_dense_tensors([leaves[i]._local_tensor for i in group_indices]))
+        pieces.extend(leaves[i]._local_tensor for i in group_indices)
     for i, _, _, width in uneven:
         local = leaves[i]._local_tensor.reshape(-1)
-        pieces.append(torch.cat([local, local.new_zeros(width - local.numel())]) if local.numel() < width else local)
-    send = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        pieces.append(local)
+        if local.numel() < width:
+            pieces.append(local.new_zeros(width - local.numel()))
+    send = pack(pieces, device, ("send", slot)) if len(pieces) > 1 else pieces[0].reshape(-1)
     size = send.numel()
-    # a tensor alone (uneven): its full tensor is the prefix of what is gathered
-    recv = _staging(alone, world * size, first.dtype, device).view(world, size)
+    if not even and len(uneven) == 1:  # a tensor alone (uneven): its full tensor is the prefix of what is gathered
+        recv = _staging(alone, world * size, first.dtype, device).view(world, size)
+    else:  # copied out of it when it arrives
+        recv = (scratch(world * size, first.dtype, ("recv", slot)) if device.type == "cpu" else torch.empty(world * size, dtype=first.dtype, device=device)).view(world, size)
     work = all_gather_single(recv.view(-1), send, group=group, async_op=True)
     return lambda: _unpack(leaves, outs, work, recv, even, uneven, done)
 
@@ -395,9 +401,147 @@ def gather_into(
         return leaves, outs, spec
 
     leaves, outs, spec = agree(check, catch=(SdtreeError,), report=portable_error, fail=first_error, group=group)
-    with torch.no_grad():
-        _gather(leaves, outs, bucket_bytes, _never)
+    GatherPlan(leaves, outs, bucket_bytes=bucket_bytes)(leaves)
     return tree_unflatten(spec, leaves)
+
+
+class GatherPlan:
+    """The gathers of :func:`gather_into` for one layout, planned once, for
+    a destination gathered into again and again (the Stager's mirror with
+    ``full_state_dict``): the buckets, the destination's views, and per
+    bucket the plan of its copies are made here; each call packs, gathers
+    and copies (through scratch memory this thread keeps, two buckets in
+    flight), with no per-tensor planning left.
+
+    ``GatherPlan(leaves, outs)`` plans the sharded leaves of ``leaves`` (a
+    flat list) into the tensors ``outs`` (one per sharded leaf, of its full
+    shape and dtype: :func:`gather_into` checks them); ``plan(leaves)``
+    gathers leaves of that layout (the same sharding, shapes and dtypes, on
+    every rank: the caller checks, as the Stager does) into them, replacing
+    each sharded leaf of the list by its destination. It keeps no leaf, only
+    the layout.
+
+    Collective (the call): every rank, the same layout.
+    """
+
+    def __init__(self, leaves: list[Any], outs: list[Optional[torch.Tensor]], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        self._outs = outs
+        self._bucket_bytes = bucket_bytes
+        self._views: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # per bucket: its views of the scratch it arrived in
+        self._jobs: list[tuple[Any, ...]] = []  # ("leaf", i) one by one, ("bucket", ...) packed, ("any", indices)
+        dtensor: Any = sys.modules.get("torch.distributed.tensor")
+        dtensor_cls = dtensor.DTensor if dtensor is not None else ()
+        sharded_cls = sharded_tensor_type()
+        batches: dict[tuple[int, torch.dtype], list[int]] = {}
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, dtensor_cls) and _fsdp_layout(leaf, dtensor.Shard):
+                batches.setdefault((id(leaf._spec.mesh), leaf.dtype), []).append(i)
+            elif isinstance(leaf, (dtensor_cls, sharded_cls)):
+                self._jobs.append(("leaf", i))
+        self._planned = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (dtensor_cls, sharded_cls))]
+        self._layout = _layout([leaves[i] for i in self._planned])
+        limit = max(1, bucket_bytes // 2)
+        for indices in batches.values():
+            small = []
+            for i in indices:
+                leaf = leaves[i]
+                if leaf.numel() * leaf.dtype.itemsize >= min(ALONE_BYTES, limit):
+                    self._jobs.append(("any", [i]))
+                else:
+                    small.append((i, leaf.shape, leaf.dtype))
+            self._jobs.extend(self._plan_bucket(leaves, [i for i, _, _ in bucket]) for bucket in buckets(small, limit))
+
+    def _plan_bucket(self, leaves: list[Any], indices: list[int]) -> tuple[Any, ...]:
+        """A bucket of tensors that split evenly into contiguous destinations:
+        ("bucket", its leaves grouped by shard length, the (count, length) of
+        each group, their local sizes, their destinations and those viewed
+        by rank, in that order, the group and its size, the dtype, the
+        device); any other: ("any", indices)."""
+        first = leaves[indices[0]]
+        group = first.device_mesh.get_group()
+        world = dist.get_world_size(group)
+        by_length: dict[int, list[int]] = {}
+        for i in indices:
+            shape, out = leaves[i].shape, self._outs[i]
+            counts = row_counts(shape[0], world)
+            if counts.count(counts[0]) != world or out is None or not out.is_contiguous():
+                return ("any", indices)
+            by_length.setdefault(counts[0] * math.prod(shape[1:]), []).append(i)
+        order = [i for group_indices in by_length.values() for i in group_indices]
+        lengths = [(len(group_indices), length) for length, group_indices in by_length.items()]
+        numels = [leaves[i]._local_tensor.numel() for i in order]
+        dests: list[torch.Tensor] = [self._outs[i] for i in order]  # type: ignore[misc]  # checked above
+        by_rank = [out.view(world, -1) for out in dests]
+        return ("bucket", order, lengths, numels, dests, by_rank, group, world, first.dtype, first._local_tensor.device)
+
+    def __call__(self, leaves: list[Any]) -> None:
+        if _layout([leaves[i] for i in self._planned]) != self._layout:
+            raise StructureMismatchError(
+                "GatherPlan: the sharded tensors are not of the layout the plan was made for. "
+                "Check every rank's state dict first (the Stager does), or make a new plan."
+            )
+        with torch.no_grad():
+            for kind, *job in self._jobs:
+                if kind == "leaf":
+                    (i,) = job
+                    out = self._outs[i]
+                    full = leaves[i].full_tensor() if isinstance(leaves[i], dtensor_type()) else _gather_sharded_tensor(leaves[i], out)
+                    leaves[i] = _land(full, out, _never)
+            two_in_flight(self._start(leaves, job, at) for at, job in enumerate(j for j in self._jobs if j[0] != "leaf"))
+
+    def _start(self, leaves: list[Any], job: tuple[Any, ...], at: int) -> Callable[[], None]:
+        slot = at % 2  # two in flight: two scratch slots
+        if job[0] == "any":
+            return _gather_bucket(leaves, self._outs, job[1], _never, slot)
+        _, order, lengths, numels, dests, by_rank, group, world, dtype, device = job
+        locals_ = [leaves[i]._local_tensor for i in order]
+        if list(map(torch.Tensor.numel, locals_)) != numels:  # the same full shapes, sharded otherwise
+            raise StructureMismatchError(
+                "GatherPlan: the sharded tensors are not sharded as when the plan was made. "
+                "Check every rank's state dict first (the Stager does), or make a new plan."
+            )
+        send = pack(locals_, device, ("send", slot))
+        size = send.numel()
+        recv = (scratch(world * size, dtype, ("recv", slot)) if device.type == "cpu" else torch.empty(world * size, dtype=dtype, device=device)).view(world, size)
+        work = all_gather_single(recv.view(-1), send, group=group, async_op=True)
+
+        def finish() -> None:
+            work.wait()
+            torch._foreach_copy_(by_rank, self._views_of(recv, lengths, at))  # rank-major as gathered -> each destination
+            for i, out in zip(order, dests):
+                leaves[i] = out
+
+        return finish
+
+
+    def _views_of(self, recv: torch.Tensor, lengths: list[tuple[int, int]], at: int) -> list[torch.Tensor]:
+        """Each tensor's gathered rows in ``recv`` (world, size) of bucket
+        ``at``, as (world, its shard length): kept while ``recv`` is the same
+        scratch memory (at the next stage it usually is)."""
+        key = (recv.data_ptr(), recv.shape)
+        views = self._views.get(at)
+        if views is None or views[0] != key:
+            world, offset = recv.shape[0], 0
+            made: list[torch.Tensor] = []
+            for n, length in lengths:
+                made.extend(recv[:, offset : offset + n * length].view(world, n, length).unbind(1))
+                offset += n * length
+            views = self._views[at] = (key, made)
+        return views[1]
+
+
+def _layout(leaves: list[Any]) -> list[Any]:
+    """What a GatherPlan needs its sharded leaves to keep: a DTensor's full
+    shape, stride and dtype (its spec's tensor meta, read without a call per
+    leaf) and placements; a ShardedTensor's metadata."""
+    dtensor_cls = dtensor_type()
+    return [(leaf._spec.tensor_meta, leaf._spec.placements) if isinstance(leaf, dtensor_cls) else leaf.metadata() for leaf in leaves]
+
+
+def _fsdp_layout(leaf: Any, shard_cls: Any) -> bool:
+    """Whether a DTensor is laid out as FSDP2 lays it out: dim 0 over a 1-D mesh."""
+    placements = leaf._spec.placements
+    return len(placements) == 1 and type(placements[0]) is shard_cls and placements[0].dim == 0 and bool(leaf.dim())
 
 
 def _never(full: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from sdtree.errors import StructureMismatchError
-from sdtree.transforms.gather import gather_into
+from sdtree.transforms.gather import GatherPlan, gather_into
 from tests.distributed.bodies_utils import _sharded, _sharded_tensor
 
 
@@ -254,3 +254,37 @@ def bad_input_on_rank0_raises_everywhere(rank: int, world_size: int) -> list[str
         dist.all_reduce(check)
         assert check.item() == world_size
     return messages
+
+
+def gather_plan_gathers_again_into_its_destination(rank: int, world_size: int) -> list[str]:
+    """One GatherPlan, called again with new values of its layout (as the
+    Stager calls it): every destination holds the new full tensor, in place;
+    bucketed tensors take the packed path; a layout it was not made for raises."""
+    mesh = init_device_mesh("cpu", (world_size,))
+
+    def case(seed):  # with a family of evenly split float64 tensors: a bucket of their own
+        full, sharded = _gather_case(mesh, rank, seed)
+        g = torch.Generator().manual_seed(seed)
+        even = {f"f64_{n}": torch.randn(2 * n, n + 1, generator=g, dtype=torch.float64) for n in (1, 2, 3)}
+        return {**full, **even}, {**sharded, **{k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in even.items()}}
+
+    full, sharded = case(0)
+    keys = [k for k, v in sharded.items() if isinstance(v, DTensor) or type(v).__name__ == "ShardedTensor"]
+    dest = [torch.full_like(full[k], -1.0) for k in keys]
+    ptrs = [t.data_ptr() for t in dest]
+    plan = GatherPlan([sharded[k] for k in keys], list(dest), bucket_bytes=1 << 20)
+    kinds = sorted({job[0] for job in plan._jobs})
+    for seed in (1, 2, 3):
+        full, sharded = case(seed)
+        leaves = [sharded[k] for k in keys]
+        plan(leaves)
+        for key, out, leaf, ptr in zip(keys, dest, leaves, ptrs):
+            assert leaf is out and out.data_ptr() == ptr, key
+            assert torch.equal(out, full[key]), (key, seed)
+    wrong = {k: distribute_tensor(torch.zeros(8, 3), mesh, [Shard(0)]) if k == "even" else v for k, v in sharded.items()}
+    try:
+        plan([wrong[k] for k in keys])
+    except StructureMismatchError as err:
+        kinds.append(str(err))
+    dist.barrier()
+    return kinds

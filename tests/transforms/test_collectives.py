@@ -49,3 +49,10 @@ def test_a_bad_input_on_rank0_raises_on_every_rank(pool2):
         assert messages[1].startswith("meta: UnsupportedLeafError") and "meta tensors" in messages[1]
         assert messages[2].startswith("dtensor: UnsupportedLeafError") and "DTensors" in messages[2]
         assert messages[3].startswith("sharded: NotAMappingError") and "ShardedTensors" in messages[3]
+
+
+def test_a_gather_plan_gathers_again_into_its_destination(pool2):
+    per_rank = pool2.run(bodies.gather_plan_gathers_again_into_its_destination)
+    for kinds in per_rank:
+        assert kinds[:3] == ["any", "bucket", "leaf"]
+        assert "not of the layout the plan was made for" in kinds[3]
