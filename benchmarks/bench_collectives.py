@@ -32,7 +32,8 @@ collective into a new buffer (and, for the gather, the one copy that turns
 rank-major gathered data into whole tensors).
 
 Each variant of an operation runs once per round, the rounds interleaved
-(7 rounds), so none pays alone for the process's first large allocations;
+(9 rounds, each starting one variant later), so none pays alone for the
+process's first large allocations;
 the table gives the best and the median round, and the ratios use the
 median (the best is shown too: on a 2-core VM one quiet round can halve a
 time). Templates are built before the clock starts (they are the input).
@@ -47,7 +48,7 @@ faster than torch and within 2x of the flat collective into fresh memory;
 destination within 1.25x of a flat all_gather into a preallocated buffer;
 scatter load: bytes received per rank about size / world.
 
-Run: .venv/bin/python benchmarks/bench_collectives.py [--shapes a,m,b] [--no-fsdp2]
+Run: .venv/bin/python benchmarks/bench_collectives.py [--shapes a,m,b] [--no-fsdp2] [--rounds 9]
 """
 
 from __future__ import annotations
@@ -69,20 +70,26 @@ from sdtree._collectives import all_gather_single  # torch 2.13 renamed all_gath
 KIB, MIB = 1024, 1024 * 1024
 
 
-def measure_rounds(fns: dict, reps: int = 7) -> dict:
+ROUNDS = 9  # set by --rounds (main passes it to each worker)
+
+
+def measure_rounds(fns: dict) -> dict:
     """(best seconds, median seconds, peak extra RSS) of each of ``fns``, run
     in interleaved rounds so that no one pays alone for the process's first
-    large allocations."""
+    large allocations. Each round starts one variant later (A B C, B C A,
+    ...): on this VM a call's system time swings with the calls before it,
+    and in a fixed order one variant would always follow the same one."""
     runs: dict = {label: [] for label in fns}
-    for _ in range(reps):
-        for label, fn in fns.items():
+    order = list(fns.items())
+    for r in range(ROUNDS):
+        for label, fn in order[r % len(order):] + order[: r % len(order)]:
             runs[label].append(timed(fn))
     return {label: (min(t), statistics.median(t), peak_memory(fns[label])) for label, t in runs.items()}
 
 
-def measure(fn, reps: int = 7):
+def measure(fn):
     """(best seconds, median seconds, peak extra RSS bytes of one more run); all ranks call it."""
-    t = [timed(fn) for _ in range(reps)]
+    t = [timed(fn) for _ in range(ROUNDS)]
     return min(t), statistics.median(t), peak_memory(fn)
 
 
@@ -142,7 +149,9 @@ def shapes(kind: str):
     return [(16 * MIB,)] * 4  # 64 MiB each
 
 
-def body(rank: int, world: int, port: int, out_queue, kinds: list, fsdp2: bool) -> None:
+def body(rank: int, world: int, port: int, out_queue, kinds: list, fsdp2: bool, rounds: int) -> None:
+    global ROUNDS
+    ROUNDS = rounds
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -323,6 +332,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="a,m,b", help="comma-separated, of a, m, b")
     parser.add_argument("--no-fsdp2", action="store_true", help="skip the FSDP2 get/set rows")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
     kinds = [k for k in args.shapes.split(",") if k]
     with socket.socket() as s:
@@ -330,13 +340,13 @@ def main() -> None:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=body, args=(r, 2, port, q, kinds, not args.no_fsdp2)) for r in range(2)]
+    procs = [ctx.Process(target=body, args=(r, 2, port, q, kinds, not args.no_fsdp2, args.rounds)) for r in range(2)]
     for p in procs:
         p.start()
     rows, counted = q.get()
     for p in procs:
         p.join()
-    print(f"torch {torch.__version__}, 2 gloo processes on CPU; 7 interleaved rounds; peak extra RSS of the worst rank (a separate run)\n")
+    print(f"torch {torch.__version__}, 2 gloo processes on CPU; {args.rounds} interleaved rounds; peak extra RSS of the worst rank (a separate run)\n")
     print(f"{'shape':<6}{'operation':<30}{'best ms':>10}{'median ms':>11}{'peak MiB':>10}")
     best, median = {}, {}
     for kind, label, low, mid, mem in rows:
