@@ -6,7 +6,6 @@ of every ``get_*`` (gather and/or offload)."""
 from __future__ import annotations
 
 import functools
-import gc
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Optional, TypeVar
@@ -14,6 +13,7 @@ from typing import Any, Optional, TypeVar
 import torch
 
 from sdtree._collectives import is_distributed
+from sdtree._gc import paused_gc
 from sdtree.errors import api_call
 from sdtree.options import StateDictOptions
 from sdtree.transforms import Transform, identity, offload_to_cpu
@@ -27,19 +27,13 @@ T = TypeVar("T")
 def public(fn: Callable[..., T]) -> Callable[..., T]:
     """Make ``fn`` a public entry point: errors raised inside name it
     (:func:`~sdtree.errors.api_call`), and the cyclic garbage collector is
-    paused while it runs (as torch's DSD does): the many small objects of a
-    state dict otherwise trigger full collections that walk every live tensor."""
+    paused while it runs (:func:`~sdtree._gc.paused_gc`)."""
 
+    @paused_gc
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            with api_call(fn.__name__):
-                return fn(*args, **kwargs)
-        finally:
-            if enabled:
-                gc.enable()
+        with api_call(fn.__name__):
+            return fn(*args, **kwargs)
 
     return wrapper
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from sdtree._gc import paused_gc
 from sdtree.errors import NotInvertibleError
 from sdtree.transforms.plans import settle
 
@@ -78,6 +79,7 @@ class Transform:
 class _Pipeline(Transform):
     transforms: tuple[Transform, ...]
 
+    @paused_gc
     def __call__(self, state_dict: Any, /) -> Any:
         steps = self.transforms
         held = False  # whether state_dict may hold pending outputs, or be plans.Columns

@@ -1,8 +1,11 @@
+import gc
+
 import pytest
+import torch
 
 from sdtree import pipeline
 from sdtree.errors import NotInvertibleError
-from sdtree.transforms import add_prefix, identity, offload_to_cpu, rename, select_keys, strip_prefix
+from sdtree.transforms import add_prefix, fuse, identity, map_tensors, offload_to_cpu, rename, select_keys, strip_prefix
 
 
 def test_rshift_composes_left_to_right():
@@ -46,3 +49,49 @@ def test_transforms_are_frozen_and_hashable():
     with pytest.raises(AttributeError):
         t.prefix = "b"
     assert hash(t) == hash(strip_prefix("a")) and t == strip_prefix("a")
+
+
+def test_transforms_pause_the_collector_while_they_run_and_resume_it():
+    # the many small objects of a large state dict would trigger full
+    # collections that walk every live tensor (sdtree._gc)
+    seen = []
+
+    def record(t):
+        seen.append(gc.isenabled())
+        if t.numel() == 2:
+            raise ValueError("boom")
+        return t
+
+    sd = {"module.a": torch.ones(1)}
+    for t, keys in ((map_tensors(record), ["module.a"]), (strip_prefix("module.") >> map_tensors(record), ["a"])):
+        seen.clear()
+        assert list(t(sd)) == keys
+        assert seen and not any(seen) and gc.isenabled()
+    with pytest.raises(ValueError, match="boom"):
+        map_tensors(record)({"a": torch.ones(2)})
+    assert gc.isenabled()  # resumed after an error too
+    gc.disable()
+    try:
+        map_tensors(record)(sd)
+        assert not gc.isenabled()  # the caller's pause is kept
+    finally:
+        gc.enable()
+
+
+def test_a_pipeline_of_many_keys_pays_no_full_collection():
+    meta = torch.empty(2, 2, device="meta")
+    sd = {f"module.layers.{i}.{n}": meta for i in range(20_000) for n in "ab"}
+    full = []
+
+    def count(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            full.append(info)
+
+    t = strip_prefix("module.") >> fuse(["layers.{i}.a", "layers.{i}.b"], "layers.{i}.ab")
+    gc.collect()
+    gc.callbacks.append(count)
+    try:
+        out = t(sd)
+    finally:
+        gc.callbacks.remove(count)
+    assert len(out) == 20_000 and out["layers.7.ab"].shape == (4, 2) and full == []
