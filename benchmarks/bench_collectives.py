@@ -54,6 +54,7 @@ Run: .venv/bin/python benchmarks/bench_collectives.py [--shapes a,m,b] [--no-fsd
 from __future__ import annotations
 
 import argparse
+import queue
 import socket
 import statistics
 import sys
@@ -343,7 +344,17 @@ def main() -> None:
     procs = [ctx.Process(target=body, args=(r, 2, port, q, kinds, not args.no_fsdp2, args.rounds)) for r in range(2)]
     for p in procs:
         p.start()
-    rows, counted = q.get()
+    while True:  # a rank that dies (a crash in torch or gloo) must fail the bench, not hang it
+        try:
+            rows, counted = q.get(timeout=1)
+            break
+        except queue.Empty:
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                print(f"bench_collectives: rank {dead[0][0]} exited with {dead[0][1]} before reporting; no results", file=sys.stderr)
+                return 1
     for p in procs:
         p.join()
     print(f"torch {torch.__version__}, 2 gloo processes on CPU; {args.rounds} interleaved rounds; peak extra RSS of the worst rank (a separate run)\n")
