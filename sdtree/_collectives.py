@@ -19,6 +19,7 @@ from typing import Any, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from sdtree._memory import empty
 from sdtree.errors import SdtreeError
 
 __all__ = [
@@ -140,7 +141,7 @@ def scratch(numel: int, dtype: torch.dtype, slot: Any) -> torch.Tensor:
     nbytes = numel * dtype.itemsize
     buffer = _scratch.buffers.get(slot)
     if buffer is None or buffer.numel() < nbytes:
-        buffer = _scratch.buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = _scratch.buffers[slot] = empty(nbytes, torch.uint8, torch.device("cpu"))
     return buffer[:nbytes].view(dtype)
 
 
@@ -250,7 +251,7 @@ def broadcast_buckets(
             elif len(bucket) == 1:
                 ((i, shape, dtype),) = bucket
                 target = receive_into(i) if receive_into and not (split and split(i)) else None
-                buffer = target if target is not None else torch.empty(shape, dtype=dtype, device=device)
+                buffer = target if target is not None else empty(shape, dtype, device)
             else:
                 buffer = torch.empty(sum(math.prod(shape) for _, shape, _ in bucket), dtype=bucket[0][2], device=device)
             work = dist.broadcast(buffer, group=group, group_src=0, async_op=True)
@@ -299,7 +300,7 @@ def _scatter_rows(
     mine = rows[this_rank]
     padded = (most, *shape[1:])
     target = receive_into(i) if receive_into else None
-    buffer = target if target is not None and mine == most else torch.empty(padded, dtype=dtype, device=device)
+    buffer = target if target is not None and mine == most else empty(padded, dtype, device)
     pieces: Optional[list[torch.Tensor]] = None
     if this_rank == 0:
         full = sources[i].detach().to(device).contiguous()

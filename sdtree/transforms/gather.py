@@ -37,6 +37,7 @@ from sdtree._collectives import (
     scratch,
     two_in_flight,
 )
+from sdtree._memory import empty
 from sdtree._tree import codify, tree_flatten, tree_unflatten
 from sdtree.errors import SdtreeError, StructureMismatchError, preview
 from sdtree.transforms.compose import Transform
@@ -145,13 +146,13 @@ def _staging(out: Optional[torch.Tensor], numel: int, dtype: torch.dtype, device
     memory is faulted in page by page, during the transfer), new elsewhere
     (a device's caching allocator reuses its blocks)."""
     if out is None or device.type != "cpu":
-        return torch.empty(numel, dtype=dtype, device=device)
+        return empty(numel, dtype, device)
     key = id(out)
     buffer = _staged.get(key)
     if buffer is None or buffer.numel() != numel or buffer.dtype != dtype or buffer.device != device:
         if buffer is None:
             weakref.finalize(out, _staged.pop, key, None)
-        buffer = _staged[key] = torch.empty(numel, dtype=dtype, device=device)
+        buffer = _staged[key] = empty(numel, dtype, device)
     return buffer
 
 
@@ -310,9 +311,9 @@ def _gather_sharded_tensor(value: Any, out: Optional[torch.Tensor] = None) -> to
     send = torch.zeros(width, dtype=value.dtype, device=device)
     if local:
         torch.cat([s.tensor.reshape(-1) for s in local], out=send[: sum(s.tensor.numel() for s in local)])
-    recv = torch.empty(world * width, dtype=value.dtype, device=device)
+    recv = empty(world * width, value.dtype, device)
     all_gather_single(recv, send, group=group)
-    full = out if out is not None and out.device == device else torch.empty(value.size(), dtype=value.dtype, device=device)
+    full = out if out is not None and out.device == device else empty(value.size(), value.dtype, device)
     for r, shards in enumerate(by_rank):
         offset = r * width
         for shard in shards:
