@@ -66,7 +66,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from _rss import peak_extra_rss
-from sdtree._collectives import all_gather_single  # torch 2.13 renamed all_gather_into_tensor
+from sdtree._collectives import all_gather_single, broadcast_object  # all_gather_single: torch 2.13 renamed all_gather_into_tensor
 
 KIB, MIB = 1024, 1024 * 1024
 
@@ -192,8 +192,8 @@ def body(rank: int, world: int, port: int, out_queue, kinds: list, fsdp2: bool, 
         def flat_fresh_b():  # what any receiver of new tensors pays too: memory allocated (and faulted in) anew
             dist.broadcast(flat if rank == 0 else torch.empty(nbytes // 4), src=0)
 
-        def bare_b():  # metadata, one pack, one broadcast into a new buffer; no per-tensor work
-            dist.broadcast_object_list([header if rank == 0 else None], src=0)
+        def bare_b():  # metadata (in one message), one pack, one broadcast into a new buffer; no per-tensor work
+            broadcast_object(header if rank == 0 else None)
             packed = torch._C._nn.flatten_dense_tensors(leaves) if rank == 0 else torch.empty(nbytes // 4)
             dist.broadcast(packed, src=0)
 

@@ -10,7 +10,9 @@ the group calls them, in the same order.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import pickle
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +42,8 @@ __all__ = [
     "portable_error",
     "first_error",
     "from_leader",
+    "broadcast_object",
+    "OBJECT_FIRST_BYTES",
 ]
 
 T = TypeVar("T")
@@ -378,20 +382,78 @@ def first_error(bad: list[tuple[int, tuple[type[Exception], str]]], world: int) 
     return kind(f"rank {rank_} of {world}: {message}")
 
 
+# broadcast_object's first message: objects up to this size (a state dict's
+# metadata, of a thousand tensors) travel in one collective, which on gloo
+# costs what an 8-byte one does (~0.15 ms, against ~0.45 ms for
+# broadcast_object_list's two collectives and tensor conversions)
+OBJECT_FIRST_BYTES = 64 * 1024
+_HEAD = 8  # the pickle's length, int64; negative: the sender could not pickle
+
+
+def broadcast_object(obj: Any, *, src: int = 0, group: Optional[dist.ProcessGroup] = None) -> Any:
+    """Group rank ``src``'s ``obj``, pickled, on every rank of ``group``: one
+    broadcast of ``OBJECT_FIRST_BYTES`` when the pickle fits, a second for
+    the rest when not. An object that does not pickle raises ``TypeError``
+    on every rank (the other ranks do not wait forever).
+
+    Collective: call on every rank (``obj`` matters on ``src`` only).
+    """
+    device = pg_device(group)
+    sender = dist.get_rank(group) == src
+    room = OBJECT_FIRST_BYTES - _HEAD
+    first = scratch(OBJECT_FIRST_BYTES, torch.uint8, "object")  # CPU; warm after the first call
+    payload = b""
+    if sender:
+        try:
+            payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            length = len(payload)
+        except Exception as err:  # every rank must learn of it
+            payload = f"broadcast of a {type(obj).__name__} failed to pickle on rank {src}: {err}".encode()
+            length = -len(payload)
+        head = length.to_bytes(_HEAD, "little", signed=True) + payload[:room]
+        ctypes.memmove(first.data_ptr(), head, len(head))
+    _broadcast_through(first, device, src, group)
+    length = int.from_bytes(ctypes.string_at(first.data_ptr(), _HEAD), "little", signed=True)
+    if not sender:
+        payload = ctypes.string_at(first.data_ptr() + _HEAD, min(abs(length), room))
+    rest = abs(length) - room
+    if rest > 0:
+        tail = torch.empty(rest, dtype=torch.uint8)
+        if sender:
+            ctypes.memmove(tail.data_ptr(), payload[room:], rest)
+        _broadcast_through(tail, device, src, group)
+        if not sender:
+            payload += ctypes.string_at(tail.data_ptr(), rest)
+    if length < 0:
+        raise TypeError(payload.decode(errors="replace"))
+    return obj if sender else pickle.loads(payload)
+
+
+def _broadcast_through(buffer: torch.Tensor, device: torch.device, src: int, group: Optional[dist.ProcessGroup]) -> None:
+    """Broadcast CPU ``buffer`` over a group whose device is ``device`` (a
+    device copy there and back, where that is not CPU)."""
+    if device.type == "cpu":
+        dist.broadcast(buffer, group=group, group_src=src)
+        return
+    wire = buffer.to(device)
+    dist.broadcast(wire, group=group, group_src=src)
+    buffer.copy_(wire)
+
+
 def from_leader(step: Callable[[], T], leader: int, group: Optional[dist.ProcessGroup] = None) -> T:
     """Run ``step`` on the ``leader`` rank only (a global rank); every rank
     returns its result, or raises its error (:func:`portable_error`).
 
-    Collective: one object broadcast; call on every rank.
+    Collective: one object broadcast (:func:`broadcast_object`); call on every rank.
     """
-    shared: list[Any] = [None]
+    shared: Any = None
     if dist.get_rank() == leader:
         try:
-            shared[0] = ("ok", step())
+            shared = ("ok", step())
         except Exception as err:  # any failure must reach the other ranks too, or they hang
-            shared[0] = ("error", portable_error(err))
-    dist.broadcast_object_list(shared, src=leader, group=group)
-    status, value = shared[0]
+            shared = ("error", portable_error(err))
+    src = leader if group is None else dist.get_group_rank(group, leader)
+    status, value = broadcast_object(shared, src=src, group=group)
     if status == "error":
         kind, message = value
         raise kind(message)

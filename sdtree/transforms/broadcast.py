@@ -25,7 +25,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from sdtree._collectives import DEFAULT_BUCKET_BYTES, Rows, broadcast_buckets, is_distributed, pg_device, rank
+from sdtree._collectives import DEFAULT_BUCKET_BYTES, Rows, broadcast_buckets, broadcast_object, is_distributed, pg_device, rank
 from sdtree._tree import tree_flatten, tree_unflatten
 from sdtree.errors import NotAMappingError, UnsupportedLeafError
 from sdtree.transforms.compose import Transform
@@ -299,9 +299,7 @@ def announce(*state_dicts: Any, group: Optional[dist.ProcessGroup] = None) -> An
     if this_rank == 0:
         leaves, meta = _describe(state_dicts)
     if distributed:
-        box = [meta]
-        dist.broadcast_object_list(box, group=group, group_src=0)
-        meta = box[0]
+        meta = broadcast_object(meta, group=group)
     if "error" in meta:
         raise NotAMappingError(f"broadcast_from_rank0: {meta['error']} (seen on rank {this_rank}).")
     return Announcement(meta, leaves, group)

@@ -241,12 +241,13 @@ def bad_input_on_rank0_raises_everywhere(rank: int, world_size: int) -> list[str
         "meta": {"w": torch.ones(2), "m": torch.empty(4, device="meta")},
         "dtensor": {"d": distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])},
         "sharded": {"s": _sharded_tensor(rank, torch.ones(4, 2))},
+        "unpicklable": {"w": torch.ones(2), "f": lambda: 0},
     }
     messages = []
     for name, sd in bad.items():
         try:
             broadcast_from_rank0(bucket_bytes=64)(sd if rank == 0 else {})
-        except (NotAMappingError, UnsupportedLeafError) as err:
+        except (NotAMappingError, UnsupportedLeafError, TypeError) as err:
             messages.append(f"{name}: {type(err).__name__}: {err}")
         else:
             messages.append(f"{name}: no error")
@@ -288,3 +289,37 @@ def gather_plan_gathers_again_into_its_destination(rank: int, world_size: int) -
         kinds.append(str(err))
     dist.barrier()
     return kinds
+
+
+def broadcast_object_of_any_size(rank: int, world_size: int) -> list:
+    """broadcast_object: small and large pickles (one collective, or two),
+    from either rank, and an unpicklable object failing on every rank."""
+    from sdtree._collectives import OBJECT_FIRST_BYTES, broadcast_object
+
+    counted = []
+    saved = dist.broadcast
+
+    def broadcast(tensor, *args, **kwargs):
+        counted.append(tensor.numel())
+        return saved(tensor, *args, **kwargs)
+
+    dist.broadcast = broadcast
+    out = []
+    try:
+        big = list(range(OBJECT_FIRST_BYTES))  # pickles to more than the first message
+        exact = b"x" * (OBJECT_FIRST_BYTES - 8 - 64)
+        for src, obj in ((0, {"a": 1}), (1, ("from", 1)), (0, big), (1, exact), (0, None)):
+            counted.clear()
+            got = broadcast_object(obj if rank == src else "ignored", src=src)
+            out.append((got == obj, len(counted)))
+        try:
+            broadcast_object(lambda: 0 if rank == 0 else None)
+        except TypeError as err:
+            out.append(str(err))
+        else:
+            out.append("no error")
+    finally:
+        dist.broadcast = saved
+    check = torch.tensor([1.0])
+    dist.all_reduce(check)  # the group is still in step
+    return out

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sdtree
 from sdtree import StateDictOptions
+from sdtree._collectives import OBJECT_FIRST_BYTES
 from sdtree.testing import assert_state_dict_equal
 from tests.adapters.models import make, make_optim, snapshot_optim, train
 
@@ -229,7 +230,7 @@ def broadcast_load_refused_before_any_tensor_moves(rank: int, world_size: int) -
         sent.append(args[0].numel())
         return broadcast(*args, **kwargs)
 
-    dist.broadcast = counting  # the tensor buckets; the metadata goes through broadcast_object_list
+    dist.broadcast = counting  # the metadata's one message, then the tensor buckets
     try:
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         sdtree.set_model_state_dict(model, full.state_dict() if rank == 0 else {}, options=opts)
@@ -239,7 +240,7 @@ def broadcast_load_refused_before_any_tensor_moves(rank: int, world_size: int) -
         message = "no error"
     finally:
         dist.broadcast = broadcast
-    assert sent == [], sent
+    assert sent == [OBJECT_FIRST_BYTES], sent  # the metadata alone: no tensor moved
     assert_state_dict_equal({k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}, before)
     return message
 
@@ -271,7 +272,7 @@ def deliver_failure_on_one_rank_is_raised_after_the_last_bucket(rank: int, world
 
 def broadcast_load_makes_one_metadata_broadcast(rank: int, world_size: int) -> dict:
     """A broadcast_from_rank0 load announces what rank 0 holds once: the model
-    and the optimizers in one broadcast_object_list, then only tensor buckets."""
+    and the optimizers in one broadcast_object, then only tensor buckets."""
     trained, trained_optim = _wrap("ddp")
     train(trained, trained_optim, steps=2, seed=0)
     msd, osd = sdtree.get_state_dict(trained, trained_optim)
@@ -284,22 +285,27 @@ def broadcast_load_makes_one_metadata_broadcast(rank: int, world_size: int) -> d
         "set_model_state_dict": lambda: sdtree.set_model_state_dict(model, msd, options=opts),
         "set_optimizer_state_dict": lambda: sdtree.set_optimizer_state_dict(model, optim, osd, options=opts),
     }
-    original = dist.broadcast_object_list
+    from sdtree.transforms import broadcast as announcing
+
+    original, original_list = announcing.broadcast_object, dist.broadcast_object_list
     calls: list = []
 
     def counting(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
+    def refused(*args, **kwargs):
+        raise AssertionError("the metadata goes through sdtree's broadcast_object")
+
     counts = {}
-    dist.broadcast_object_list = counting
+    announcing.broadcast_object, dist.broadcast_object_list = counting, refused
     try:
         for name, load in loads.items():
             calls.clear()
             load()
             counts[name] = len(calls)
     finally:
-        dist.broadcast_object_list = original
+        announcing.broadcast_object, dist.broadcast_object_list = original, original_list
     assert_state_dict_equal(model.state_dict(), trained.state_dict())
     assert_state_dict_equal(snapshot_optim(optim), snapshot_optim(trained_optim))
     return counts
