@@ -32,8 +32,9 @@ collective into a new buffer (and, for the gather, the one copy that turns
 rank-major gathered data into whole tensors).
 
 Each variant of an operation runs once per round, the rounds interleaved
-(9 rounds, each starting one variant later), so none pays alone for the
-process's first large allocations;
+(9 rounds, each in its own shuffled order, the same on every rank), so none
+pays alone for the process's first large allocations, nor always follows
+the same variant;
 the table gives the best and the median round, and the ratios use the
 median (the best is shown too: on a 2-core VM one quiet round can halve a
 time). Templates are built before the clock starts (they are the input).
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import queue
+import random
 import socket
 import statistics
 import sys
@@ -77,13 +79,16 @@ ROUNDS = 9  # set by --rounds (main passes it to each worker)
 def measure_rounds(fns: dict) -> dict:
     """(best seconds, median seconds, peak extra RSS) of each of ``fns``, run
     in interleaved rounds so that no one pays alone for the process's first
-    large allocations. Each round starts one variant later (A B C, B C A,
-    ...): on this VM a call's system time swings with the calls before it,
-    and in a fixed order one variant would always follow the same one."""
+    large allocations. Each round runs the variants in another order,
+    shuffled by the round's number (the same on every rank): on this VM a
+    call's time swings with the call before it (4 x 64 MiB gathers: 260 or
+    500 ms), and in a fixed order, or a rotated one, each variant would
+    always follow the same one."""
     runs: dict = {label: [] for label in fns}
-    order = list(fns.items())
     for r in range(ROUNDS):
-        for label, fn in order[r % len(order):] + order[: r % len(order)]:
+        order = list(fns.items())
+        random.Random(r).shuffle(order)
+        for label, fn in order:
             runs[label].append(timed(fn))
     return {label: (min(t), statistics.median(t), peak_memory(fns[label])) for label, t in runs.items()}
 
