@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import functools
 import gc
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["paused_gc"]
+__all__ = ["paused_gc", "pauses_gc"]
 
 T = TypeVar("T")
 
@@ -24,10 +25,13 @@ T = TypeVar("T")
 def paused_gc(fn: Callable[..., T]) -> Callable[..., T]:
     """``fn``, run with the cyclic collector paused; it is resumed after,
     even if ``fn`` raises, unless it was paused already (by the caller, or
-    by an outer call of the same kind)."""
+    by an outer call of the same kind). ``fn`` itself comes back as is when
+    it pauses already (:func:`pauses_gc`)."""
+    if pauses_gc(fn):
+        return fn
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
+    def paused(*args: Any, **kwargs: Any) -> T:
         if not gc.isenabled():
             return fn(*args, **kwargs)
         gc.disable()
@@ -36,4 +40,17 @@ def paused_gc(fn: Callable[..., T]) -> Callable[..., T]:
         finally:
             gc.enable()
 
-    return wrapper
+    _made.add(paused)
+    return paused
+
+
+def pauses_gc(fn: Any) -> bool:
+    """Whether ``fn`` was made by :func:`paused_gc` (kept by identity: an
+    attribute would be copied by ``functools.wraps`` onto other wrappers)."""
+    try:
+        return fn in _made
+    except TypeError:  # not weakly referable: not one of ours
+        return False
+
+
+_made: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()

@@ -27,6 +27,9 @@ class Transform:
     Subclasses are ``attrs`` frozen classes whose fields are their
     configuration. ``repr`` shows the public factory call: the class names it
     in ``_factory``; fields without defaults are positional, unless keyword-only.
+    Every call runs with the cyclic garbage collector paused
+    (:func:`~sdtree._gc.paused_gc`): a subclass's ``__call__`` is wrapped
+    when the class is made.
     """
 
     _factory: str = ""
@@ -34,6 +37,12 @@ class Transform:
     # it in a pipeline, and a model state dict as plans.Columns
     # (sdtree.transforms.plans): it never reads values
     _takes_pending: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None:  # attrs remakes slotted classes from this dict: paused_gc wraps once
+            setattr(cls, "__call__", paused_gc(call))
 
     def __call__(self, state_dict: Any, /) -> Any:
         raise NotImplementedError
@@ -79,7 +88,6 @@ class Transform:
 class _Pipeline(Transform):
     transforms: tuple[Transform, ...]
 
-    @paused_gc
     def __call__(self, state_dict: Any, /) -> Any:
         steps = self.transforms
         held = False  # whether state_dict may hold pending outputs, or be plans.Columns

@@ -22,7 +22,6 @@ from typing import Any, Optional, Union
 import attrs
 import torch
 
-from sdtree._gc import paused_gc
 from sdtree.errors import (
     InvalidRuleError,
     KeyCollisionError,
@@ -71,7 +70,6 @@ class _KeyTransform(Transform):
         """Map ``keys`` to new keys (``None`` to drop); raise on bad keys."""
         raise NotImplementedError
 
-    @paused_gc
     def __call__(self, state_dict: Any, /) -> Any:
         if _is_pair(self, state_dict):
             return self(state_dict[0]), self(state_dict[1])

@@ -33,7 +33,6 @@ from typing import Any, Optional, Union
 
 import torch
 
-from sdtree._gc import paused_gc
 from sdtree.errors import (
     KeyCollisionError,
     LayoutMismatchError,
@@ -226,7 +225,6 @@ class TensorRule(Transform):
 
     _takes_pending = True  # inside a pipeline, it plans pending inputs as meta ones (plans.Pending)
 
-    @paused_gc
     def __call__(self, state_dict: Any, /) -> Any:
         return self._call(state_dict, False)
 

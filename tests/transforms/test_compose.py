@@ -1,11 +1,13 @@
 import gc
 
+import attrs
 import pytest
 import torch
 
 from sdtree import pipeline
+from sdtree._gc import pauses_gc
 from sdtree.errors import NotInvertibleError
-from sdtree.transforms import add_prefix, fuse, identity, map_tensors, offload_to_cpu, rename, select_keys, strip_prefix
+from sdtree.transforms import Transform, add_prefix, fuse, identity, map_tensors, offload_to_cpu, rename, select_keys, strip_prefix
 
 
 def test_rshift_composes_left_to_right():
@@ -76,6 +78,30 @@ def test_transforms_pause_the_collector_while_they_run_and_resume_it():
         assert not gc.isenabled()  # the caller's pause is kept
     finally:
         gc.enable()
+
+
+@attrs.frozen
+class _Seen(Transform):
+    """A transform of a user's own: it records whether the GC ran during its call."""
+
+    seen: list = attrs.field(factory=list, eq=False)
+
+    def __call__(self, state_dict):
+        self.seen.append(gc.isenabled())
+        return dict(state_dict)
+
+
+def test_every_transform_class_pauses_the_collector_its_own_included():
+    mine = _Seen()
+    assert mine({"a": 1}) == {"a": 1} and mine.seen == [False] and gc.isenabled()
+    assert pauses_gc(_Seen.__call__) and not pauses_gc(_Seen.__call__.__wrapped__)  # wrapped once, though attrs remade the class
+    subclasses, todo = [], [Transform]
+    while todo:
+        todo.extend(sub := todo.pop().__subclasses__())
+        subclasses.extend(sub)
+    own_calls = {cls.__qualname__: cls.__dict__["__call__"] for cls in subclasses if "__call__" in cls.__dict__}
+    assert len(own_calls) >= 15  # pipelines, key and tensor rules, optimizer forms, gathers, broadcasts, ...
+    assert [name for name, call in own_calls.items() if not pauses_gc(call)] == []
 
 
 def test_a_pipeline_of_many_keys_pays_no_full_collection():
