@@ -68,7 +68,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from _rss import peak_extra_rss
-from sdtree._collectives import all_gather_single, broadcast_object  # all_gather_single: torch 2.13 renamed all_gather_into_tensor
+# all_gather_single: torch 2.13's name for all_gather_into_tensor
+from sdtree._collectives import all_gather_single, broadcast_object
 
 KIB, MIB = 1024, 1024 * 1024
 

@@ -33,10 +33,11 @@ keys (11,111 layers), best of 5 rounds, with Python's cyclic GC running
 costs). Target: at most 3 us per key. sdtree's transforms pause the
 collector while they run (sdtree._gc), as torch's get_state_dict does: the
 full collections a run would pay walk every object alive. The one full
-collection that pause leaves for later is measured after the run and printed. Since that depends on the machine, the same run measures a
-floor, the least any planner must do (rename every key in one dict
-comprehension with a precompiled regex, one torch.empty per output that
-differs from its input), and prints sdtree's time as a multiple of it.
+collection that pause leaves for later is measured after the run and
+printed. Since that depends on the machine, the same run measures a floor,
+the least any planner must do (rename every key in one dict comprehension
+with a precompiled regex, one torch.empty per output that differs from its
+input), and prints sdtree's time as a multiple of it.
 
 Run: make bench   (or: .venv/bin/python benchmarks/bench_tensor_ops.py [--layers 32] [--rounds 8])
 """

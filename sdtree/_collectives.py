@@ -257,7 +257,7 @@ def broadcast_buckets(
                 target = receive_into(i) if receive_into and not (split and split(i)) else None
                 buffer = target if target is not None else empty(shape, dtype, device)
             else:
-                buffer = torch.empty(sum(math.prod(shape) for _, shape, _ in bucket), dtype=bucket[0][2], device=device)
+                buffer = empty(sum(math.prod(shape) for _, shape, _ in bucket), bucket[0][2], device)
             work = dist.broadcast(buffer, group=group, group_src=0, async_op=True)
 
             def arrived() -> None:
