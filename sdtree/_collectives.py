@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "ALONE_BYTES",
     "Rows",
+    "Spec",
     "all_gather_single",
     "is_distributed",
     "rank",
@@ -156,9 +157,17 @@ def pack(tensors: Sequence[torch.Tensor], device: torch.device, slot: Any) -> to
     memory."""
     if device.type == "cpu":
         out = scratch(sum(map(torch.Tensor.numel, tensors)), tensors[0].dtype, slot)
-        parts = list(tensors) if all(t.dim() == 1 for t in tensors) else [t.reshape(-1) for t in tensors]
+        # one concatenation along dim 0 when the shapes agree past it (the
+        # tensors as they are), else of the tensors flattened (a view each)
+        into, parts = out, list(tensors)
+        tail = parts[0].shape[1:]
+        if tail and tail.numel() and all(t.shape[1:] == tail for t in parts):
+            into = out.view(-1, *tail)
+        elif not all(t.dim() == 1 for t in parts):
+            parts = [t.reshape(-1) for t in parts]
         try:
-            return torch.cat(parts, out=out)
+            torch.cat(parts, out=into)
+            return out
         except RuntimeError:  # some on another device (cheaper to find out so than to ask each)
             pass
     flat: torch.Tensor = torch._C._nn.flatten_dense_tensors(list(tensors))  # under no_grad: no graph
@@ -267,6 +276,8 @@ def broadcast_buckets(
                     views = [_own(sources[i]) for i, _, _ in bucket]
                 elif len(bucket) == 1:
                     views = [buffer]
+                elif all(s == bucket[0][1] for _, s, _ in bucket):  # one shape: the views in one call
+                    views = list(buffer.view(len(bucket), *bucket[0][1]).unbind(0))
                 else:
                     flat = torch.split_with_sizes(buffer, [math.prod(s) for _, s, _ in bucket])
                     views = [view if len(shape) == 1 else view.view(shape) for (_, shape, _), view in zip(bucket, flat)]

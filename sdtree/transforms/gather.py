@@ -26,6 +26,7 @@ import torch.distributed as dist
 from sdtree._collectives import (
     ALONE_BYTES,
     DEFAULT_BUCKET_BYTES,
+    Spec,
     agree,
     all_gather_single,
     buckets,
@@ -94,12 +95,15 @@ def _gather(leaves: list[Any], bucket_bytes: int, done: Callable[[torch.Tensor],
     if dtensor is None and not sharded_tensor_cls:
         return
     dtensor_cls = dtensor.DTensor if dtensor is not None else ()
-    batches: dict[tuple[int, torch.dtype], list[int]] = {}
+    batches: dict[tuple[int, torch.dtype], list[Spec]] = {}
+    shard = dtensor.Shard if dtensor is not None else None
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, dtensor_cls):
             # FSDP2's layout (dim 0 over a 1-D mesh) in buckets; the rest one by one
-            if _fsdp_layout(leaf, dtensor.Shard):
-                batches.setdefault((id(leaf._spec.mesh), leaf.dtype), []).append(i)
+            spec = leaf._spec  # not the public properties: this runs once per leaf
+            if _fsdp_layout(spec.placements, shard):
+                meta = spec.tensor_meta
+                batches.setdefault((id(spec.mesh), meta.dtype), []).append((i, meta.shape, meta.dtype))
             else:
                 leaves[i] = done(leaf.full_tensor())
         elif isinstance(leaf, sharded_tensor_cls):
@@ -120,23 +124,25 @@ def _land(full: torch.Tensor, out: Optional[torch.Tensor], done: Callable[[torch
 
 
 def _gather_buckets(
-    leaves: list[Any], outs: Outs, batches: dict[Any, list[int]], limit: int, done: Callable[[torch.Tensor], torch.Tensor]
+    leaves: list[Any], outs: Outs, batches: dict[Any, list[Spec]], limit: int, done: Callable[[torch.Tensor], torch.Tensor]
 ) -> Iterator[Callable[[], None]]:
-    """Tensors of at least ``ALONE_BYTES`` alone (no pack, no unpack), the
+    """Tensors (``batches``: runs of one mesh and dtype, of ``(index, shape,
+    dtype)``) of at least ``ALONE_BYTES`` alone (no pack, no unpack), the
     others in buckets, in the same order on every rank."""
     alone = min(ALONE_BYTES, limit)
     job = 0  # two in flight: the buckets alternate between two scratch slots
-    for indices in batches.values():
+    prod = math.prod
+    for specs in batches.values():
         small = []
-        for i in indices:
-            leaf = leaves[i]
-            if leaf.numel() * leaf.dtype.itemsize >= alone:
-                yield _gather_bucket(leaves, outs, [i], done, job % 2)
+        itemsize = specs[0][2].itemsize
+        for spec in specs:
+            if prod(spec[1]) * itemsize >= alone:
+                yield _gather_bucket(leaves, outs, [spec], done, job % 2)
                 job += 1
             else:
-                small.append((i, leaf.shape, leaf.dtype))
+                small.append(spec)
         for bucket in buckets(small, limit):
-            yield _gather_bucket(leaves, outs, [i for i, _, _ in bucket], done, job % 2)
+            yield _gather_bucket(leaves, outs, bucket, done, job % 2)
             job += 1
 
 
@@ -181,24 +187,25 @@ def _direct(out: Optional[torch.Tensor], device: torch.device) -> bool:
 
 
 def _gather_bucket(
-    leaves: list[Any], outs: Outs, indices: list[int], done: Callable[[torch.Tensor], torch.Tensor], slot: int
+    leaves: list[Any], outs: Outs, specs: list[Spec], done: Callable[[torch.Tensor], torch.Tensor], slot: int
 ) -> Callable[[], None]:
-    """Start one all_gather for the bucket; return what waits for it and
+    """Start one all_gather for the bucket (``specs``: ``(index, shape,
+    dtype)`` of its leaves, DTensors sharded by dim 0 over one 1-D mesh); return what waits for it and
     puts the full tensors into ``leaves`` (and ``outs``). Evenly split
-    tensors of one shard length are packed side by side, so that a single
-    transposing copy turns the gathered buffer into their full tensors (or
-    one copy per tensor into its destination); a bucket of one even tensor
-    gathers straight into its full tensor (its destination, when contiguous
-    and on the shards' device)."""
-    first = leaves[indices[0]]
+    tensors of one shape are packed side by side, so that a single
+    transposing copy turns the gathered buffer into their full tensors,
+    viewed out of it in one call (or one copy per tensor into its
+    destination); a bucket of one even tensor gathers straight into its
+    full tensor (its destination, when contiguous and on the shards'
+    device)."""
+    first = leaves[specs[0][0]]
     group = first.device_mesh.get_group()
     world = dist.get_world_size(group)
-    even: dict[int, list[int]] = {}  # shard length -> tensors
+    even: dict[torch.Size, list[int]] = {}  # shape -> tensors
     uneven = []
     # per shape: (shard length, None) when it splits evenly, else (row length, rows per rank)
     layouts: dict[torch.Size, tuple[int, Optional[tuple[int, ...]]]] = {}
-    for i in indices:
-        shape = leaves[i].shape
+    for i, shape, _ in specs:
         layout = layouts.get(shape)
         if layout is None:
             counts = row_counts(shape[0], world)
@@ -206,14 +213,14 @@ def _gather_bucket(
             layout = layouts[shape] = (counts[0] * row, None) if counts.count(counts[0]) == world else (row, counts)
         length, uneven_counts = layout
         if uneven_counts is None:
-            even.setdefault(length, []).append(i)
+            even.setdefault(shape, []).append(i)
         else:
             # every rank sends its rows padded to the most any rank holds
             uneven.append((i, uneven_counts, length, max(uneven_counts) * length))
     device = first._local_tensor.device
-    alone = outs[indices[0]] if outs and len(indices) == 1 else None
-    if len(indices) == 1 and even:
-        (i,) = indices
+    alone = outs[specs[0][0]] if outs and len(specs) == 1 else None
+    if len(specs) == 1 and even:
+        i = specs[0][0]
         out = alone
         full = out if out is not None and _direct(out, device) else _staging(out, first.numel(), first.dtype, device).view(first.shape)
         work = all_gather_single(full, leaves[i]._local_tensor.contiguous(), group=group, async_op=True)
@@ -224,7 +231,7 @@ def _gather_bucket(
 
         return finish_one
     pieces: list[torch.Tensor] = []
-    for length, group_indices in even.items():
+    for group_indices in even.values():
         pieces.extend(leaves[i]._local_tensor for i in group_indices)
     for i, _, _, width in uneven:
         local = leaves[i]._local_tensor.reshape(-1)
@@ -246,7 +253,7 @@ def _unpack(
     outs: Outs,
     work: Any,
     recv: torch.Tensor,
-    even: dict[int, list[int]],
+    even: dict[torch.Size, list[int]],  # shape -> tensors
     uneven: list[tuple[int, tuple[int, ...], int, int]],  # index, rows per rank, row length, padded width
     done: Callable[[torch.Tensor], torch.Tensor],
 ) -> None:
@@ -255,8 +262,8 @@ def _unpack(
     offset = 0
     copy_to: list[torch.Tensor] = []
     copy_from: list[torch.Tensor] = []
-    for length, group_indices in even.items():
-        n = len(group_indices)
+    for shape, group_indices in even.items():
+        n, length = len(group_indices), math.prod(shape) // world
         gathered = recv[:, offset : offset + n * length].view(world, n, length)
         if outs:
             # rank-major as gathered -> each destination, one copy each (in one call)
@@ -270,11 +277,10 @@ def _unpack(
                     out.copy_(source.reshape(out.shape))
                 leaves[i] = out
         else:
-            # rank-major as gathered -> tensor-major: one copy, then a view per tensor
+            # rank-major as gathered -> tensor-major: one copy, then the views in one call
             block = gathered.transpose(0, 1).contiguous()
-            for i, full in zip(group_indices, block.view(n, world * length).unbind(0)):
-                shape = leaves[i].shape
-                leaves[i] = done(full if len(shape) == 1 else full.view(shape))
+            for i, full in zip(group_indices, block.view(n, *shape).unbind(0)):
+                leaves[i] = done(full)
         offset += n * length
     for i, counts, row, width in uneven:
         out = outs[i] if outs else None
@@ -429,44 +435,43 @@ class GatherPlan:
         self._outs = outs
         self._bucket_bytes = bucket_bytes
         self._views: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # per bucket: its views of the scratch it arrived in
-        self._jobs: list[tuple[Any, ...]] = []  # ("leaf", i) one by one, ("bucket", ...) packed, ("any", indices)
+        self._jobs: list[tuple[Any, ...]] = []  # ("leaf", i) one by one, ("bucket", ...) packed, ("any", specs)
         dtensor: Any = sys.modules.get("torch.distributed.tensor")
         dtensor_cls = dtensor.DTensor if dtensor is not None else ()
         sharded_cls = sharded_tensor_type()
-        batches: dict[tuple[int, torch.dtype], list[int]] = {}
+        batches: dict[tuple[int, torch.dtype], list[Spec]] = {}
         for i, leaf in enumerate(leaves):
-            if isinstance(leaf, dtensor_cls) and _fsdp_layout(leaf, dtensor.Shard):
-                batches.setdefault((id(leaf._spec.mesh), leaf.dtype), []).append(i)
+            if isinstance(leaf, dtensor_cls) and _fsdp_layout(leaf._spec.placements, dtensor.Shard):
+                batches.setdefault((id(leaf._spec.mesh), leaf.dtype), []).append((i, leaf.shape, leaf.dtype))
             elif isinstance(leaf, (dtensor_cls, sharded_cls)):
                 self._jobs.append(("leaf", i))
         self._planned = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (dtensor_cls, sharded_cls))]
         self._layout = _layout([leaves[i] for i in self._planned])
         limit = max(1, bucket_bytes // 2)
-        for indices in batches.values():
+        for specs in batches.values():
             small = []
-            for i in indices:
-                leaf = leaves[i]
-                if leaf.numel() * leaf.dtype.itemsize >= min(ALONE_BYTES, limit):
-                    self._jobs.append(("any", [i]))
+            for spec in specs:
+                if math.prod(spec[1]) * spec[2].itemsize >= min(ALONE_BYTES, limit):
+                    self._jobs.append(("any", [spec]))
                 else:
-                    small.append((i, leaf.shape, leaf.dtype))
-            self._jobs.extend(self._plan_bucket(leaves, [i for i, _, _ in bucket]) for bucket in buckets(small, limit))
+                    small.append(spec)
+            self._jobs.extend(self._plan_bucket(leaves, bucket) for bucket in buckets(small, limit))
 
-    def _plan_bucket(self, leaves: list[Any], indices: list[int]) -> tuple[Any, ...]:
+    def _plan_bucket(self, leaves: list[Any], specs: list[Spec]) -> tuple[Any, ...]:
         """A bucket of tensors that split evenly into contiguous destinations:
         ("bucket", its leaves grouped by shard length, the (count, length) of
         each group, their local sizes, their destinations and those viewed
         by rank, in that order, the group and its size, the dtype, the
-        device); any other: ("any", indices)."""
-        first = leaves[indices[0]]
+        device); any other: ("any", specs)."""
+        first = leaves[specs[0][0]]
         group = first.device_mesh.get_group()
         world = dist.get_world_size(group)
         by_length: dict[int, list[int]] = {}
-        for i in indices:
-            shape, out = leaves[i].shape, self._outs[i]
+        for i, shape, _ in specs:
+            out = self._outs[i]
             counts = row_counts(shape[0], world)
             if counts.count(counts[0]) != world or out is None or not out.is_contiguous():
-                return ("any", indices)
+                return ("any", specs)
             by_length.setdefault(counts[0] * math.prod(shape[1:]), []).append(i)
         order = [i for group_indices in by_length.values() for i in group_indices]
         lengths = [(len(group_indices), length) for length, group_indices in by_length.items()]
@@ -539,10 +544,10 @@ def _layout(leaves: list[Any]) -> list[Any]:
     return [(leaf._spec.tensor_meta, leaf._spec.placements) if isinstance(leaf, dtensor_cls) else leaf.metadata() for leaf in leaves]
 
 
-def _fsdp_layout(leaf: Any, shard_cls: Any) -> bool:
-    """Whether a DTensor is laid out as FSDP2 lays it out: dim 0 over a 1-D mesh."""
-    placements = leaf._spec.placements
-    return len(placements) == 1 and type(placements[0]) is shard_cls and placements[0].dim == 0 and bool(leaf.dim())
+def _fsdp_layout(placements: Any, shard_cls: Any) -> bool:
+    """Whether a DTensor's placements are FSDP2's: dim 0 over a 1-D mesh
+    (a DTensor sharded by dim 0 has at least one dim)."""
+    return len(placements) == 1 and type(placements[0]) is shard_cls and placements[0].dim == 0
 
 
 def _never(full: torch.Tensor) -> torch.Tensor:

@@ -160,6 +160,13 @@ def broadcast_from_rank0_mixes_sizes_and_dtypes(rank: int, world_size: int) -> i
         out = broadcast_from_rank0(bucket_bytes=bucket)(sd if rank == 0 else {})
         assert_state_dict_equal(out, sd)
         total += len(out)
+    # buckets of one shape (viewed out of the bucket in one call) and of several
+    g = torch.Generator().manual_seed(3)
+    for shapes in ([(3, 4)] * 3, [(2, 2, 3)] * 2 + [(3, 4), (12,)], [()] * 3):
+        sd = {f"t{i}": torch.randn(shape, generator=g) for i, shape in enumerate(shapes)}
+        out = broadcast_from_rank0()(sd if rank == 0 else {})
+        assert_state_dict_equal(out, sd)
+        total += len(out)
     return total
 
 

@@ -58,6 +58,17 @@ def gather_matches_torch(rank: int, world_size: int) -> list[str]:
         assert_state_dict_equal(ours, theirs)
         if kwargs.get("ranks_only") and rank != 1:
             assert ours == {}
+    # a bucket of tensors of one shape (viewed out of it in one call), and
+    # of other shapes with the same shard length (12 elements a rank)
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4, 6), (4, 6), (6, 4), (4, 6), (12, 2), (24,), (2, 3, 4)]
+    shaped = {f"t{i}": torch.randn(shape, generator=g) for i, shape in enumerate(shapes)}
+    shards = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in shaped.items()}
+    for bucket in (16, 1 << 20):
+        gathered = gather_dtensors(bucket_bytes=bucket)(shards)
+        assert_state_dict_equal(gathered, shaped)
+        assert all(gathered[k].is_contiguous() for k in shaped)
+    assert_state_dict_equal(sdtree.gather_state_dict(shards), torch_utils._gather_state_dict(shards))
     return sorted(sharded)
 
 

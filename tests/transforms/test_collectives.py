@@ -28,7 +28,7 @@ def test_big_tensors_are_sent_and_received_in_place(pool2):
 
 
 def test_broadcast_mixes_sizes_and_dtypes_exactly(pool2):
-    assert pool2.run(bodies.broadcast_from_rank0_mixes_sizes_and_dtypes) == [30, 30]
+    assert pool2.run(bodies.broadcast_from_rank0_mixes_sizes_and_dtypes) == [40, 40]
 
 
 @pytest.mark.parametrize("meta", [False, True])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdtree._collectives import buckets
+from sdtree._collectives import buckets, pack
 from sdtree.transforms.sharding import row_counts
 from tests.distributed import bodies_utils as bodies
 
@@ -20,6 +20,31 @@ def test_buckets_split_by_dtype_and_size():
     f, i = torch.float32, torch.int64
     specs = [("a", (2,), f), ("b", (2,), f), ("c", (100,), f), ("d", (1,), i), ("e", (1,), f)]
     assert [[k for k, _, _ in b] for b in buckets(specs, 16)] == [["a", "b"], ["c"], ["d"], ["e"]]
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(3, 4), (3, 4), (5, 4)],  # shapes that agree past dim 0: one concatenation along it
+        [(3, 4), (4, 3), (12,)],  # they do not: flattened
+        [(6,), (1,), (0,)],
+        [(), (3,), ()],  # 0-d among 1-d
+        [(2, 0), (3, 0)],  # nothing past dim 0
+        [(2, 3, 2), (1, 3, 2)],
+    ],
+    ids=["same-tail", "mixed", "1d", "0d", "zero-tail", "3d"],
+)
+def test_pack_lays_tensors_side_by_side_flattened(shapes):
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=g) for shape in shapes]
+    expected = torch.cat([t.reshape(-1) for t in tensors])
+    packed = pack(tensors, torch.device("cpu"), "test")
+    assert packed.shape == expected.shape and torch.equal(packed, expected)
+    # into the thread's scratch buffer, not new memory
+    assert pack(tensors, torch.device("cpu"), "test").data_ptr() == packed.data_ptr()
+    # one not contiguous, with a tail that agrees: its elements in logical order
+    turned = [torch.randn(4, 3, generator=g).t(), torch.randn(3, 4, generator=g)]
+    assert torch.equal(pack(turned, torch.device("cpu"), "test"), torch.cat([t.reshape(-1) for t in turned]))
 
 
 def test_gather_state_dict_matches_torch(pool2):
