@@ -190,12 +190,12 @@ def _gather_bucket(
     leaves: list[Any], outs: Outs, specs: list[Spec], done: Callable[[torch.Tensor], torch.Tensor], slot: int
 ) -> Callable[[], None]:
     """Start one all_gather for the bucket (``specs``: ``(index, shape,
-    dtype)`` of its leaves, DTensors sharded by dim 0 over one 1-D mesh); return what waits for it and
-    puts the full tensors into ``leaves`` (and ``outs``). Evenly split
-    tensors of one shape are packed side by side, so that a single
-    transposing copy turns the gathered buffer into their full tensors,
-    viewed out of it in one call (or one copy per tensor into its
-    destination); a bucket of one even tensor gathers straight into its
+    dtype)`` of its leaves, DTensors sharded by dim 0 over one 1-D mesh);
+    return what waits for it and puts the full tensors into ``leaves`` (and
+    ``outs``). Evenly split tensors of one shape are packed side by side,
+    so that a single transposing copy turns the gathered buffer into their
+    full tensors, viewed out of it in one call (or one copy per tensor into
+    its destination); a bucket of one even tensor gathers straight into its
     full tensor (its destination, when contiguous and on the shards'
     device)."""
     first = leaves[specs[0][0]]
