@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Optional
 
 import attrs
@@ -90,28 +90,57 @@ Outs = Optional[list[Optional[torch.Tensor]]]  # a destination per leaf (``gathe
 def _gather(leaves: list[Any], bucket_bytes: int, done: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Replace each DTensor and ShardedTensor of ``leaves`` by its full
     tensor, a new one passed through ``done``."""
+    # Two buckets (of half the budget each) in flight: the next one is packed
+    # and the previous one unpacked while a gather is on the wire.
+    singles, jobs = _sharded_jobs(leaves, max(1, bucket_bytes // 2))
+    for i in singles:
+        leaves[i] = done(_gather_one(leaves[i]))
+    two_in_flight(_gather_bucket(leaves, None, specs, done, at % 2) for at, (_, specs) in enumerate(jobs))
+
+
+def _sharded_jobs(leaves: list[Any], limit: int) -> tuple[list[int], list[tuple[bool, list[Spec]]]]:
+    """How the sharded leaves of ``leaves`` are gathered, in the leaves'
+    order (the same on every rank): the indices of those gathered one by one
+    (ShardedTensors, DTensors of another layout than FSDP2's), and FSDP2's
+    (dim 0 over a 1-D mesh) as jobs of ``(index, shape, dtype)``: ``(True,
+    [spec])`` for a tensor of at least ``ALONE_BYTES`` (or ``limit``), alone
+    (no pack, no unpack), ``(False, bucket)`` for the others, in buckets of
+    one mesh and dtype of at most ``limit`` bytes."""
     dtensor: Any = sys.modules.get("torch.distributed.tensor")
-    sharded_tensor_cls = sharded_tensor_type()
-    if dtensor is None and not sharded_tensor_cls:
-        return
+    sharded_cls = sharded_tensor_type()
+    singles: list[int] = []
+    if dtensor is None and not sharded_cls:  # neither module loaded: nothing is sharded
+        return singles, []
     dtensor_cls = dtensor.DTensor if dtensor is not None else ()
     batches: dict[tuple[int, torch.dtype], list[Spec]] = {}
-    shard = dtensor.Shard if dtensor is not None else None
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, dtensor_cls):
-            # FSDP2's layout (dim 0 over a 1-D mesh) in buckets; the rest one by one
             spec = leaf._spec  # not the public properties: this runs once per leaf
-            if _fsdp_layout(spec.placements, shard):
+            if _fsdp_layout(spec.placements, dtensor.Shard):
                 meta = spec.tensor_meta
                 batches.setdefault((id(spec.mesh), meta.dtype), []).append((i, meta.shape, meta.dtype))
             else:
-                leaves[i] = done(leaf.full_tensor())
-        elif isinstance(leaf, sharded_tensor_cls):
-            leaves[i] = done(_gather_sharded_tensor(leaf))
-    # dict order follows the state dict's order, the same on every rank.
-    # Two buckets (of half the budget each) in flight: the next one is packed
-    # and the previous one unpacked while a gather is on the wire.
-    two_in_flight(_gather_buckets(leaves, None, batches, max(1, bucket_bytes // 2), done))
+                singles.append(i)
+        elif isinstance(leaf, sharded_cls):
+            singles.append(i)
+    alone = min(ALONE_BYTES, limit)
+    jobs: list[tuple[bool, list[Spec]]] = []
+    for specs in batches.values():  # dict order follows the leaves'
+        small = []
+        itemsize = specs[0][2].itemsize
+        for spec in specs:
+            if math.prod(spec[1]) * itemsize >= alone:
+                jobs.append((True, [spec]))
+            else:
+                small.append(spec)
+        jobs.extend((False, bucket) for bucket in buckets(small, limit))
+    return singles, jobs
+
+
+def _gather_one(leaf: Any, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The full tensor of a DTensor (its own collective) or of a
+    ShardedTensor (assembled in ``out`` when it can be)."""
+    return leaf.full_tensor() if isinstance(leaf, dtensor_type()) else _gather_sharded_tensor(leaf, out)
 
 
 def _land(full: torch.Tensor, out: Optional[torch.Tensor], done: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -121,29 +150,6 @@ def _land(full: torch.Tensor, out: Optional[torch.Tensor], done: Callable[[torch
     if full is not out:
         out.copy_(full)
     return out
-
-
-def _gather_buckets(
-    leaves: list[Any], outs: Outs, batches: dict[Any, list[Spec]], limit: int, done: Callable[[torch.Tensor], torch.Tensor]
-) -> Iterator[Callable[[], None]]:
-    """Tensors (``batches``: runs of one mesh and dtype, of ``(index, shape,
-    dtype)``) of at least ``ALONE_BYTES`` alone (no pack, no unpack), the
-    others in buckets, in the same order on every rank."""
-    alone = min(ALONE_BYTES, limit)
-    job = 0  # two in flight: the buckets alternate between two scratch slots
-    prod = math.prod
-    for specs in batches.values():
-        small = []
-        itemsize = specs[0][2].itemsize
-        for spec in specs:
-            if prod(spec[1]) * itemsize >= alone:
-                yield _gather_bucket(leaves, outs, [spec], done, job % 2)
-                job += 1
-            else:
-                small.append(spec)
-        for bucket in buckets(small, limit):
-            yield _gather_bucket(leaves, outs, bucket, done, job % 2)
-            job += 1
 
 
 def _staging(out: Optional[torch.Tensor], numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -435,27 +441,12 @@ class GatherPlan:
         self._outs = outs
         self._bucket_bytes = bucket_bytes
         self._views: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # per bucket: its views of the scratch it arrived in
-        self._jobs: list[tuple[Any, ...]] = []  # ("leaf", i) one by one, ("bucket", ...) packed, ("any", specs)
-        dtensor: Any = sys.modules.get("torch.distributed.tensor")
-        dtensor_cls = dtensor.DTensor if dtensor is not None else ()
-        sharded_cls = sharded_tensor_type()
-        batches: dict[tuple[int, torch.dtype], list[Spec]] = {}
-        for i, leaf in enumerate(leaves):
-            if isinstance(leaf, dtensor_cls) and _fsdp_layout(leaf._spec.placements, dtensor.Shard):
-                batches.setdefault((id(leaf._spec.mesh), leaf.dtype), []).append((i, leaf.shape, leaf.dtype))
-            elif isinstance(leaf, (dtensor_cls, sharded_cls)):
-                self._jobs.append(("leaf", i))
-        self._planned = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (dtensor_cls, sharded_cls))]
+        singles, jobs = _sharded_jobs(leaves, max(1, bucket_bytes // 2))
+        # ("leaf", i) one by one, ("bucket", ...) packed, ("any", specs)
+        self._jobs: list[tuple[Any, ...]] = [("leaf", i) for i in singles]
+        self._jobs.extend(("any", specs) if alone else self._plan_bucket(leaves, specs) for alone, specs in jobs)
+        self._planned = sorted(singles + [i for _, specs in jobs for i, _, _ in specs])  # every sharded leaf, in order
         self._layout = _layout([leaves[i] for i in self._planned])
-        limit = max(1, bucket_bytes // 2)
-        for specs in batches.values():
-            small = []
-            for spec in specs:
-                if math.prod(spec[1]) * spec[2].itemsize >= min(ALONE_BYTES, limit):
-                    self._jobs.append(("any", [spec]))
-                else:
-                    small.append(spec)
-            self._jobs.extend(self._plan_bucket(leaves, bucket) for bucket in buckets(small, limit))
 
     def _plan_bucket(self, leaves: list[Any], specs: list[Spec]) -> tuple[Any, ...]:
         """A bucket of tensors that split evenly into contiguous destinations:
@@ -491,8 +482,7 @@ class GatherPlan:
                 if kind == "leaf":
                     (i,) = job
                     out = self._outs[i]
-                    full = leaves[i].full_tensor() if isinstance(leaves[i], dtensor_type()) else _gather_sharded_tensor(leaves[i], out)
-                    leaves[i] = _land(full, out, _never)
+                    leaves[i] = _land(_gather_one(leaves[i], out), out, _never)
             two_in_flight(self._start(leaves, job, at) for at, job in enumerate(j for j in self._jobs if j[0] != "leaf"))
 
     def _start(self, leaves: list[Any], job: tuple[Any, ...], at: int) -> Callable[[], None]:
