@@ -46,6 +46,8 @@ __all__ = [
     "UnsafeCheckpointError",
     "DestinationExistsError",
     "NothingToWriteError",
+    "NothingToCompareError",
+    "InvalidToleranceError",
     "DestinationError",
 ]
 
@@ -202,6 +204,16 @@ class DestinationExistsError(CheckpointError, FileExistsError):
 class NothingToWriteError(CheckpointError, ValueError):
     """A conversion would write a checkpoint that holds no tensor: its transform
     or options leave nothing of the source."""
+
+
+class NothingToCompareError(CheckpointError, ValueError):
+    """A diff of two checkpoints that hold no entry at all: nothing was
+    compared, so it cannot say that they are equal."""
+
+
+class InvalidToleranceError(SdtreeError, ValueError):
+    """A diff's ``rtol`` or ``atol`` is negative, infinite or NaN: no
+    comparison it would make means anything."""
 
 
 class DestinationError(CheckpointError, OSError):

@@ -14,6 +14,7 @@ from sdtree._tree import codify, tree_flatten_with_path
 from sdtree.checkpoint._api import open_checkpoint
 from sdtree.checkpoint._formats import Format, PathLike
 from sdtree.checkpoint._lazy import Checkpoint, ShardInfo, dotted
+from sdtree.errors import InvalidToleranceError, NothingToCompareError
 from sdtree.types import PARAMS, PG, is_optim_state_dict
 
 __all__ = ["TensorInfo", "ParamGroupInfo", "Summary", "describe", "Difference", "CheckpointDiff", "diff"]
@@ -230,8 +231,13 @@ def diff(a: PathLike, b: PathLike, *, rtol: float = 0.0, atol: float = 0.0, trus
     and ``atol`` (exact by default; NaN equals NaN); other values must be equal.
 
     Raises:
+        InvalidToleranceError: ``rtol`` or ``atol`` is negative, infinite or NaN.
+        NothingToCompareError: neither checkpoint holds an entry.
         the errors of :func:`open_checkpoint`.
     """
+    for name, tolerance in (("rtol", rtol), ("atol", atol)):
+        if not 0 <= tolerance < math.inf:  # NaN fails both
+            raise InvalidToleranceError(f"diff: {name} (--{name}) must be a finite number >= 0 (0: exact), not {tolerance!r}.")
     left = open_checkpoint(a, trust_pickle=trust_pickle)
     right = open_checkpoint(b, trust_pickle=trust_pickle)
     la, lb = _leaves(left), _leaves(right)
@@ -253,6 +259,11 @@ def diff(a: PathLike, b: PathLike, *, rtol: float = 0.0, atol: float = 0.0, trus
             found += [Difference("missing", names[k], "in A, not in B") for k in in_a]
             found += [Difference("unexpected", names[k], "in B, not in A") for k in in_b]
     found.sort(key=lambda d: ("missing", "unexpected", "key").index(d.kind))
+    if not la and not lb:
+        raise NothingToCompareError(
+            f"diff: neither {str(left.path)!r} nor {str(right.path)!r} holds an entry, so nothing was compared: "
+            "they are empty, not equal. Check that these are the checkpoints you meant (`sdtree inspect` lists them)."
+        )
     for ka, kb, name in pairs:
         problem = _leaf_difference(left, right, la[ka][1], lb[kb][1], rtol, atol)
         if problem is not None:

@@ -6,6 +6,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from sdtree.checkpoint import Difference, describe, diff, save
+from sdtree.errors import InvalidToleranceError, NothingToCompareError
 from tests.checkpoint import cases
 
 
@@ -63,6 +64,24 @@ def test_diff_tolerances(tmp_path):
     assert not diff(tmp_path / "a.pt", tmp_path / "b.safetensors").equal
     assert diff(tmp_path / "a.pt", tmp_path / "b.safetensors", atol=0.01).equal
     assert diff(tmp_path / "a.pt", tmp_path / "b.safetensors", rtol=0.001).equal
+
+
+@pytest.mark.parametrize("bad", [{"rtol": -1e-3}, {"atol": float("nan")}, {"atol": float("inf")}])
+def test_diff_refuses_tolerances_that_cannot_tell_values_apart(tmp_path, bad):
+    save({"w": torch.tensor([1.0])}, tmp_path / "a.pt")
+    name = next(iter(bad))
+    with pytest.raises(InvalidToleranceError, match=rf"diff: {name} \(--{name}\) must be a finite number >= 0 \(0: exact\), not "):
+        diff(tmp_path / "a.pt", tmp_path / "a.pt", **bad)
+
+
+def test_diff_of_two_empty_checkpoints_is_an_error_not_equal(tmp_path):
+    torch.save({}, tmp_path / "a.pt")
+    torch.save({"model": {}}, tmp_path / "b.pt")
+    with pytest.raises(NothingToCompareError, match=r"neither '.*a\.pt' nor '.*b\.pt' holds an entry, so nothing was compared"):
+        diff(tmp_path / "a.pt", tmp_path / "b.pt")
+    torch.save({"step": 3}, tmp_path / "c.pt")  # one entry: compared, and a difference
+    result = diff(tmp_path / "a.pt", tmp_path / "c.pt")
+    assert not result.equal and [d.kind for d in result.differences] == ["unexpected"]
 
 
 def _dcp_save(state_dict, path):

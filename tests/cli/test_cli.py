@@ -81,6 +81,19 @@ def test_diff_tolerances(tmp_path, capsys):
     assert run(capsys, "diff", tmp_path / "a.pt", tmp_path / "b.pt", "--rtol", "0.01")[0] == 0
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_diff_refuses_a_tolerance_that_is_no_finite_number_at_least_zero(tmp_path, capsys, value):
+    save({"w": torch.tensor([1.0])}, tmp_path / "a.pt")
+    status, out, err = run(capsys, "diff", tmp_path / "a.pt", tmp_path / "a.pt", "--atol", value)
+    assert_one_error_line(status, out, err, "atol (--atol) must be a finite number >= 0 (0: exact), not")
+
+
+def test_diff_of_empty_checkpoints_exits_2_saying_nothing_was_compared(tmp_path, capsys):
+    torch.save({}, tmp_path / "a.pt")
+    status, out, err = run(capsys, "diff", tmp_path / "a.pt", tmp_path / "a.pt")
+    assert_one_error_line(status, out, err, "holds an entry, so nothing was compared: they are empty, not equal")
+
+
 def test_convert_applies_key_options_in_order(ckpts, capsys):
     status, out, err = run(
         capsys, "convert", ckpts / "dcp", ckpts / "out.safetensors", "--model-only",
